@@ -1,0 +1,149 @@
+"""DeePMD-kit checkpoint layout <-> sezm modules.
+
+A DeePMD-kit 3.2 ``.pt`` checkpoint is ``{"model": state, ["optimizer": ...], ["ema": ...]}``
+with ``state["_extra_state"] = {"model_params": <normalised model section>, "train_infos": ...}``
+and tensors under ``model.<branch>.`` (``Default`` for single-task models). sezm modules use
+the same parameter names below the atomic model, so the mapping is a fixed set of prefixes:
+
+    model.<branch>.atomic_model.descriptor.*   <->  descriptor.*
+    model.<branch>.atomic_model.fitting_net.*  <->  fitting_net.*
+    model.<branch>.atomic_model.{out_bias,out_std,dens_force_rmsd}  <->  same names
+    model.<branch>.{min_nbor_dist, inter_potential.*}               <->  same names
+
+Keys that cannot be represented raise an error naming them; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+_PREFIXES = (
+    ("atomic_model.descriptor.", "descriptor."),
+    ("atomic_model.fitting_net.", "fitting_net."),
+    ("atomic_model.", ""),
+    ("", ""),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that sezm cannot read faithfully."""
+
+
+@dataclass
+class Checkpoint:
+    """One model branch of a checkpoint, in sezm names."""
+
+    path: str
+    model_params: dict
+    state: dict[str, torch.Tensor]
+    train_infos: dict = field(default_factory=dict)
+    branch: str = "Default"
+    extra: dict = field(default_factory=dict)  # optimizer / ema / sezm training state
+
+
+def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpoint:
+    """Read a DeePMD-kit (or sezm) ``.pt`` checkpoint and select one branch."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(raw).__name__}")
+    state = raw.get("model", raw)
+    extra_state = state.get("_extra_state")
+    if not isinstance(extra_state, dict) or "model_params" not in extra_state:
+        raise CheckpointError(
+            f"{path}: no '_extra_state.model_params' entry; this is not a DeePMD-kit/sezm "
+            "training checkpoint (a frozen .pt2 model is read with sezm.DeepPot directly)"
+        )
+    params = extra_state["model_params"]
+    branch, params = _select_branch(path, params, head)
+    prefix = f"model.{branch}."
+    tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not tensors:
+        raise CheckpointError(f"{path}: no tensors under '{prefix}'")
+    return Checkpoint(
+        path=path,
+        model_params=params,
+        state=_rename(tensors),
+        train_infos=dict(extra_state.get("train_infos", {})),
+        branch=branch,
+        extra={k: v for k, v in raw.items() if k != "model"},
+    )
+
+
+def _select_branch(path: str, params: dict, head: str | None) -> tuple[str, dict]:
+    if "model_dict" not in params:
+        if head not in (None, "Default"):
+            raise CheckpointError(f"{path}: single-task checkpoint has no head {head!r}")
+        return "Default", params
+    branches = params["model_dict"]
+    if head is None:
+        raise CheckpointError(
+            f"{path}: multi-task checkpoint; choose a head from {sorted(branches)}"
+        )
+    if head in branches:
+        return head, branches[head]
+    for name, branch_params in branches.items():
+        if head in branch_params.get("model_branch_alias", []):
+            return name, branch_params
+    raise CheckpointError(f"{path}: no head {head!r}; available: {sorted(branches)}")
+
+
+_ATOMIC_BUFFERS = ("out_bias", "out_std", "dens_force_rmsd")
+
+
+def _to_sezm_name(key: str) -> str:
+    for sub in ("descriptor.", "fitting_net."):
+        if key.startswith("atomic_model." + sub):
+            return key[len("atomic_model.") :]
+    if key.startswith("atomic_model.") and key[len("atomic_model.") :] in _ATOMIC_BUFFERS:
+        return key[len("atomic_model.") :]
+    if key == "min_nbor_dist" or key.startswith("inter_potential."):
+        return key
+    raise CheckpointError(f"checkpoint entry {key!r} has no counterpart in sezm")
+
+
+def _rename(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_to_sezm_name(k): v for k, v in tensors.items()}
+
+
+def to_deepmd_state(
+    state: dict[str, torch.Tensor], branch: str = "Default"
+) -> dict[str, torch.Tensor]:
+    """sezm model state -> DeePMD-kit key names (without ``_extra_state``)."""
+    out = {}
+    for key, value in state.items():
+        atomic = key.startswith(("descriptor.", "fitting_net.")) or key in _ATOMIC_BUFFERS
+        name = "atomic_model." + key if atomic else key
+        out[f"model.{branch}.{name}"] = value
+    return out
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error that lists missing and unexpected keys by name."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        lines = [f"{source}: checkpoint does not match the model built from its own model_params"]
+        if unexpected:
+            lines.append("  entries the model cannot represent: " + ", ".join(unexpected[:20]))
+        if missing:
+            lines.append(
+                "  entries the model needs but the checkpoint lacks: " + ", ".join(missing[:20])
+            )
+        raise CheckpointError("\n".join(lines))
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        detail = ", ".join(
+            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:10]
+        )
+        raise CheckpointError(f"{source}: shape mismatch: {detail}")
+    module.load_state_dict(state, strict=True)

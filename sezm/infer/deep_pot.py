@@ -1,0 +1,116 @@
+"""NumPy-in, NumPy-out evaluation with the interface of DeePMD-kit's ``DeepPot``/``DeepProperty``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..geometry.frames import normalize_frames
+from ..model.build import load_model
+from ..model.graph import build_graph
+from ..model.property_model import PropertyModel
+
+
+class _DeepEval:
+    def __init__(
+        self, model_file: str | os.PathLike, head: str | None = None, device: str | None = None
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.checkpoint = load_model(model_file, head)
+        self.model.to(self.device)
+        self.type_map = list(self.model.type_map)
+
+    def get_type_map(self) -> list[str]:
+        return list(self.type_map)
+
+    def get_ntypes(self) -> int:
+        return len(self.type_map)
+
+    def get_rcut(self) -> float:
+        return self.model.rcut
+
+    def get_dim_fparam(self) -> int:
+        return self.model.fitting_net.numb_fparam
+
+    def get_dim_aparam(self) -> int:
+        return self.model.fitting_net.numb_aparam
+
+    def _graph(self, coords, cells, atom_types, fparam=None, aparam=None, charge_spin=None):
+        coord, cell, atype = normalize_frames(
+            coords, cells, atom_types, self.get_ntypes(), self.type_map
+        )
+        nf, nat = atype.shape
+        if fparam is not None:
+            fparam = np.asarray(fparam, dtype=np.float64).reshape(-1, self.get_dim_fparam())
+            fparam = np.broadcast_to(fparam, (nf, fparam.shape[1]))
+        if aparam is not None:
+            aparam = np.asarray(aparam, dtype=np.float64).reshape(-1, nat, self.get_dim_aparam())
+            aparam = np.broadcast_to(aparam, (nf, nat, aparam.shape[-1]))
+        return build_graph(
+            coord,
+            cell,
+            atype,
+            self.model.rcut,
+            device=self.device,
+            fparam=fparam,
+            aparam=aparam,
+            charge_spin=charge_spin,
+        )
+
+    def eval_descriptor(self, coords, cells, atom_types, fparam=None, aparam=None) -> np.ndarray:
+        """Per-atom descriptor ``(nf, nat, dim)``."""
+        g = self._graph(coords, cells, atom_types, fparam, aparam)
+        with torch.no_grad():
+            desc, _ = self.model.descriptor(
+                g.atype, g.src, g.dst, g.edge_vec, g.edge_mask, g.charge_spin
+            )
+        return desc.double().cpu().numpy()
+
+
+class DeepPot(_DeepEval):
+    """Energy model evaluation: ``e, f, v = DeepPot("model.pt").eval(coords, cells, atom_types)``."""
+
+    def eval(
+        self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None, **kwargs
+    ):
+        """Energies ``(nf, 1)``, forces ``(nf, nat, 3)``, virials ``(nf, 9)`` [+ atomic energies
+        ``(nf, nat, 1)`` and atomic virials ``(nf, nat, 9)`` with ``atomic=True``]."""
+        if isinstance(self.model, PropertyModel):
+            raise TypeError("this checkpoint is a property model; use sezm.DeepProperty")
+        g = self._graph(coords, cells, atom_types, fparam, aparam, kwargs.get("charge_spin"))
+        out = self.model(g, atomic_virial=atomic)
+        nf, nat = g.atype.shape
+
+        def arr(key, shape):
+            return out[key].detach().double().cpu().numpy().reshape(shape)
+
+        result = [arr("energy", (nf, 1)), arr("force", (nf, nat, 3)), arr("virial", (nf, 9))]
+        if atomic:
+            result += [arr("atom_energy", (nf, nat, 1)), arr("atom_virial", (nf, nat, 9))]
+        return tuple(result)
+
+
+class DeepProperty(_DeepEval):
+    """Property model evaluation: ``p = DeepProperty("prop.pt").eval(coords, cells, atom_types)``."""
+
+    def get_task_dim(self) -> int:
+        return self.model.fitting_net.task_dim
+
+    def get_var_name(self) -> str:
+        return self.model.property_name
+
+    def eval(
+        self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None, **kwargs
+    ):
+        """Property ``(nf, task_dim)`` [+ atomic property ``(nf, nat, task_dim)``]."""
+        if not isinstance(self.model, PropertyModel):
+            raise TypeError("this checkpoint is an energy model; use sezm.DeepPot")
+        g = self._graph(coords, cells, atom_types, fparam, aparam, kwargs.get("charge_spin"))
+        with torch.no_grad():
+            out = self.model(g)
+        prop = out["property"].double().cpu().numpy()
+        if not atomic:
+            return (prop,)
+        return prop, out["atom_property"].double().cpu().numpy()

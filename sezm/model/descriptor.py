@@ -1,0 +1,288 @@
+"""The DPA4 / SeZM descriptor: per-atom scalar features from an equivariant message-passing stack.
+
+type embedding t_i  ──(env-seed FiLM)──> x_i[l=0]
+neighbour directions ──(GIE)──────────> x_i[l>=1]
+x <- InteractionBlock_b(x)   for each block (degrees follow l_schedule)
+descriptor_i = (x_ro + ReadoutFFN(x_ro))[l=0]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..geometry.layout import so3_dim
+from ..geometry.wigner import WignerD
+from ..nn.attn_res import attn_res_blocks, depth_attn_res
+from ..nn.block import InteractionBlock
+from ..nn.common import child_seed
+from ..nn.edge_cache import EdgeCache, build_edge_cache
+from ..nn.embedding import (
+    ChargeSpinEmbedding,
+    EnvironmentSeed,
+    GeometricInitialEmbedding,
+    TypeEmbedding,
+)
+from ..nn.norm import ScalarRMSNorm
+from ..nn.options import DescriptorOptions
+from ..nn.radial import BridgingSwitch, InnerClamp, RadialBasis, RadialMLP
+
+#: Format version of the descriptor state (DeePMD-kit 3.2 numbering). 1.0 used a tiny degree
+#: floor and no envelope on the radial features; 1.1 and later share today's maths.
+LATEST_VERSION = 1.2
+
+
+class CheckpointWigner(WignerD):
+    """``WignerD`` plus the two constant buffers DeePMD-kit checkpoints carry for it."""
+
+    def __init__(self, lmax: int, dtype: torch.dtype) -> None:
+        super().__init__(lmax, dtype=dtype)
+        self.register_buffer("l1_perm", torch.tensor([1, 2, 0]))
+        sign = torch.tensor([-1.0, -1.0, 1.0], dtype=dtype)
+        self.register_buffer("l1_sign_outer", torch.outer(sign, sign))
+
+
+class Descriptor(nn.Module):
+    def __init__(self, opts: DescriptorOptions) -> None:
+        super().__init__()
+        self.opts = opts
+        c, cd, seed = opts.channels, opts.compute_dtype, opts.seed
+        self.register_buffer("version_tensor", torch.tensor(LATEST_VERSION, dtype=torch.float64))
+        self.type_embedding = TypeEmbedding(opts.ntypes, c, dtype=cd, seed=child_seed(seed, 0))
+        self.charge_spin_embedding = None
+        if opts.add_chg_spin_ebd:
+            self.charge_spin_embedding = ChargeSpinEmbedding(
+                c, activation_function=opts.activation_function, dtype=cd, seed=child_seed(seed, 7)
+            )
+        self.env_seed_embedding = None
+        if opts.use_env_seed:
+            self._build_env_seed(opts)
+        self.radial_basis = RadialBasis(
+            opts.rcut, opts.basis_type, opts.n_radial, opts.rbf_env_exp, cd
+        )
+        sizes = [opts.n_radial, *opts.radial_hidden, (opts.node_init_lmax + 1) * c]
+        self.radial_embedding = RadialMLP(
+            sizes,
+            activation_function=opts.activation_function,
+            radial_norm=opts.edge_norm,
+            dtype=cd,
+            seed=child_seed(seed, 3),
+        )
+        self.wigner_calc = CheckpointWigner(opts.lmax, cd)
+        self.gie = None
+        self.gie_zonal_wigner_calc = None
+        if opts.use_env_seed and opts.node_init_lmax > 0:
+            self.gie = GeometricInitialEmbedding(opts.node_init_lmax)
+            if opts.extra_node_l > 0:
+                self.gie_zonal_wigner_calc = CheckpointWigner(opts.node_init_lmax, cd)
+        self.inner_clamp = self.bridging_switch = None
+        if opts.inner_clamp is not None:
+            self.inner_clamp = InnerClamp(*opts.inner_clamp)
+            self.bridging_switch = BridgingSwitch(*opts.inner_clamp)
+        self.blocks = nn.ModuleList(
+            InteractionBlock(opts, i, child_seed(child_seed(seed, 1), i))
+            for i in range(opts.n_blocks)
+        )
+        self.final_full_attn_res = self.final_block_attn_res = None
+        for mode, index in (("full", 5), ("block", 6)):
+            setting = getattr(opts, f"{mode}_attn_res")
+            if setting != "none":
+                setattr(
+                    self,
+                    f"final_{mode}_attn_res",
+                    depth_attn_res(
+                        setting,
+                        opts.channels,
+                        eps=opts.eps,
+                        bias=opts.mlp_bias,
+                        dtype=opts.compute_dtype,
+                        seed=child_seed(child_seed(seed, index), 2000),
+                    ),
+                )
+        self._build_readout(opts)
+        self.register_buffer("mean", torch.zeros(0, dtype=opts.dtype))
+        self.register_buffer("stddev", torch.ones(0, dtype=opts.dtype))
+        pairs = {(a, b) for a, b in opts.exclude_types} | {(b, a) for a, b in opts.exclude_types}
+        keep = torch.ones(opts.ntypes, opts.ntypes, dtype=torch.bool)
+        for a, b in pairs:
+            keep[a, b] = False
+        self.register_buffer("pair_keep", keep, persistent=False)
+        self.legacy_radial = False  # set for version-1.0 checkpoints
+
+    # --- construction -------------------------------------------------------------------
+    def _build_env_seed(self, opts: DescriptorOptions) -> None:
+        cd = opts.compute_dtype
+        self.env_seed_embedding = EnvironmentSeed(
+            ntypes=opts.ntypes,
+            n_radial=opts.n_radial,
+            channels=opts.channels,
+            mlp_bias=opts.mlp_bias,
+            activation_function=opts.activation_function,
+            eps=opts.eps,
+            dtype=cd,
+            seed=child_seed(opts.seed, 4),
+            **opts.env_seed_dims,
+        )
+        if opts.edge_norm:
+            self.film_scale_norm = ScalarRMSNorm(opts.channels, eps=opts.eps, dtype=cd)
+            self.film_shift_norm = ScalarRMSNorm(opts.channels, eps=opts.eps, dtype=cd)
+        else:
+            self.film_scale_norm = self.film_shift_norm = nn.Identity()
+        self.film_scale_strength_log = nn.Parameter(torch.full((1,), math.log(0.01), dtype=cd))
+        self.film_shift_strength_log = nn.Parameter(torch.full((1,), math.log(0.01), dtype=cd))
+
+    def _build_readout(self, opts: DescriptorOptions) -> None:
+        from ..nn.ffn import EquivariantFFN
+
+        lmax = 0 if opts.so3_readout == "none" else opts.node_readout_lmax
+        kwargs = dict(
+            lmax=lmax,
+            channels=opts.channels,
+            hidden_channels=opts.out_ffn_width,
+            kmax=min(opts.kmax, opts.node_readout_lmax),
+            grid_mlp=opts.so3_readout == "mlp",
+            grid_branch=0,
+            dtype=opts.compute_dtype,
+            s2_activation=False,
+            ffn_so3_grid=opts.so3_readout != "none",
+            activation_function=opts.activation_function,
+            glu_activation=opts.glu_activation,
+            mlp_bias=opts.mlp_bias,
+        )
+        seed_out = child_seed(opts.seed, 2)
+        self.readout_pre_layers = nn.ModuleList(
+            EquivariantFFN(**kwargs, seed=child_seed(seed_out, i))
+            for i in range(opts.readout_layers - 1)
+        )
+        self.output_ffn = EquivariantFFN(**kwargs, seed=seed_out)
+
+    # --- forward --------------------------------------------------------------------------
+    @property
+    def dim_out(self) -> int:
+        return self.opts.channels
+
+    def forward(
+        self,
+        atype: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        edge_vec: torch.Tensor,
+        edge_mask: torch.Tensor | None = None,
+        charge_spin: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Descriptor ``(nf, nloc, C)`` and final equivariant node state ``(nf*nloc, D, 1, C)``.
+
+        ``atype (nf, nloc)``; edges over the flattened atoms ``frame * nloc + i``:
+        ``src``/``dst (E,)``, ``edge_vec (E, 3) = r_src - r_dst``, ``edge_mask (E,)``.
+        """
+        opts = self.opts
+        nf, nloc = atype.shape
+        types = atype.reshape(-1)
+        n_nodes = types.shape[0]
+        t = self.type_embedding(types)  # (N, C)
+        if self.charge_spin_embedding is not None:
+            t = t + self._frame_condition(charge_spin, nf, t.dtype).repeat_interleave(nloc, dim=0)
+        keep = self.pair_keep[types[dst], types[src]]
+        if edge_mask is not None:
+            keep = keep & edge_mask
+        edges = self._edges(src, dst, edge_vec, keep, n_nodes)
+        radial = self.radial_embedding(edges.rbf).view(-1, opts.node_init_lmax + 1, opts.channels)
+        if not self.legacy_radial:
+            radial = radial * edges.env.unsqueeze(-1)  # (E, L0+1, C)
+        x0 = t if self.env_seed_embedding is None else self._film(t, edges, types)
+        x = self._initial_state(x0, edges, radial)  # (N, D0, 1, C)
+        radial = radial.to(opts.dtype) + ((t[src] + t[dst]) * edges.keep).to(opts.dtype).unsqueeze(
+            1
+        )
+        x = x.to(opts.dtype)
+        if len(self.blocks):
+            block_edges = edges.cast(opts.dtype)
+            x = self._run_blocks(x, block_edges, radial)
+        return self._readout(x).view(nf, nloc, opts.channels), x
+
+    def _frame_condition(self, charge_spin, nf: int, dtype) -> torch.Tensor:
+        if charge_spin is None:
+            if self.opts.default_chg_spin is None:
+                raise ValueError(
+                    "this model embeds a frame [charge, spin]; pass charge_spin or set "
+                    "descriptor.default_chg_spin"
+                )
+            charge_spin = torch.tensor(self.opts.default_chg_spin)
+        charge_spin = torch.as_tensor(charge_spin, dtype=dtype, device=self.version_tensor.device)
+        charge_spin = charge_spin.reshape(-1, 2).expand(nf, 2)
+        return self.charge_spin_embedding(charge_spin)
+
+    def _edges(self, src, dst, edge_vec, keep, n_nodes) -> EdgeCache:
+        opts = self.opts
+        floor = opts.eps if self.legacy_radial else 0.25
+        return build_edge_cache(
+            src=src,
+            dst=dst,
+            edge_vec=edge_vec,
+            keep=keep,
+            n_nodes=n_nodes,
+            rcut=opts.rcut,
+            edge_env_exp=opts.edge_env_exp,
+            radial_basis=self.radial_basis,
+            wigner=self.wigner_calc if opts.needs_wigner and len(self.blocks) else None,
+            eps=opts.eps,
+            deg_floor=floor,
+            dtype=opts.compute_dtype,
+            inner_clamp=self.inner_clamp,
+            bridging_switch=self.bridging_switch,
+            random_roll=opts.random_gamma and self.training,
+        )
+
+    def _film(self, t: torch.Tensor, edges: EdgeCache, types: torch.Tensor) -> torch.Tensor:
+        """``x0 = t (1 + e^a tanh(s)) + e^b tanh(h)`` with ``[s | h]`` from the environment seed."""
+        c = self.opts.channels
+        film = self.env_seed_embedding(edges, types)  # (N, 2C)
+        scale = torch.tanh(self.film_scale_norm(film[:, :c])) * torch.exp(
+            self.film_scale_strength_log
+        )
+        shift = torch.tanh(self.film_shift_norm(film[:, c:])) * torch.exp(
+            self.film_shift_strength_log
+        )
+        return t * (1.0 + scale) + shift
+
+    def _initial_state(
+        self, x0: torch.Tensor, edges: EdgeCache, radial: torch.Tensor
+    ) -> torch.Tensor:
+        n, c = x0.shape
+        dim = so3_dim(self.opts.node_init_lmax)
+        if self.gie is None:
+            return torch.cat([x0.view(n, 1, 1, c), x0.new_zeros(n, dim - 1, 1, c)], dim=1)
+        wigner = self.gie_zonal_wigner_calc or self.wigner_calc
+        zonal = wigner.zonal(edges.quat, lmin=1)  # (E, D0-1)
+        rest = self.gie(edges, zonal, radial[:, 1:])  # (N, D0-1, C)
+        return torch.cat([x0.unsqueeze(1), rest], dim=1).unsqueeze(2)
+
+    def _run_blocks(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
+        opts = self.opts
+        dims = [so3_dim(l + opts.extra_node_l) for l in opts.l_schedule]
+        final = self.final_full_attn_res or self.final_block_attn_res
+        if final is None:
+            for l_block, dim, block in zip(opts.l_schedule, dims, self.blocks):
+                x = block(x[:, :dim], edges, radial[:, : l_block + 1])
+            return x
+        steps = [
+            lambda v, hist, b=block, l=l_block: b.forward_with_history(
+                v, hist, edges, radial[:, : l + 1]
+            )
+            for l_block, block in zip(opts.l_schedule, self.blocks)
+        ]
+        out = attn_res_blocks(x, steps, dims, final, so3_dim(opts.node_readout_lmax))
+        return out.to(opts.dtype)
+
+    def _readout(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, D, 1, C) -> (N, C)``: residual read-out FFNs, then the ``l = 0`` slice."""
+        if self.opts.so3_readout == "none":
+            x = x[:, :1]
+        else:
+            x = x[:, : so3_dim(self.opts.node_readout_lmax)]
+        x = x.to(self.opts.compute_dtype)
+        for layer in self.readout_pre_layers:
+            x = x + layer(x)
+        return (x + self.output_ffn(x))[:, 0, 0, :]

@@ -1,0 +1,142 @@
+"""The DPA4 energy model: descriptor -> per-atom energies -> forces and virials.
+
+    E_i = fitting(d_i) + out_bias[t_i] [+ E_i^ZBL],   masked by ``atom_exclude_types``
+    E   = sum_i E_i                                   (float64)
+
+Forces, virials and atomic virials come from one backward pass to the edge vectors
+(``forces.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn.options import DescriptorOptions
+from . import forces as F
+from .descriptor import Descriptor
+from .fitting import EnergyFitting, atom_keep_mask, energy_out_stat
+from .graph import Graph
+from .zbl import ZBL
+
+_FITTING_KEYS = {
+    "neuron",
+    "numb_fparam",
+    "numb_aparam",
+    "default_fparam",
+    "dim_case_embd",
+    "case_film_embd",
+    "activation_function",
+    "precision",
+    "resnet_dt",
+    "trainable",
+    "rcond",
+    "seed",
+    "atom_ener",
+    "use_aparam_as_mask",
+    "bias_out",
+}
+
+
+def bridging_radii(params: dict) -> tuple[float, float] | None:
+    """``(r_inner, r_outer)`` when ZBL zone bridging is on, else ``None``."""
+    method = str(params.get("bridging_method", "None")).lower()
+    if method in ("none", ""):
+        return None
+    if method != "zbl":
+        raise ValueError(
+            f"model.bridging_method must be 'ZBL' or 'None', got {params['bridging_method']!r}"
+        )
+    return float(params.get("bridging_r_inner", 0.5)), float(params.get("bridging_r_outer", 0.8))
+
+
+def descriptor_options(params: dict) -> DescriptorOptions:
+    """Descriptor options of a normalised model section (pair exclusions merged in)."""
+    desc = dict(params.get("descriptor", {}))
+    pair_excl = [list(p) for p in params.get("pair_exclude_types", [])]
+    desc_excl = [list(p) for p in desc.get("exclude_types", [])]
+    if pair_excl and desc_excl and sorted(map(sorted, pair_excl)) != sorted(map(sorted, desc_excl)):
+        raise ValueError("model.pair_exclude_types and model.descriptor.exclude_types disagree")
+    desc["exclude_types"] = pair_excl or desc_excl
+    return DescriptorOptions.from_config(
+        desc, ntypes=len(params["type_map"]), inner_clamp=bridging_radii(params)
+    )
+
+
+class EnergyModel(nn.Module):
+    def __init__(self, params: dict) -> None:
+        super().__init__()
+        self.params = params
+        self.type_map = list(params["type_map"])
+        ntypes = len(self.type_map)
+        self.descriptor = Descriptor(descriptor_options(params))
+        fit_cfg = {k: v for k, v in params.get("fitting_net", {}).items() if k in _FITTING_KEYS}
+        self.fitting_net = EnergyFitting(
+            ntypes=ntypes, dim_descrpt=self.descriptor.dim_out, **fit_cfg
+        )
+        self.register_buffer("out_bias", torch.zeros(1, ntypes, 1, dtype=torch.float64))
+        self.register_buffer("out_std", torch.ones(1, ntypes, 1, dtype=torch.float64))
+        self.register_buffer("dens_force_rmsd", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("min_nbor_dist", torch.tensor(-1.0, dtype=torch.float64))
+        self.inter_potential = ZBL(self.type_map) if bridging_radii(params) else None
+        self.atom_exclude_types = [int(t) for t in params.get("atom_exclude_types", [])]
+
+    @property
+    def rcut(self) -> float:
+        return self.descriptor.opts.rcut
+
+    def atomic_energy(self, graph: Graph, edge_vec: torch.Tensor) -> torch.Tensor:
+        """Per-atom energies ``(nf, nloc)`` float64 for edge vectors ``edge_vec (E, 3)``."""
+        desc, _ = self.descriptor(
+            graph.atype, graph.src, graph.dst, edge_vec, graph.edge_mask, graph.charge_spin
+        )
+        energy = self.fitting_net(desc, graph.atype, graph.fparam, graph.aparam)
+        energy = energy_out_stat(energy, graph.atype, self.out_bias).squeeze(-1)
+        keep = atom_keep_mask(graph.atype, self.atom_exclude_types)
+        if self.inter_potential is not None:
+            flat_keep = keep.reshape(-1)
+            valid = (
+                flat_keep[graph.src]
+                & flat_keep[graph.dst]
+                & self.descriptor.pair_keep[
+                    graph.atype.reshape(-1)[graph.dst], graph.atype.reshape(-1)[graph.src]
+                ]
+            )
+            if graph.edge_mask is not None:
+                valid = valid & graph.edge_mask
+            edge_index = torch.stack([graph.src, graph.dst])
+            energy = energy + self.inter_potential(
+                edge_vec.to(torch.float64), edge_index, graph.atype, valid
+            )
+        return energy * keep.to(energy.dtype)
+
+    def forward(
+        self,
+        graph: Graph,
+        *,
+        virial: bool = True,
+        atomic_virial: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Energies, forces and (atomic) virials of a batch of frames."""
+        nf, nloc = graph.atype.shape
+        edge_vec = graph.edge_vec.detach().requires_grad_(True)
+        with torch.enable_grad():
+            atom_energy = self.atomic_energy(graph, edge_vec)
+            grad = F.edge_gradient(atom_energy, edge_vec, create_graph=create_graph)
+        if graph.edge_mask is not None:
+            grad = grad * graph.edge_mask.unsqueeze(-1).to(grad.dtype)
+        n = nf * nloc
+        out = {
+            "atom_energy": atom_energy,
+            "energy": atom_energy.sum(-1),
+            "force": F.forces(grad, graph.src, graph.dst, n).view(nf, nloc, 3),
+        }
+        if virial:
+            frame = graph.dst // nloc
+            out["virial"] = F.frame_virials(grad, edge_vec, frame, nf)
+        if atomic_virial:
+            out["atom_virial"] = F.atomic_virials(grad, edge_vec, graph.src, graph.dst, n).view(
+                nf, nloc, 9
+            )
+        return out

@@ -1,0 +1,360 @@
+"""Per-atom fitting heads: the DPA4 GLU energy head and the input assembly it shares.
+
+The fitting input of atom ``i`` is ``x_i = [d_i | f̂ | â_i | c]``: descriptor ``d_i``, normalised
+frame parameters ``f̂ = (f - f_avg) · f_inv_std``, normalised atomic parameters
+``â_i = (a_i - a_avg) · a_inv_std`` (dropped with ``use_aparam_as_mask``) and the case one-hot
+``c`` (dropped with case FiLM). The energy head maps it through GLU layers to
+
+    E_i = net(x_i) [- net(x_i with d_i = 0) if atom_ener] + bias_atom_e[t_i]     (float64)
+
+Model-level steps that are *not* done here (the model owns them, in this order):
+``E_i += out_bias[t_i]`` (:func:`energy_out_stat`), ``E_i += E_i^ZBL``, then
+``E_i *= m_i`` with ``m_i = atom_keep_mask(...)``. DeePMD-kit also zeroes excluded types inside
+the fitting, but the model mask applied after ``out_bias``/ZBL gives the same numbers, so the
+exclusion lives only in the model. ``atomic_feature`` (for ``embed``) is never masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from ..nn.common import Dense, activation, child_seed, dtype_of
+
+__all__ = [
+    "CaseFiLM",
+    "EnergyFitting",
+    "FittingBase",
+    "GLULayer",
+    "GLUNet",
+    "atom_keep_mask",
+    "auto_neuron",
+    "energy_out_stat",
+    "fitting_dtype",
+]
+
+
+def fitting_dtype(precision: str) -> torch.dtype:
+    """Parameter dtype of a fitting ``precision``; ``"default"`` is float64 as in DeePMD-kit."""
+    return torch.float64 if precision == "default" else dtype_of(precision)
+
+
+def auto_neuron(neuron: Sequence[int] | None, dim_in: int) -> list[int]:
+    """Hidden widths with ``0`` replaced by ``32·⌈(8/3)·dim_in/32⌉ = 32·⌈dim_in/12⌉``."""
+    widths = [0] if neuron is None else [int(w) for w in neuron]
+    if any(w < 0 for w in widths):
+        raise ValueError(f"fitting neuron widths must be >= 0, got {widths}")
+    auto = 32 * -(-dim_in // 12)
+    return [auto if w == 0 else w for w in widths]
+
+
+def atom_keep_mask(atype: torch.Tensor, exclude_types: Sequence[int] = ()) -> torch.Tensor:
+    """``m_i = (t_i >= 0) ∧ t_i ∉ exclude_types``: ``(nf, nloc)`` bool; phantoms have ``t < 0``."""
+    keep = atype >= 0
+    if len(exclude_types):
+        excluded = torch.as_tensor(list(exclude_types), dtype=atype.dtype, device=atype.device)
+        keep = keep & ~torch.isin(atype, excluded)
+    return keep
+
+
+def energy_out_stat(
+    energy: torch.Tensor, atype: torch.Tensor, out_bias: torch.Tensor
+) -> torch.Tensor:
+    """``E_i + out_bias[0, t_i]``: energy ``(nf, nloc, 1)``, out_bias ``(1, ntypes, 1)``.
+
+    ``out_std`` is not applied to the energy. ``atype`` must already be lookup-safe (>= 0).
+    """
+    return energy + out_bias[0][atype]
+
+
+class FittingBase(nn.Module):
+    """Buffers and input assembly shared by the energy and property heads.
+
+    Buffers (names as in DeePMD-kit): ``bias_atom_e (ntypes, dim_out)`` float64,
+    ``fparam_avg/fparam_inv_std (numb_fparam,)``, ``aparam_avg/aparam_inv_std (numb_aparam,)``,
+    ``case_embd (dim_case_embd,)``, ``default_fparam_tensor (numb_fparam,)``; each only when
+    its feature is configured.
+    """
+
+    def __init__(
+        self,
+        *,
+        ntypes: int,
+        dim_descrpt: int,
+        dim_out: int,
+        numb_fparam: int,
+        numb_aparam: int,
+        default_fparam: Sequence[float] | None,
+        dim_case_embd: int,
+        use_aparam_as_mask: bool,
+        case_in_input: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.ntypes, self.dim_descrpt, self.dim_out = ntypes, dim_descrpt, dim_out
+        self.numb_fparam, self.numb_aparam = numb_fparam, numb_aparam
+        self.dim_case_embd = dim_case_embd
+        self.use_aparam_as_mask = use_aparam_as_mask
+        self.case_in_input = case_in_input and dim_case_embd > 0
+        self.register_buffer("bias_atom_e", torch.zeros(ntypes, dim_out, dtype=torch.float64))
+        for name, n in (("fparam", numb_fparam), ("aparam", numb_aparam)):
+            self.register_buffer(f"{name}_avg", torch.zeros(n, dtype=dtype) if n else None)
+            self.register_buffer(f"{name}_inv_std", torch.ones(n, dtype=dtype) if n else None)
+        case = torch.zeros(dim_case_embd, dtype=dtype) if dim_case_embd else None
+        self.register_buffer("case_embd", case)
+        if default_fparam is not None and numb_fparam and len(default_fparam) != numb_fparam:
+            raise ValueError(f"default_fparam has {len(default_fparam)} values, not {numb_fparam}")
+        default = None if default_fparam is None else torch.tensor(default_fparam, dtype=dtype)
+        self.register_buffer("default_fparam_tensor", default)
+        self.dim_in = (
+            dim_descrpt
+            + numb_fparam
+            + (0 if use_aparam_as_mask else numb_aparam)
+            + (dim_case_embd if self.case_in_input else 0)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype (follows ``.to(dtype)``); the network input is cast to it."""
+        return next(self.parameters()).dtype
+
+    def set_case(self, index: int, n_cases: int | None = None) -> None:
+        """Select multitask case ``index``: ``case_embd = onehot(index, dim_case_embd)``."""
+        if self.case_embd is None or (n_cases is not None and n_cases != self.dim_case_embd):
+            raise ValueError(f"fitting has dim_case_embd={self.dim_case_embd}, not {n_cases}")
+        eye = torch.eye(
+            self.dim_case_embd, dtype=self.case_embd.dtype, device=self.case_embd.device
+        )
+        self.case_embd = eye[index]
+
+    def _extras(
+        self, nf: int, nloc: int, fparam: torch.Tensor | None, aparam: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """Non-descriptor input blocks, each ``(nf, nloc, k)`` in the fitting dtype."""
+        extras = []
+        if self.numb_fparam:
+            if fparam is None:
+                if self.default_fparam_tensor is None:
+                    raise ValueError("fparam is required (no default_fparam configured)")
+                fparam = self.default_fparam_tensor.expand(nf, -1)
+            f = fparam.to(self.dtype).reshape(nf, self.numb_fparam) - self.fparam_avg
+            f = f * self.fparam_inv_std
+            extras.append(f[:, None, :].expand(nf, nloc, -1))
+        if self.numb_aparam and not self.use_aparam_as_mask:
+            if aparam is None:
+                raise ValueError("aparam is required")
+            a = aparam.to(self.dtype).reshape(nf, nloc, self.numb_aparam) - self.aparam_avg
+            extras.append(a * self.aparam_inv_std)
+        if self.case_in_input:
+            extras.append(self.case_embd.expand(nf, nloc, -1))
+        return extras
+
+    def net_input(
+        self,
+        descriptor: torch.Tensor,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+        vacuum: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x (nf, nloc, dim_in)`` and, if ``vacuum``, the same with the descriptor zeroed."""
+        nf, nloc, nd = descriptor.shape
+        if nd != self.dim_descrpt:
+            raise ValueError(f"descriptor width {nd} != dim_descrpt {self.dim_descrpt}")
+        d = descriptor.to(self.dtype)
+        extras = self._extras(nf, nloc, fparam, aparam)
+        x = torch.cat([d, *extras], dim=-1)
+        x0 = torch.cat([torch.zeros_like(d), *extras], dim=-1) if vacuum else None
+        return x, x0
+
+
+class GLULayer(nn.Module):
+    """``[v | g] = x W + b``; ``y = v · act(g)``: ``(..., n_in) -> (..., n_out)``."""
+
+    def __init__(self, n_in: int, n_out: int, act: str, dtype: torch.dtype, seed=None) -> None:
+        super().__init__()
+        self.linear = Dense(n_in, 2 * n_out, dtype=dtype, seed=seed)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.linear(x).chunk(2, dim=-1)
+        return value * self.act(gate)
+
+
+class CaseFiLM(nn.Module):
+    """Case-conditioned FiLM of the descriptor slice and of every hidden GLU output.
+
+    ``code = W2 act(W1 c)`` (bias-free, ``K -> 32⌈4K/32⌉ -> 4·dim_descrpt``); for target ``t``
+    ``[γ | β] = code P_t`` and ``x ← x (1 + e^{s_t} tanh γ) + e^{h_t} tanh β``.
+    """
+
+    def __init__(
+        self, dim_case: int, dim_descrpt: int, targets: Sequence[int], act: str, dtype, seed=None
+    ) -> None:
+        super().__init__()
+        code, hidden = 4 * dim_descrpt, 32 * -(-4 * dim_case // 32)
+        self.dim_case, self.dim_descrpt = dim_case, dim_descrpt
+        self.case_layer1 = Dense(
+            dim_case, hidden, bias=False, activation_function=act, dtype=dtype,
+            seed=child_seed(seed, 0),
+        )  # fmt: skip
+        self.case_layer2 = Dense(hidden, code, bias=False, dtype=dtype, seed=child_seed(seed, 1))
+        self.projectors = nn.ParameterList(
+            [nn.Parameter(torch.zeros(code, 2 * t, dtype=dtype)) for t in targets]
+        )
+        log_init = torch.full((len(targets),), 0.01, dtype=torch.float64).log().to(dtype)
+        self.adam_case_film_scale_strength_log = nn.Parameter(log_init.clone())
+        self.adam_case_film_shift_strength_log = nn.Parameter(log_init.clone())
+
+    def encode(self, case_embd: torch.Tensor) -> torch.Tensor:
+        """Case one-hot ``(K,)`` -> code ``(1, 4·dim_descrpt)``."""
+        return self.case_layer2(self.case_layer1(case_embd.reshape(1, self.dim_case)))
+
+    def forward(self, x: torch.Tensor, code: torch.Tensor, target: int) -> torch.Tensor:
+        gamma, beta = (code @ self.projectors[target]).chunk(2, dim=-1)  # (1, dim_t) each
+        scale = torch.exp(self.adam_case_film_scale_strength_log[target])
+        shift = torch.exp(self.adam_case_film_shift_strength_log[target])
+        return x * (1.0 + scale * torch.tanh(gamma)) + shift * torch.tanh(beta)
+
+
+class GLUNet(nn.Module):
+    """GLU hidden layers, optional case FiLM, linear output layer (bias only with ``bias_out``)."""
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        neuron: Sequence[int],
+        *,
+        act: str,
+        dtype: torch.dtype,
+        bias_out: bool = False,
+        film: tuple[int, int] | None = None,
+        seed=None,
+    ) -> None:
+        """``film = (dim_case_embd, dim_descrpt)`` enables case FiLM."""
+        super().__init__()
+        widths = [n_in, *neuron]
+        self.hidden_layers = nn.ModuleList(
+            GLULayer(a, b, act, dtype, child_seed(seed, i))
+            for i, (a, b) in enumerate(pairwise(widths))
+        )
+        self.case_film = None
+        if film is not None:
+            targets = [film[1], *neuron]
+            self.case_film = CaseFiLM(*film, targets, act, dtype, child_seed(seed, len(neuron)))
+        self.output_layer = Dense(
+            widths[-1], n_out, bias=bias_out, dtype=dtype, seed=child_seed(seed, len(neuron) + 1)
+        )
+
+    def hidden(self, x: torch.Tensor, case_embd: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden activation ``(..., neuron[-1])``; the input if there is no hidden layer."""
+        film = self.case_film
+        if film is None:
+            for layer in self.hidden_layers:
+                x = layer(x)
+            return x
+        code = film.encode(case_embd)
+        c = film.dim_descrpt
+        x = torch.cat([film(x[..., :c], code, 0), x[..., c:]], dim=-1)
+        for t, layer in enumerate(self.hidden_layers, start=1):
+            x = film(layer(x), code, t)
+        return x
+
+    def forward(self, x: torch.Tensor, case_embd: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output_layer(self.hidden(x, case_embd))
+
+
+class EnergyFitting(FittingBase):
+    """DPA4 ``dpa4_ener`` head: ``(nf, nloc, dim_descrpt) -> E_i (nf, nloc, 1)`` float64.
+
+    Options are those of the normalised ``fitting_net`` section; ``neuron`` entries ``0`` take
+    the auto width (:func:`auto_neuron`), ``resnet_dt`` is accepted and unused, ``rcond`` is for
+    the bias statistics only, ``atom_ener`` with any non-null entry switches on vacuum removal
+    (its values are not used by the network).
+    """
+
+    def __init__(
+        self,
+        *,
+        ntypes: int,
+        dim_descrpt: int,
+        neuron: Sequence[int] | None = (0,),
+        numb_fparam: int = 0,
+        numb_aparam: int = 0,
+        default_fparam: Sequence[float] | None = None,
+        dim_case_embd: int = 0,
+        case_film_embd: bool = False,
+        activation_function: str = "silu",
+        precision: str = "float32",
+        resnet_dt: bool = False,
+        trainable: bool | Sequence[bool] = True,
+        rcond: float | None = None,
+        seed: int | list[int] | None = None,
+        atom_ener: Sequence[float | None] | None = None,
+        use_aparam_as_mask: bool = False,
+        bias_out: bool = False,
+    ) -> None:
+        film = case_film_embd and dim_case_embd > 0
+        dtype = fitting_dtype(precision)
+        super().__init__(
+            ntypes=ntypes,
+            dim_descrpt=dim_descrpt,
+            dim_out=1,
+            numb_fparam=numb_fparam,
+            numb_aparam=numb_aparam,
+            default_fparam=default_fparam,
+            dim_case_embd=dim_case_embd,
+            use_aparam_as_mask=use_aparam_as_mask,
+            case_in_input=not film,
+            dtype=dtype,
+        )
+        self.neuron = auto_neuron(neuron, self.dim_in)
+        self.rcond = rcond
+        self.remove_vacuum = any(e is not None for e in (atom_ener or ()))
+        net = GLUNet(
+            self.dim_in,
+            1,
+            self.neuron,
+            act=activation_function,
+            dtype=dtype,
+            bias_out=bias_out,
+            film=(dim_case_embd, dim_descrpt) if film else None,
+            seed=seed,
+        )
+        self.filter_layers = nn.ModuleDict({"networks": nn.ModuleList([net])})
+        trainable = all(trainable) if isinstance(trainable, Sequence) else trainable
+        self.requires_grad_(bool(trainable))
+
+    @property
+    def net(self) -> GLUNet:
+        return self.filter_layers.networks[0]
+
+    def forward(
+        self,
+        descriptor: torch.Tensor,
+        atype: torch.Tensor,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """descriptor ``(nf, nloc, C)``, lookup-safe atype ``(nf, nloc)``, fparam ``(nf, nfp)``,
+        aparam ``(nf, nloc, nap)`` -> atomic energy ``(nf, nloc, 1)`` float64 (unmasked)."""
+        x, x0 = self.net_input(descriptor, fparam, aparam, vacuum=self.remove_vacuum)
+        energy = self.net(x, self.case_embd)
+        if x0 is not None:
+            energy = energy - self.net(x0, self.case_embd)
+        energy = energy + self.bias_atom_e[atype].to(energy.dtype)
+        return energy.to(torch.float64)
+
+    def atomic_feature(
+        self,
+        descriptor: torch.Tensor,
+        atype: torch.Tensor | None = None,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden GLU activation ``(nf, nloc, neuron[-1])`` in the fitting dtype."""
+        x, _ = self.net_input(descriptor, fparam, aparam)
+        return self.net.hidden(x, self.case_embd)

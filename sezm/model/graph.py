@@ -1,0 +1,66 @@
+"""A batch of frames as one graph: flattened atoms ``frame * nloc + i`` and directed edges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..geometry.frames import check_overlaps
+from ..geometry.neighbors import build_edges
+
+
+@dataclass
+class Graph:
+    atype: torch.Tensor  # (nf, nloc) long
+    src: torch.Tensor  # (E,) long, message source (neighbour)
+    dst: torch.Tensor  # (E,) long, message destination (centre)
+    edge_vec: torch.Tensor  # (E, 3) float64, r_src + shift - r_dst
+    edge_mask: torch.Tensor | None = None  # (E,) bool, False for padding edges
+    fparam: torch.Tensor | None = None  # (nf, numb_fparam)
+    aparam: torch.Tensor | None = None  # (nf, nloc, numb_aparam)
+    charge_spin: torch.Tensor | None = None  # (nf, 2)
+
+    @property
+    def n_frames(self) -> int:
+        return self.atype.shape[0]
+
+    def to(self, device: torch.device | str) -> Graph:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Graph(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def build_graph(
+    coord: np.ndarray,
+    cell: np.ndarray | None,
+    atype: np.ndarray,
+    rcut: float,
+    *,
+    device: torch.device | str = "cpu",
+    fparam: np.ndarray | None = None,
+    aparam: np.ndarray | None = None,
+    charge_spin: np.ndarray | None = None,
+    min_dist: float = 1e-3,
+) -> Graph:
+    """Neighbour graph of validated frames: ``coord (nf, nat, 3)``, ``cell (nf, 3, 3) | None``,
+    ``atype (nf, nat)``. Atoms closer than ``min_dist`` raise ``InputError``."""
+    nat = coord.shape[1]
+    edges = build_edges(coord, cell, rcut)
+    if min_dist > 0:
+        check_overlaps(edges, nat, min_dist)
+
+    def tensor(a, dtype):
+        return None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+
+    return Graph(
+        atype=tensor(atype, torch.long),
+        src=tensor(edges.src, torch.long),
+        dst=tensor(edges.dst, torch.long),
+        edge_vec=tensor(edges.vec, torch.float64),
+        fparam=tensor(fparam, torch.float64),
+        aparam=tensor(aparam, torch.float64),
+        charge_spin=tensor(charge_spin, torch.float64),
+    )

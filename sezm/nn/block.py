@@ -1,0 +1,139 @@
+"""One interaction block: an SO(2)-convolution unit and ``ffn_blocks`` equivariant FFN units.
+
+    x <- x + post_norm(SO2Conv(pre_norm(x[:, :D_mp])))      (zero-padded to the node degree)
+    x <- x + [scale *] post_norm_k(FFN_k(pre_norm_k(x)))    for k < ffn_blocks
+
+The residual shortcuts can be replaced by depth attention over earlier unit outputs
+(``full_attn_res`` / ``block_attn_res``, see ``attn_res``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..geometry.layout import so3_dim
+from .attn_res import block_attn_res_units, depth_attn_res, full_attn_res_units
+from .common import child_seed
+from .edge_cache import EdgeCache
+from .norm import EquivariantRMSNorm
+from .options import DescriptorOptions
+from .so2_conv import SO2Convolution
+
+
+def _norm_or_identity(
+    enabled: bool, lmax: int, opts: DescriptorOptions, eps: float = 1e-5
+) -> nn.Module:
+    if not enabled:
+        return nn.Identity()
+    return EquivariantRMSNorm(lmax, opts.channels, eps=eps, dtype=opts.compute_dtype)
+
+
+class InteractionBlock(nn.Module):
+    def __init__(self, opts: DescriptorOptions, index: int, seed) -> None:
+        super().__init__()
+        from .ffn import EquivariantFFN
+
+        lmax = opts.l_schedule[index]
+        mmax = opts.m_schedule[index]
+        kmax = min(opts.kmax, lmax)
+        node_lmax = lmax + opts.extra_node_l
+        self.mp_dim, self.node_dim = so3_dim(lmax), so3_dim(node_lmax)
+        so2_pre, so2_post, ffn_pre, ffn_post = opts.sandwich_norm
+        self.pre_so2_norm = _norm_or_identity(so2_pre, lmax, opts)
+        self.post_so2_norm = _norm_or_identity(
+            so2_post, lmax, opts, 1e-5 if opts.edge_norm else 1.0
+        )
+        self.so2_conv = SO2Convolution(opts, lmax, mmax, kmax, child_seed(seed, 0))
+        self.pre_ffn_norms = nn.ModuleList(
+            _norm_or_identity(ffn_pre, node_lmax, opts) for _ in range(opts.ffn_blocks)
+        )
+        self.post_ffn_norms = nn.ModuleList(
+            _norm_or_identity(ffn_post, node_lmax, opts) for _ in range(opts.ffn_blocks)
+        )
+        self.ffns = nn.ModuleList(
+            EquivariantFFN(
+                lmax=node_lmax,
+                channels=opts.channels,
+                hidden_channels=opts.block_ffn_width,
+                kmax=kmax,
+                grid_mlp=opts.grid_mlp[2],
+                grid_branch=opts.grid_branch[2],
+                dtype=opts.dtype,
+                s2_activation=opts.ffn_s2_activation,
+                ffn_so3_grid=opts.ffn_so3_grid,
+                lebedev_quadrature=opts.ffn_lebedev,
+                activation_function=opts.ffn_activation_function,
+                glu_activation=opts.ffn_glu,
+                mlp_bias=opts.mlp_bias,
+                seed=child_seed(child_seed(seed, 1), k),
+            )
+            for k in range(opts.ffn_blocks)
+        )
+        self.depth_mode = (
+            "full"
+            if opts.full_attn_res != "none"
+            else ("block" if opts.block_attn_res != "none" else None)
+        )
+        if self.depth_mode is not None:
+            mode = opts.full_attn_res if self.depth_mode == "full" else opts.block_attn_res
+            s = child_seed(seed, 2 if self.depth_mode == "full" else 3)
+            kw = dict(eps=opts.eps, bias=opts.mlp_bias, dtype=opts.compute_dtype)
+            setattr(
+                self,
+                f"{self.depth_mode}_attn_res_so2",
+                depth_attn_res(mode, opts.channels, seed=child_seed(s, 0), **kw),
+            )
+            setattr(
+                self,
+                f"{self.depth_mode}_attn_res_ffns",
+                nn.ModuleList(
+                    depth_attn_res(mode, opts.channels, seed=child_seed(s, k + 1), **kw)
+                    for k in range(opts.ffn_blocks)
+                ),
+            )
+        self.adam_ffn_layer_scales = None
+        if opts.layer_scale:
+            self.adam_ffn_layer_scales = nn.ParameterList(
+                nn.Parameter(torch.full((opts.channels,), 1e-3, dtype=opts.dtype))
+                for _ in range(opts.ffn_blocks)
+            )
+
+    def so2_unit(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
+        """Update from message passing, ``(N, D_node, 1, C)``; rows above the MP degree are 0."""
+        n, c = x.shape[0], x.shape[-1]
+        x_mp = self.pre_so2_norm(x[:, : self.mp_dim])
+        y = self.so2_conv(x_mp.reshape(n, self.mp_dim, c), edges, radial)
+        y = self.post_so2_norm(y.unsqueeze(2))
+        if self.node_dim == self.mp_dim:
+            return y
+        return torch.cat([y, y.new_zeros(n, self.node_dim - self.mp_dim, 1, c)], dim=1)
+
+    def ffn_unit(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        y = self.post_ffn_norms[k](self.ffns[k](self.pre_ffn_norms[k](x)))
+        if self.adam_ffn_layer_scales is not None:
+            y = y * self.adam_ffn_layer_scales[k]
+        return y
+
+    def forward(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
+        """Plain residual path: ``(N, D_node, 1, C) -> (N, D_node, 1, C)``."""
+        x = x + self.so2_unit(x, edges, radial)
+        for k in range(len(self.ffns)):
+            x = x + self.ffn_unit(x, k)
+        return x
+
+    def forward_with_history(
+        self, x: torch.Tensor, history: list[torch.Tensor], edges: EdgeCache, radial: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Depth-attention path: returns the block output and the sources it adds to the history
+        (every unit output for ``full_attn_res``, the block summary for ``block_attn_res``)."""
+        units = [lambda v: self.so2_unit(v, edges, radial)]
+        units += [lambda v, k=k: self.ffn_unit(v, k) for k in range(len(self.ffns))]
+        attns = [
+            getattr(self, f"{self.depth_mode}_attn_res_so2"),
+            *getattr(self, f"{self.depth_mode}_attn_res_ffns"),
+        ]
+        if self.depth_mode == "full":
+            return full_attn_res_units(x, history, units, attns)
+        out, summary = block_attn_res_units(x, history, units, attns)
+        return out, [summary]

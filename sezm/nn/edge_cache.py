@@ -1,0 +1,132 @@
+"""Per-edge geometry computed once per forward pass and shared by every block.
+
+Edge ``e`` carries a message from ``src[e]`` (neighbour j) to ``dst[e]`` (centre i) along
+``vec[e] = r_j - r_i``. Padding / excluded edges are kept in place with ``keep = 0``: their
+vector is replaced by ``(0, 0, 1)`` (finite everywhere) and every weight is zeroed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..geometry import edge_frame
+from ..geometry.layout import m_major_rows, so3_dim
+from ..geometry.wigner import WignerD
+from .radial import BridgingSwitch, InnerClamp, RadialBasis, c3_envelope
+
+
+@dataclass
+class EdgeCache:
+    src: torch.Tensor  # (E,) long
+    dst: torch.Tensor  # (E,) long
+    n_nodes: int
+    keep: torch.Tensor  # (E, 1) 1.0 for real edges
+    vec: torch.Tensor  # (E, 3) (clamped under bridging)
+    env: torch.Tensor  # (E, 1) C^3 envelope (edge exponent), 0 on padding
+    rbf: torch.Tensor  # (E, n_radial), envelope (basis exponent) baked in
+    quat: torch.Tensor  # (E, 4) global -> local edge frame
+    inv_sqrt_deg: torch.Tensor  # (N, 1, 1) 1 / sqrt(sum_e env^2 + floor)
+    wigner: torch.Tensor | None = None  # (E, D, D)
+    src_gate: torch.Tensor | None = None  # (E, 1) bridging source-freeze gate
+    _projections: dict = field(default_factory=dict)
+
+    def sum_at_dst(self, values: torch.Tensor) -> torch.Tensor:
+        """Scatter-add per-edge values ``(E, ...)`` onto destinations -> ``(N, ...)``."""
+        out = values.new_zeros((self.n_nodes, *values.shape[1:]))
+        return out.index_add(0, self.dst, values)
+
+    def to_local(self, lmax: int, mmax: int) -> torch.Tensor:
+        """Rows of ``D`` in m-major reduced order: ``(E, D_m, D_l)`` for degree ``lmax``."""
+        key = (lmax, mmax)
+        if key not in self._projections:
+            rows = m_major_rows(lmax, mmax).to(self.src.device)
+            dim = so3_dim(lmax)
+            self._projections[key] = self.wigner[:, :dim, :dim].index_select(1, rows)
+        return self._projections[key]
+
+    def cast(self, dtype: torch.dtype) -> EdgeCache:
+        """Copy with float tensors in ``dtype`` (for float64 / float16 blocks)."""
+        if self.env.dtype == dtype:
+            return self
+        conv = {
+            name: getattr(self, name).to(dtype)
+            for name in ("keep", "vec", "env", "rbf", "quat", "inv_sqrt_deg")
+        }
+        wigner = None if self.wigner is None else self.wigner.to(dtype)
+        gate = None if self.src_gate is None else self.src_gate.to(dtype)
+        return EdgeCache(self.src, self.dst, self.n_nodes, **conv, wigner=wigner, src_gate=gate)
+
+
+def source_freeze_gate(
+    length: torch.Tensor,
+    keep: torch.Tensor,
+    src: torch.Tensor,
+    n_nodes: int,
+    switch: BridgingSwitch,
+) -> torch.Tensor:
+    """Per-edge ``gate_e = eta[src_e]`` with ``eta_j = prod_{e: src_e = j} w(r_e)``.
+
+    ``w = 0`` inside ``r_inner``, so a node with any neighbour in the frozen zone sends no
+    information onwards. The product is a sum of logs over non-zero factors plus a zero count
+    (differentiable, trace-friendly); padding edges count as ``w = 1``.
+    """
+    w = (switch(length) * keep + (1.0 - keep)).squeeze(-1)  # (E,)
+    is_zero = w <= 0
+    log_w = torch.log(torch.where(is_zero, torch.ones_like(w), w))
+    log_eta = w.new_zeros(n_nodes).index_add(0, src, log_w)
+    n_zero = w.new_zeros(n_nodes).index_add(0, src, is_zero.to(w.dtype))
+    eta = torch.where(n_zero > 0.5, torch.zeros_like(log_eta), torch.exp(log_eta))
+    return eta[src].unsqueeze(-1)
+
+
+def build_edge_cache(
+    *,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    edge_vec: torch.Tensor,
+    keep: torch.Tensor,
+    n_nodes: int,
+    rcut: float,
+    edge_env_exp: int,
+    radial_basis: RadialBasis,
+    wigner: WignerD | None,
+    eps: float,
+    deg_floor: float,
+    dtype: torch.dtype,
+    inner_clamp: InnerClamp | None = None,
+    bridging_switch: BridgingSwitch | None = None,
+    random_roll: bool = False,
+) -> EdgeCache:
+    """Geometry, envelopes, radial basis and Wigner-D for all edges, in ``dtype``."""
+    keep_f = keep.to(dtype).unsqueeze(-1)  # (E, 1)
+    vec = edge_vec.to(dtype) * keep_f
+    vec = vec + torch.nn.functional.pad(1.0 - keep_f, (2, 0))  # padding edges -> (0, 0, 1)
+    length = torch.sqrt(vec.square().sum(-1, keepdim=True) + eps * eps)  # (E, 1)
+    if inner_clamp is not None:
+        clamped = inner_clamp(length)
+        vec = vec * (clamped / length)
+        length = clamped
+    env = c3_envelope(length, rcut, edge_env_exp) * keep_f
+    rbf = radial_basis(length) * keep_f
+    quat = edge_frame.edge_quaternion(vec, eps)
+    if random_roll:
+        quat = edge_frame.random_roll(quat)
+    deg = env.new_zeros(n_nodes).index_add(0, dst, env.squeeze(-1).square())
+    gate = None
+    if bridging_switch is not None:
+        gate = source_freeze_gate(length, keep_f, src, n_nodes, bridging_switch)
+    return EdgeCache(
+        src=src,
+        dst=dst,
+        n_nodes=n_nodes,
+        keep=keep_f,
+        vec=vec,
+        env=env,
+        rbf=rbf,
+        quat=quat,
+        inv_sqrt_deg=torch.rsqrt(deg + deg_floor).view(-1, 1, 1),
+        wigner=None if wigner is None else wigner(quat),
+        src_gate=gate,
+    )

@@ -1,0 +1,354 @@
+"""Grid nets: equivariant non-linearities that multiply fields point-wise on an S2 / SO(3) grid.
+
+Two operands ``a, b`` (coefficients ``(N, J, F, K*C)``, ``K`` frames) are combined by a grid op
+
+* ``glu``    (:class:`GridProduct`): ``c = from(to(a) * to(b))``;
+* ``mlp``    (:class:`GridMLP`):     ``c = W_o from(to(W_l u) * to(W_r v))`` per frame;
+* ``branch`` (:class:`GridBranch`): ``n`` products mixed by a softmax router on the scalars;
+
+then every channel is gated by ``sigmoid(W_g [a_0 | b_0])`` and the scalar row (frame 0) gets
+``silu(a_0) * b_0`` (``a_0, b_0``: the ``l = 0``, ``k = 0`` channels). Only invariant scalars
+pass through non-polynomial functions, so equivariance rests on the quadrature alone.
+
+Modes: ``"self"`` takes one input ``[a | b]`` of width ``2*K*C`` (FFNs, the SO(2) mixing
+activation); ``"cross"`` takes a query ``a`` and a context ``b`` (the SO(2) convolution's
+node-wise and message-node products), optionally lifted to ``K`` frames by :class:`FrameExpand`,
+brought back by :class:`FrameContract`, and scaled by ``residual_scale (F, C_out)``.
+
+Layouts of inputs and outputs: ``ndfc (N, D, F, C)``, ``nfdc (N, F, D, C)``,
+``fndc (F, N, D, C)`` (SO(2) mixing stack) and ``flat (N, D, F*C)`` (cross mode only).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..geometry.layout import degree_of_rows
+from .common import child_seed, uniform_
+from .grid import GridProjector, S2GridProjector, SO3GridProjector, coefficient_rows
+from .linear import ChannelLinear, FocusLinear
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` for ``x = [a | b]`` on the last axis."""
+    a, b = x.chunk(2, dim=-1)
+    return a * torch.sigmoid(a) * b
+
+
+def per_frame(linear: ChannelLinear, x: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """Apply a channel map to each frame of ``(N, J, F, K*C_in)`` -> ``(N, J, F, K*C_out)``.
+
+    Grid projections are frame-wise linear, so this equals mixing channels on the grid.
+    """
+    n, j, f, _ = x.shape
+    return linear(x.reshape(n, j, f, n_frames, -1)).reshape(n, j, f, -1)
+
+
+class GridProduct(nn.Module):
+    """``from(to(a) * to(b))``: the band-limited point-wise product (a Gaunt product)."""
+
+    def forward(self, left, right, scalars, projector: GridProjector) -> torch.Tensor:
+        return projector.from_grid(projector.to_grid(left) * projector.to_grid(right))
+
+
+class GridMLP(nn.Module):
+    """Quadratic point-wise MLP ``W_o [(W_l u) * (W_r v)]`` with hidden width ``2C``.
+
+    ``self`` mode: ``u = v = [a_k | b_k]`` per frame; ``cross`` mode: ``u = a``, ``v = b``.
+    """
+
+    def __init__(self, *, channels: int, mode: str, n_frames: int, dtype, seed=None) -> None:
+        super().__init__()
+        self.mode, self.n_frames = mode, n_frames
+        width = 2 * channels if mode == "self" else channels
+        self.left_proj = ChannelLinear(
+            width, 2 * channels, dtype=dtype, bias=False, seed=child_seed(seed, 0)
+        )
+        self.right_proj = ChannelLinear(
+            width, 2 * channels, dtype=dtype, bias=False, seed=child_seed(seed, 1)
+        )
+        self.out_proj = ChannelLinear(
+            2 * channels, channels, dtype=dtype, bias=False, seed=child_seed(seed, 2)
+        )
+
+    def forward(self, left, right, scalars, projector: GridProjector) -> torch.Tensor:
+        k = self.n_frames
+        if self.mode == "self":
+            n, j, f, _ = left.shape
+            pair = torch.cat([left.reshape(n, j, f, k, -1), right.reshape(n, j, f, k, -1)], dim=-1)
+            left = right = pair.reshape(n, j, f, -1)  # (N, J, F, K*2C)
+        left, right = per_frame(self.left_proj, left, k), per_frame(self.right_proj, right, k)
+        product = projector.from_grid(projector.to_grid(left) * projector.to_grid(right))
+        return per_frame(self.out_proj, product, k)
+
+
+class GridBranch(nn.Module):
+    """``W_o from( sum_h softmax(W_r s)_h  to(W_l^h a) * to(W_r^h b) )``, ``s = [a_0 | b_0]``."""
+
+    def __init__(self, *, channels: int, n_branches: int, n_frames: int, dtype, seed=None) -> None:
+        super().__init__()
+        if n_branches < 1:
+            raise ValueError("n_branches must be positive")
+        self.channels, self.n_branches, self.n_frames = channels, n_branches, n_frames
+        wide = n_branches * channels
+        self.left_proj = ChannelLinear(
+            channels, wide, dtype=dtype, bias=False, seed=child_seed(seed, 0)
+        )
+        self.right_proj = ChannelLinear(
+            channels, wide, dtype=dtype, bias=False, seed=child_seed(seed, 1)
+        )
+        self.router = ChannelLinear(
+            2 * channels, n_branches, dtype=dtype, bias=False, seed=child_seed(seed, 2)
+        )
+        self.out_proj = ChannelLinear(
+            channels, channels, dtype=dtype, bias=False, seed=child_seed(seed, 3)
+        )
+
+    def forward(self, left, right, scalars, projector: GridProjector) -> torch.Tensor:
+        k = self.n_frames
+        grid = projector.to_grid(per_frame(self.left_proj, left, k)) * projector.to_grid(
+            per_frame(self.right_proj, right, k)
+        )  # (N, G, F, H*C)
+        n, g, f, _ = grid.shape
+        weights = torch.softmax(self.router(scalars), dim=-1)  # (N, F, H)
+        grid = torch.einsum("ngfhc,nfh->ngfc", grid.reshape(n, g, f, self.n_branches, -1), weights)
+        return per_frame(self.out_proj, projector.from_grid(grid), k)
+
+
+class _DegreeLinear(nn.Module):
+    """Per-degree channel map ``y_lm = x_lm W_l`` on ``(N, J, F, C_in)``, W ``(L+1, in, out)``."""
+
+    def __init__(self, lmax, mmax, coefficient_layout, n_in, n_out, dtype, seed=None) -> None:
+        super().__init__()
+        rows = coefficient_rows(lmax, lmax if mmax is None else mmax, coefficient_layout)
+        self.register_buffer("degree_index", degree_of_rows(lmax)[rows], persistent=False)
+        self.weight = nn.Parameter(torch.empty(lmax + 1, n_in, n_out, dtype=dtype))
+        uniform_(self.weight, n_in**-0.5, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("njfi,jio->njfo", x, self.weight[self.degree_index])
+
+
+class FrameExpand(_DegreeLinear):
+    """Lift ``(N, J, F, C)`` to ``K`` frames ``(N, J, F, K*C)``; a ``(C, K*C)`` map per degree."""
+
+    def __init__(self, *, lmax, mmax, coefficient_layout, n_frames, channels, dtype, seed=None):
+        super().__init__(lmax, mmax, coefficient_layout, channels, n_frames * channels, dtype, seed)
+
+
+class FrameContract(_DegreeLinear):
+    """Contract ``(N, J, F, K*C)`` back to ``(N, J, F, C)``, one ``(K*C, C)`` matrix per degree."""
+
+    def __init__(self, *, lmax, mmax, coefficient_layout, n_frames, channels, dtype, seed=None):
+        super().__init__(lmax, mmax, coefficient_layout, n_frames * channels, channels, dtype, seed)
+
+
+_TO_NDFC = {
+    "ndfc": lambda x: x,
+    "nfdc": lambda x: x.transpose(1, 2),
+    "fndc": lambda x: x.permute(1, 2, 0, 3),
+}
+_FROM_NDFC = {
+    "ndfc": lambda x: x,
+    "nfdc": lambda x: x.transpose(1, 2),
+    "fndc": lambda x: x.permute(2, 0, 1, 3),
+    "flat": lambda x: x.flatten(2),
+}
+
+
+class GridNet(nn.Module):
+    """Grid non-linearity around a projector (see the module docstring).
+
+    ``channels`` is the per-frame, per-focus width ``C``; ``op_type`` is ``glu``/``mlp``/``branch``.
+    """
+
+    def __init__(
+        self,
+        *,
+        projector: GridProjector,
+        channels: int,
+        n_focus: int = 1,
+        mode: str,
+        op_type: str,
+        dtype: torch.dtype,
+        layout: str,
+        mlp_bias: bool = False,
+        grid_branches: int = 1,
+        frame_expand: nn.Module | None = None,
+        frame_contract: nn.Module | None = None,
+        residual_scale_init: float | None = None,
+        seed=None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("self", "cross") or layout not in _FROM_NDFC:
+            raise ValueError(f"bad grid net mode/layout {mode!r}/{layout!r}")
+        if mode == "self" and layout == "flat":
+            raise ValueError("layout 'flat' is only for cross grid nets")
+        self.projector, self.mode, self.layout = projector, mode, layout
+        self.channels, self.n_focus, self.n_frames = channels, n_focus, projector.n_frames
+        self.frame_expand, self.frame_contract = frame_expand, frame_contract
+        self.scalar_gate = FocusLinear(
+            2 * channels,
+            channels,
+            n_focus,
+            dtype=dtype,
+            bias=mlp_bias,
+            seed=child_seed(seed, 0),
+            init_std=0.01,
+        )
+        k, op_seed = self.n_frames, child_seed(seed, 1)
+        if op_type == "glu":
+            self.grid_op: nn.Module = GridProduct()
+        elif op_type == "mlp":
+            self.grid_op = GridMLP(
+                channels=channels, mode=mode, n_frames=k, dtype=dtype, seed=op_seed
+            )
+        elif op_type == "branch":
+            self.grid_op = GridBranch(
+                channels=channels, n_branches=grid_branches, n_frames=k, dtype=dtype, seed=op_seed
+            )
+        else:
+            raise ValueError(f"op_type must be 'glu', 'mlp' or 'branch', got {op_type!r}")
+        out_width = channels if frame_contract is not None else k * channels
+        self.residual_scale = None
+        if residual_scale_init is not None:
+            self.residual_scale = nn.Parameter(
+                torch.full((n_focus, out_width), float(residual_scale_init), dtype=dtype)
+            )
+
+    def _ndfc(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "flat":
+            return x.reshape(x.shape[0], x.shape[1], self.n_focus, -1)
+        return _TO_NDFC[self.layout](x)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``self``: ``query [a | b]``; ``cross``: ``query a`` and ``context b``, same layout."""
+        dtype = self.scalar_gate.weight.dtype
+        a = self._ndfc(query).to(dtype)  # (N, J, F, *)
+        if self.mode == "self":
+            a, b = a.chunk(2, dim=-1)  # (N, J, F, K*C) each
+        elif context is None:
+            raise ValueError("cross grid nets need a context")
+        else:
+            b = self._ndfc(context).to(dtype)
+        c = self.channels
+        scalars = torch.cat([a[:, 0, :, :c], b[:, 0, :, :c]], dim=-1)  # (N, F, 2C), frame 0
+        if self.frame_expand is not None:
+            a, b = self.frame_expand(a), self.frame_expand(b)
+        out = self.grid_op(a, b, scalars, self.projector)  # (N, J, F, K*C)
+        n, j, f, _ = out.shape
+        gate = torch.sigmoid(self.scalar_gate(scalars))  # (N, F, C)
+        out = (out.reshape(n, j, f, self.n_frames, c) * gate[:, None, :, None, :]).view(n, j, f, -1)
+        out[:, 0, :, :c] += swiglu(scalars)
+        if self.frame_contract is not None:
+            out = self.frame_contract(out)
+        if self.residual_scale is not None:
+            out = out * self.residual_scale
+        return _FROM_NDFC[self.layout](out).to(query.dtype)
+
+
+class S2GridNet(GridNet):
+    """Grid net on an S2 grid (Lebedev or e3nn product grid); ``K = 1``."""
+
+    def __init__(
+        self,
+        *,
+        lmax: int,
+        mmax: int | None = None,
+        channels: int,
+        n_focus: int = 1,
+        mode: str,
+        op_type: str,
+        dtype: torch.dtype,
+        layout: str,
+        grid_resolution_list: list[int] | None = None,
+        coefficient_layout: str = "packed",
+        grid_method: str = "e3nn",
+        grid_branches: int = 1,
+        residual_scale_init: float | None = None,
+        mlp_bias: bool = False,
+        seed=None,
+    ) -> None:
+        projector = S2GridProjector(
+            lmax=lmax,
+            mmax=mmax,
+            dtype=dtype,
+            grid_resolution_list=grid_resolution_list,
+            coefficient_layout=coefficient_layout,
+            grid_method=grid_method,
+        )
+        super().__init__(
+            projector=projector,
+            channels=channels,
+            n_focus=n_focus,
+            mode=mode,
+            op_type=op_type,
+            dtype=dtype,
+            layout=layout,
+            mlp_bias=mlp_bias,
+            grid_branches=grid_branches,
+            residual_scale_init=residual_scale_init,
+            seed=seed,
+        )
+
+
+class SO3GridNet(GridNet):
+    """Grid net on the SO(3) grid with ``K = 2 kmax + 1`` frames; cross mode lifts the operands
+    with :class:`FrameExpand` and contracts the result with :class:`FrameContract`."""
+
+    def __init__(
+        self,
+        *,
+        lmax: int,
+        mmax: int | None = None,
+        kmax: int = 1,
+        channels: int,
+        n_focus: int = 1,
+        mode: str,
+        op_type: str,
+        dtype: torch.dtype,
+        layout: str,
+        lebedev_precision: int | None = None,
+        coefficient_layout: str = "packed",
+        grid_branches: int = 1,
+        residual_scale_init: float | None = None,
+        mlp_bias: bool = False,
+        seed=None,
+    ) -> None:
+        projector = SO3GridProjector(
+            lmax=lmax,
+            mmax=mmax,
+            kmax=kmax,
+            dtype=dtype,
+            lebedev_precision=lebedev_precision,
+            coefficient_layout=coefficient_layout,
+        )
+        frames = {}
+        if mode == "cross":
+            shape = dict(
+                lmax=lmax,
+                mmax=projector.mmax,
+                coefficient_layout=coefficient_layout,
+                n_frames=projector.n_frames,
+                channels=channels,
+                dtype=dtype,
+            )
+            frames = dict(
+                frame_expand=FrameExpand(**shape, seed=child_seed(seed, 4)),
+                frame_contract=FrameContract(**shape, seed=child_seed(seed, 5)),
+            )
+        super().__init__(
+            projector=projector,
+            channels=channels,
+            n_focus=n_focus,
+            mode=mode,
+            op_type=op_type,
+            dtype=dtype,
+            layout=layout,
+            mlp_bias=mlp_bias,
+            grid_branches=grid_branches,
+            residual_scale_init=residual_scale_init,
+            seed=seed,
+            **frames,
+        )

@@ -1,0 +1,200 @@
+"""Linear maps in the edge frame that commute with rotations about the edge axis (SO(2)).
+
+Features are ``(F, E, D_m, C)`` in the m-major reduced layout (``geometry.layout``): the
+``m = 0`` rows (l = 0..L) first, then for each ``m >= 1`` the ``(l, -m)`` rows and the
+``(l, +m)`` rows for ``l = m..L``. An SO(2)-equivariant map may mix degrees within one ``|m|``
+and acts on the ``(-m, +m)`` pair as a complex number:
+
+    y_-m = x_-m W_u - x_+m W_v,    y_+m = x_-m W_v + x_+m W_u.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .common import child_seed, trunc_normal_fan_
+
+
+def _m_blocks(lmax: int, mmax: int) -> list[tuple[int, int, int]]:
+    """``(neg_start, pos_start, n_l)`` of every ``m >= 1`` block in the reduced layout."""
+    blocks, offset = [], lmax + 1
+    for m in range(1, mmax + 1):
+        n_l = lmax - m + 1
+        blocks.append((offset, offset + n_l, n_l))
+        offset += 2 * n_l
+    return blocks
+
+
+class SO2Linear(nn.Module):
+    """Per-focus SO(2)-equivariant linear map ``(F, E, D_m, C_in) -> (F, E, D_m, C_out)``.
+
+    Weights: ``weight_m0`` ``((L+1) C_in, F (L+1) C_out)`` for m = 0, and ``weight_m[m-1]``
+    ``(n_l C_in, F 2 n_l C_out)`` holding ``[W_u | W_v]`` per focus for each ``m >= 1``
+    (flattened index ``l_local * C + c``). Optional ``bias0`` on the ``l = 0`` row.
+    """
+
+    def __init__(
+        self,
+        *,
+        lmax: int,
+        mmax: int,
+        in_channels: int,
+        out_channels: int,
+        n_focus: int = 1,
+        dtype: torch.dtype,
+        mlp_bias: bool = False,
+        seed=None,
+    ) -> None:
+        super().__init__()
+        self.lmax, self.mmax, self.n_focus = lmax, mmax, n_focus
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.blocks = _m_blocks(lmax, mmax)
+        self.register_buffer("m0_idx", torch.arange(lmax + 1))
+        self.register_buffer(
+            "neg_indices",
+            torch.cat(
+                [torch.arange(s, s + n) for s, _, n in self.blocks]
+                or [torch.zeros(0, dtype=torch.long)]
+            ),
+        )
+        self.register_buffer(
+            "pos_indices",
+            torch.cat(
+                [torch.arange(s, s + n) for _, s, n in self.blocks]
+                or [torch.zeros(0, dtype=torch.long)]
+            ),
+        )
+        n0 = lmax + 1
+        self.weight_m0 = nn.Parameter(
+            torch.empty(n0 * in_channels, n_focus * n0 * out_channels, dtype=dtype)
+        )
+        w0 = self.weight_m0.data.view(n0 * in_channels, n_focus, -1)
+        for f in range(n_focus):
+            trunc_normal_fan_(w0[:, f], child_seed(seed, 1000 + f))
+        self.bias0 = (
+            nn.Parameter(torch.zeros(n_focus * out_channels, dtype=dtype)) if mlp_bias else None
+        )
+        self.weight_m = nn.ParameterList()
+        for m, (_, _, n_l) in enumerate(self.blocks, start=1):
+            w = torch.empty(n_l * in_channels, n_focus * 2 * n_l * out_channels, dtype=dtype)
+            wv = w.view(n_l * in_channels, n_focus, -1)
+            for f in range(n_focus):
+                trunc_normal_fan_(wv[:, f], child_seed(seed, 2000 + 100 * m + f))
+            self.weight_m.append(nn.Parameter(w / math.sqrt(2.0)))
+
+    def _per_focus(self, weight: torch.Tensor) -> torch.Tensor:
+        """``(in, F * out) -> (F, in, out)``."""
+        return weight.view(weight.shape[0], self.n_focus, -1).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, e = x.shape[0], x.shape[1]
+        c_in, c_out = self.in_channels, self.out_channels
+        n0 = self.lmax + 1
+        y0 = torch.bmm(x[:, :, :n0].reshape(f, e, n0 * c_in), self._per_focus(self.weight_m0))
+        parts = [y0.view(f, e, n0, c_out)]
+        for (neg, pos, n_l), weight in zip(self.blocks, self.weight_m):
+            x_neg = x[:, :, neg : neg + n_l].reshape(f, e, n_l * c_in)
+            x_pos = x[:, :, pos : pos + n_l].reshape(f, e, n_l * c_in)
+            both = torch.bmm(torch.cat([x_neg, x_pos], dim=1), self._per_focus(weight))
+            a, b = both[:, :e], both[:, e:]  # x_neg [W_u | W_v], x_pos [W_u | W_v]
+            half = n_l * c_out
+            y_neg = a[..., :half] - b[..., half:]
+            y_pos = a[..., half:] + b[..., :half]
+            parts += [y_neg.view(f, e, n_l, c_out), y_pos.view(f, e, n_l, c_out)]
+        out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        if self.bias0 is not None:
+            bias = self.bias0.view(f, 1, 1, c_out)
+            out = torch.cat([out[:, :, :1] + bias, out[:, :, 1:]], dim=2)
+        return out
+
+
+class RadialDegreeMixer(nn.Module):
+    """Edge-conditioned mixing of degrees within each ``|m|`` block (the "EMFA" radial kernel).
+
+    A per-edge kernel ``K_e = flatten(rho_e[l = 0..L]) @ weight`` is laid out as one
+    ``n_l x n_l`` block per ``|m|`` (shared by ``-m`` and ``+m``; compact index
+    ``l_in * n_l + l_out``) and applied as ``y[l_out] = sum_{l_in} K[l_in, l_out] x[l_in]``:
+
+    - ``degree``: one kernel for all channels;
+    - ``degree_channel``, rank ``r > 0``: ``K`` has ``r`` components mixed per channel by
+      ``channel_basis (r, C)``; rank 0: a separate kernel per channel.
+    """
+
+    def __init__(
+        self,
+        *,
+        lmax: int,
+        mmax: int,
+        channels: int,
+        mode: str,
+        rank: int,
+        dtype: torch.dtype,
+        seed=None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("degree", "degree_channel"):
+            raise ValueError(
+                f"radial_so2_mode must be 'none', 'degree' or 'degree_channel', got {mode!r}"
+            )
+        self.lmax, self.channels, self.mode, self.rank = lmax, channels, mode, rank
+        self.block_sizes = [lmax - m + 1 for m in range(mmax + 1)]
+        kernel = sum(n * n for n in self.block_sizes)
+        width = 1 if mode == "degree" else (rank if rank > 0 else channels)
+        self.kernel_width = width
+        self.weight = nn.Parameter(torch.empty((lmax + 1) * channels, kernel * width, dtype=dtype))
+        trunc_normal_fan_(self.weight, child_seed(seed, 0))
+        self.channel_basis = None
+        if mode == "degree_channel" and rank > 0:
+            self.channel_basis = nn.Parameter(torch.empty(rank, channels, dtype=dtype))
+            trunc_normal_fan_(self.channel_basis, child_seed(seed, 1))
+        compact, dense = self._scatter_indices(lmax, mmax)
+        self.register_buffer("kernel_compact_index", compact)
+        self.register_buffer("kernel_dense_index", dense)
+
+    @staticmethod
+    def _scatter_indices(lmax: int, mmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact -> dense ``(D_m, D_m)`` positions of the block-diagonal kernel (checkpoint buffers)."""
+        n0 = lmax + 1
+        dim = n0 + sum(2 * (lmax - m + 1) for m in range(1, mmax + 1))
+        compact, dense = [], []
+
+        def block(start: int, offset: int, n: int) -> None:
+            for i in range(n):
+                for o in range(n):
+                    compact.append(offset + i * n + o)
+                    dense.append((start + o) * dim + start + i)
+
+        block(0, 0, n0)
+        offset = n0 * n0
+        for neg, pos, n in _m_blocks(lmax, mmax):
+            block(neg, offset, n)
+            block(pos, offset, n)
+            offset += n * n
+        return torch.tensor(compact), torch.tensor(dense)
+
+    def _mix(self, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``kernel (E, n_in, n_out, w)``, ``x (E, n_in, C)`` -> ``(E, n_out, C)``."""
+        if self.mode == "degree":
+            return torch.einsum("eio,eic->eoc", kernel[..., 0], x)
+        if self.channel_basis is None:
+            return torch.einsum("eioc,eic->eoc", kernel, x)
+        return torch.einsum("eior,eic,rc->eoc", kernel, x, self.channel_basis)
+
+    def forward(self, x: torch.Tensor, radial: torch.Tensor) -> torch.Tensor:
+        """``x``, ``radial``: ``(E, D_m, C)`` (radial rows in the same layout) -> ``(E, D_m, C)``."""
+        e = x.shape[0]
+        n0 = self.lmax + 1
+        compact = radial[:, :n0].reshape(e, -1) @ self.weight  # (E, K * w)
+        compact = compact.view(e, -1, self.kernel_width)
+        parts, offset, row = [], 0, 0
+        for n in self.block_sizes:
+            kernel = compact[:, offset : offset + n * n].view(e, n, n, self.kernel_width)
+            offset += n * n
+            halves = 1 if row == 0 else 2
+            for _ in range(halves):
+                parts.append(self._mix(kernel, x[:, row : row + n]))
+                row += n
+        return torch.cat(parts, dim=1)

@@ -1,0 +1,490 @@
+"""The EMFA SO(2) convolution: edge messages in the bond frame, aggregated at each centre.
+
+For every edge ``j -> i``:
+
+1. ``x' = pre_focus_mix(x)`` widens the node features to ``F`` focus streams (``F * C_f``).
+2. Rotate ``x'_j`` into the edge frame and keep orders ``|m| <= M`` (``D_m @ x'_j``).
+3. Modulate by the edge's radial features: elementwise, or the edge-conditioned degree mixer.
+4. Per focus stream, a residual stack of SO(2) linears and gated activations.
+5. Focus competition (``F > 1``): a softmax over streams from ``l = 0`` scalars.
+6. Rotate back (``D_m^T``), rescaling truncated degrees.
+7. Aggregate at ``i``: envelope-weighted sum, or envelope-gated attention with head gates.
+8. ``post_focus_mix`` (zero-initialised) maps back to ``C`` channels.
+
+Optional branches: a node-wise grid product in step 3, a message-node grid product and a
+node Cartesian product after step 7, the Cartesian edge path replacing steps 2-6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..geometry.layout import degree_of_rows, m_major_degrees, truncation_gain
+from .attention import envelope_gated_softmax
+from .common import child_seed, normal_
+from .edge_cache import EdgeCache
+from .linear import ChannelLinear, SO3Linear
+from .norm import ReducedEquivariantRMSNorm, ScalarRMSNorm
+from .options import DescriptorOptions
+from .so2 import RadialDegreeMixer, SO2Linear
+
+
+class SO2MixingStack:
+    """``x <- x + [scale *] act_i(SO2Linear_i(norm_i(x)))`` for ``i < mixing_layers``.
+
+    ``act`` is a gated activation (or the S2-grid SwiGLU) except after the last layer; ``norm``
+    is the reduced equivariant RMS norm when ``so2_norm`` (never before the last layer).
+    Works on ``(F, E, D_m, C_f)``. The layers are registered on the owning convolution
+    (``attach``), which is where checkpoints keep them.
+    """
+
+    def __init__(self, opts: DescriptorOptions, lmax: int, mmax: int, seed) -> None:
+        from .activation import GatedActivation
+        from .grid_net import S2GridNet
+
+        n, cf, nf = opts.mixing_layers, opts.focus_dim, opts.n_focus
+        s2 = opts.so2_s2_activation
+        cd = opts.compute_dtype
+        degrees = m_major_degrees(lmax, mmax)
+        self.so2_linears = nn.ModuleList(
+            SO2Linear(
+                lmax=lmax,
+                mmax=mmax,
+                in_channels=cf,
+                out_channels=2 * cf if s2 and i < n - 1 else cf,
+                n_focus=nf,
+                dtype=opts.dtype,
+                mlp_bias=opts.mlp_bias,
+                seed=child_seed(child_seed(seed, 0), i),
+            )
+            for i in range(n)
+        )
+        self.so2_inter_norms = nn.ModuleList(
+            ReducedEquivariantRMSNorm(lmax, mmax, cf, degrees, n_focus=nf, eps=1e-5, dtype=cd)
+            if opts.so2_norm and i < n - 1
+            else nn.Identity()
+            for i in range(n)
+        )
+        acts: list[nn.Module] = []
+        for i in range(n):
+            s = child_seed(child_seed(seed, 1), i)
+            if i == n - 1:
+                acts.append(nn.Identity())
+            elif s2:
+                acts.append(
+                    S2GridNet(
+                        lmax=lmax,
+                        mmax=mmax,
+                        channels=cf,
+                        n_focus=nf,
+                        mode="self",
+                        op_type="glu",
+                        dtype=cd,
+                        layout="fndc",
+                        coefficient_layout="m_major",
+                        grid_method="lebedev" if opts.so2_lebedev else "e3nn",
+                        mlp_bias=opts.mlp_bias,
+                        seed=s,
+                    )
+                )
+            else:
+                acts.append(
+                    GatedActivation(
+                        lmax=lmax,
+                        mmax=mmax,
+                        channels=cf,
+                        n_focus=nf,
+                        dtype=cd,
+                        activation_function=opts.so2_activation_function,
+                        mlp_bias=opts.mlp_bias,
+                        layout="fndc",
+                        seed=s,
+                    )
+                )
+        self.non_linearities = nn.ModuleList(acts)
+        self.so2_layer_attn_res = None
+        if opts.so2_attn_res != "none":
+            from .attn_res import DepthAttnRes
+
+            self.so2_layer_attn_res = nn.ModuleList(
+                DepthAttnRes(
+                    channels=nf * cf,
+                    input_dependent=opts.so2_attn_res == "dependent",
+                    eps=opts.eps,
+                    bias=opts.mlp_bias,
+                    dtype=cd,
+                    seed=child_seed(child_seed(seed, 5), i),
+                )
+                for i in range(n)
+            )
+        self.adam_so2_layer_scales = None
+        if opts.layer_scale:
+            self.adam_so2_layer_scales = nn.ParameterList(
+                nn.Parameter(torch.full((nf, cf), 1e-3, dtype=opts.dtype)) for _ in range(n)
+            )
+
+    def attach(self, owner: nn.Module) -> None:
+        for name in (
+            "so2_linears",
+            "so2_inter_norms",
+            "non_linearities",
+            "so2_layer_attn_res",
+            "adam_so2_layer_scales",
+        ):
+            setattr(owner, name, getattr(self, name))
+
+    def __call__(self, x: torch.Tensor, bias_factor: torch.Tensor | None) -> torch.Tensor:
+        """``x (F, E, D_m, C_f)``; ``bias_factor (F, E, C_f)`` = radial l=0 times envelope."""
+        history = [x] if self.so2_layer_attn_res is not None else None
+        for i, (linear, norm, act) in enumerate(
+            zip(self.so2_linears, self.so2_inter_norms, self.non_linearities)
+        ):
+            if history is not None:
+                x = self._depth_mix(i, history, x)
+            y = linear(norm(x))
+            if i == 0 and linear.bias0 is not None and bias_factor is not None:
+                y = self._bias_correction(y, linear, bias_factor)
+            y = act(y)
+            if self.adam_so2_layer_scales is not None:
+                y = y * self.adam_so2_layer_scales[i].view(y.shape[0], 1, 1, -1)
+            x = x + y
+            if history is not None:
+                history.append(y)
+        return x
+
+    def _depth_mix(self, i: int, history: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Depth attention over ``[input, update_0, ...]`` in the edge-major view."""
+        n_edge = x.shape[1]
+
+        def l0(v: torch.Tensor) -> torch.Tensor:  # (E, F, D_m, C_f) -> (E, F*C_f)
+            return v[:, :, 0, :].reshape(n_edge, -1)
+
+        sources = [h.transpose(0, 1) for h in history]
+        mixed = self.so2_layer_attn_res[i](
+            sources=sources, scalar_extractor=l0, current_x=x.transpose(0, 1)
+        )
+        return mixed.transpose(0, 1)
+
+    @staticmethod
+    def _bias_correction(y: torch.Tensor, linear: SO2Linear, factor: torch.Tensor) -> torch.Tensor:
+        """Make the first layer's l=0 bias vanish with the edge: ``bias * (rho_0 env - 1)`` added."""
+        if linear.out_channels != factor.shape[-1]:
+            factor = torch.cat([factor, factor], dim=-1)
+        bias = linear.bias0.view(y.shape[0], 1, -1)
+        y0 = y[:, :, 0] + bias * (factor - 1.0)
+        return torch.cat([y0.unsqueeze(2), y[:, :, 1:]], dim=2)
+
+
+class SO2Convolution(nn.Module):
+    """Message passing of one interaction block (see module docstring)."""
+
+    def __init__(self, opts: DescriptorOptions, lmax: int, mmax: int, kmax: int, seed) -> None:
+        super().__init__()
+        c, nf, cf = opts.channels, opts.n_focus, opts.focus_dim
+        cw = nf * cf
+        dtype, cd = opts.dtype, opts.compute_dtype
+        self.lmax, self.mmax, self.n_focus, self.focus_dim = lmax, mmax, nf, cf
+        self.eps, self.compute_dtype, self.dtype = opts.eps, cd, dtype
+        self.edge_cartesian = opts.block_edge_cartesian(lmax)
+        self.pre_focus_mix = SO3Linear(
+            lmax, c, cw, dtype=dtype, mlp_bias=opts.mlp_bias, seed=child_seed(seed, 2)
+        )
+        self.post_focus_mix = SO3Linear(
+            lmax, cw, c, dtype=dtype, mlp_bias=opts.mlp_bias, seed=child_seed(seed, 3), init_std=0.0
+        )
+        self.radial_hidden_proj = (
+            ChannelLinear(c, cw, dtype=dtype, bias=False, seed=child_seed(seed, 6))
+            if cw != c
+            else None
+        )
+        self.register_buffer("degree_index_full", degree_of_rows(lmax), persistent=False)
+        self.register_buffer("degree_index_m", m_major_degrees(lmax, mmax), persistent=False)
+        gain = truncation_gain(degree_of_rows(lmax), mmax).to(dtype)
+        self.register_buffer("rotate_inv_rescale_full", gain, persistent=False)
+        self._build_message_path(opts, lmax, mmax, kmax, seed)
+        self._build_aggregation(opts, lmax, seed)
+        self._build_focus_competition(opts, seed)
+
+    # --- construction -------------------------------------------------------------------
+    def _build_message_path(self, opts, lmax, mmax, kmax, seed) -> None:
+        self.mixing = None
+        self.edge_cartesian_tp = None
+        if self.edge_cartesian:
+            from .cartesian import EdgeCartesianTensorProduct
+
+            self.edge_cartesian_tp = EdgeCartesianTensorProduct(
+                lmax=lmax,
+                focus_dim=opts.focus_dim,
+                n_focus=opts.n_focus,
+                n_layers=opts.mixing_layers,
+                activation_function=opts.so2_activation_function,
+                mlp_bias=opts.mlp_bias,
+                eps=opts.eps,
+                dtype=opts.dtype,
+                seed=child_seed(seed, 0),
+            )
+        elif opts.mixing_layers > 0:
+            self.mixing = SO2MixingStack(opts, lmax, mmax, seed)
+            self.mixing.attach(self)
+        self.radial_degree_mixer = None
+        if not self.edge_cartesian and opts.radial_so2_mode != "none":
+            self.radial_degree_mixer = RadialDegreeMixer(
+                lmax=lmax,
+                mmax=mmax,
+                channels=opts.n_focus * opts.focus_dim,
+                mode=opts.radial_so2_mode,
+                rank=opts.radial_so2_rank,
+                dtype=opts.dtype,
+                seed=child_seed(seed, 7),
+            )
+        self.node_wise_grid_product = _grid_product(
+            opts, "node_wise", lmax, mmax, kmax, child_seed(seed, 8)
+        )
+        self.message_node_grid_product = _grid_product(
+            opts, "message_node", lmax, mmax, kmax, child_seed(seed, 9)
+        )
+        self.node_cartesian_tp = None
+        spec = opts.block_node_cartesian(lmax)
+        from .cartesian import parse_node_cartesian
+
+        enabled, symmetric, layers = parse_node_cartesian(spec)
+        if enabled:
+            from .cartesian import NodeCartesianTensorProduct
+
+            self.node_cartesian_tp = NodeCartesianTensorProduct(
+                lmax=lmax,
+                focus_dim=opts.focus_dim,
+                n_focus=opts.n_focus,
+                n_layers=layers,
+                symmetric=symmetric,
+                activation_function=opts.so2_activation_function,
+                mlp_bias=opts.mlp_bias,
+                dtype=opts.dtype,
+                seed=child_seed(seed, 10),
+            )
+        self.needs_local_frame = not self.edge_cartesian and (
+            self.mixing is not None
+            or self.radial_degree_mixer is not None
+            or self.node_wise_grid_product is not None
+        )
+
+    def _build_aggregation(self, opts: DescriptorOptions, lmax: int, seed) -> None:
+        self.n_heads = opts.n_atten_head
+        if self.n_heads == 0:
+            return
+        cd = opts.compute_dtype
+        cw = opts.n_focus * opts.focus_dim
+        self.attn_focus = 1 if opts.atten_f_mix else opts.n_focus
+        self.attn_width = cw if opts.atten_f_mix else opts.focus_dim
+        fa, ca, h = self.attn_focus, self.attn_width, self.n_heads
+        s = child_seed(seed, 4)
+        self.attn_qk_norm = ScalarRMSNorm(ca, n_focus=fa, eps=opts.eps, dtype=cd)
+        from .linear import FocusLinear
+
+        self.attn_q_proj = FocusLinear(ca, ca, fa, dtype=cd, bias=False, seed=child_seed(s, 0))
+        self.attn_k_proj = FocusLinear(ca, ca, fa, dtype=cd, bias=False, seed=child_seed(s, 1))
+        self.attn_focus_mix = (
+            SO3Linear(lmax, cw, cw, dtype=cd, seed=child_seed(s, 19)) if opts.atten_f_mix else None
+        )
+        self.attn_v_proj = (
+            SO3Linear(lmax, ca, ca, n_focus=fa, dtype=cd, seed=child_seed(s, 20))
+            if opts.atten_v_proj
+            else None
+        )
+        self.attn_o_proj = (
+            SO3Linear(lmax, ca, ca, n_focus=fa, dtype=cd, seed=child_seed(s, 21))
+            if opts.atten_o_proj
+            else None
+        )
+        self.adamw_attn_logit_w = nn.Parameter(torch.zeros(ca, fa, h, dtype=cd))
+        normal_(self.adamw_attn_logit_w, 0.01, child_seed(s, 2))
+        self.adamw_attn_z_bias_raw = nn.Parameter(torch.full((fa, h), 0.5413, dtype=cd))
+        self.attn_output_gate_norm = ScalarRMSNorm(ca, n_focus=fa, eps=opts.eps, dtype=cd)
+        self.adamw_attn_gate_w = nn.Parameter(torch.zeros(ca, fa, h, dtype=cd))
+        normal_(self.adamw_attn_gate_w, 0.01, child_seed(s, 3))
+
+    def _build_focus_competition(self, opts: DescriptorOptions, seed) -> None:
+        self.focus_compete_norm = None
+        if opts.n_focus == 1:
+            return
+        cd = opts.compute_dtype
+        self.focus_compete_norm = (
+            ScalarRMSNorm(opts.focus_dim, n_focus=opts.n_focus, eps=opts.eps, dtype=cd)
+            if opts.edge_norm
+            else nn.Identity()
+        )
+        self.adamw_focus_compete_w = nn.Parameter(
+            torch.zeros(opts.focus_dim, opts.n_focus, dtype=cd)
+        )
+        normal_(self.adamw_focus_compete_w, 0.01, child_seed(child_seed(seed, 4), 4))
+        self.focus_compete_bias = (
+            nn.Parameter(torch.zeros(opts.n_focus, dtype=cd)) if opts.mlp_bias else None
+        )
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
+        """``x (N, D, C)``, ``radial (E, L+1, C)`` (fused with edge types) -> ``(N, D, C)``."""
+        x = self.pre_focus_mix(x.unsqueeze(2)).squeeze(2)  # (N, D, Cw)
+        if self.edge_cartesian:
+            message, rad = self._cartesian_message(x, edges, radial)
+        elif self.needs_local_frame:
+            message, rad = self._so2_message(x, edges, radial)
+        else:
+            message, rad = self._radial_message(x, edges, radial)
+        if self.n_heads and self.attn_focus_mix is not None:
+            message = self.attn_focus_mix(message.unsqueeze(2)).squeeze(2)
+        if self.n_heads == 0:
+            out = self._scatter(x, edges, message)
+        else:
+            out = self._attend(x, edges, message, rad)
+        if self.message_node_grid_product is not None:
+            out = out + self.message_node_grid_product(out, x)
+        if self.node_cartesian_tp is not None:
+            out = self.node_cartesian_tp(out, x)
+        return self.post_focus_mix(out.unsqueeze(2)).squeeze(2)
+
+    def _focus_weights(self, gate_src: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed softmax over focus streams ``(E, F)`` from l=0 scalars ``(E, F, C_f)``."""
+        logits = torch.einsum(
+            "efi,if->ef",
+            self.focus_compete_norm(gate_src.to(self.compute_dtype)),
+            self.adamw_focus_compete_w,
+        )
+        if self.focus_compete_bias is not None:
+            logits = logits + self.focus_compete_bias
+        return torch.softmax(logits, dim=1) * 0.98 + 0.02 / self.n_focus
+
+    def _compete_global(self, message: torch.Tensor, gate_src: torch.Tensor) -> torch.Tensor:
+        """Apply focus weights to a packed message ``(E, D, F*C_f)``."""
+        if self.focus_compete_norm is None:
+            return message
+        e, d, _ = message.shape
+        alpha = self._focus_weights(gate_src.reshape(e, self.n_focus, self.focus_dim))
+        weighted = (
+            message.view(e, d, self.n_focus, self.focus_dim)
+            * alpha.to(message.dtype)[:, None, :, None]
+        )
+        return weighted.view(e, d, -1)
+
+    def _widen(self, radial: torch.Tensor) -> torch.Tensor:
+        return radial if self.radial_hidden_proj is None else self.radial_hidden_proj(radial)
+
+    def _radial_message(self, x, edges: EdgeCache, radial):
+        """No local-frame op needed: ``m_e = x'_src * rho_e[l]`` (per-degree scaling commutes with rotation)."""
+        rad = self._widen(radial)  # (E, L+1, Cw)
+        x_src = x[edges.src]
+        message = x_src * rad.index_select(1, self.degree_index_full)
+        return self._compete_global(message, x_src[:, 0] * rad[:, 0]), rad
+
+    def _cartesian_message(self, x, edges: EdgeCache, radial):
+        rad = self._widen(radial)
+        x_src = x[edges.src]
+        message = self.edge_cartesian_tp(x_src, edges.vec, rad)
+        return self._compete_global(message, x_src[:, 0] * rad[:, 0]), rad
+
+    def _so2_message(self, x, edges: EdgeCache, radial):
+        to_local = edges.to_local(self.lmax, self.mmax)  # (E, D_m, D)
+        x_local = torch.bmm(to_local, x[edges.src])  # (E, D_m, Cw)
+        rad = self._widen(radial.index_select(1, self.degree_index_m))  # (E, D_m, Cw)
+        if self.radial_degree_mixer is None:
+            x_local = x_local * rad
+        else:
+            x_local = self.radial_degree_mixer(x_local, rad)
+        if self.node_wise_grid_product is not None:
+            x_dst_local = torch.bmm(to_local, x[edges.dst])
+            x_local = x_local + self.node_wise_grid_product(x_local, x_dst_local)
+        e, dm, _ = x_local.shape
+        nf, cf = self.n_focus, self.focus_dim
+        x_local = x_local.view(e, dm, nf, cf).permute(2, 0, 1, 3)  # (F, E, D_m, C_f)
+        gate_src = x_local[:, :, 0].transpose(0, 1)  # (E, F, C_f)
+        if self.mixing is not None:
+            factor = rad[:, 0].view(e, nf, cf).transpose(0, 1) * edges.env.view(1, -1, 1)
+            x_local = self.mixing(x_local, factor)
+        if self.focus_compete_norm is not None:
+            alpha = self._focus_weights(gate_src)  # (E, F)
+            x_local = x_local * alpha.t().to(x_local.dtype)[:, :, None, None]
+        x_local = x_local.permute(1, 2, 0, 3).reshape(e, dm, nf * cf)
+        message = torch.bmm(to_local.transpose(1, 2), x_local)  # (E, D, Cw)
+        return message * self.rotate_inv_rescale_full.view(1, -1, 1), rad
+
+    def _scatter(self, x, edges: EdgeCache, message) -> torch.Tensor:
+        """``out_i = inv_sqrt_deg_i * sum_{e -> i} env_e gate_e m_e``."""
+        weight = edges.env if edges.src_gate is None else edges.env * edges.src_gate
+        summed = edges.sum_at_dst((message * weight.unsqueeze(-1)).to(self.compute_dtype))
+        return (summed * edges.inv_sqrt_deg).to(self.dtype)
+
+    def _attend(self, x, edges: EdgeCache, message, rad) -> torch.Tensor:
+        n, d = x.shape[0], x.shape[1]
+        e = message.shape[0]
+        fa, ca, h = self.attn_focus, self.attn_width, self.n_heads
+        cd = self.compute_dtype
+        x0 = x[:, 0].reshape(n, fa, ca).to(cd)
+        qk = self.attn_qk_norm(x0)
+        q = self.attn_q_proj(qk)[edges.dst].view(e, fa, h, -1)
+        k = self.attn_k_proj(qk)[edges.src].view(e, fa, h, -1)
+        bias = torch.einsum(
+            "efi,ifo->efo", rad[:, 0].reshape(e, fa, ca).to(cd), self.adamw_attn_logit_w
+        )
+        logits = (q * k).sum(-1) / math.sqrt(ca // h) + bias  # (E, Fa, H)
+        alpha = envelope_gated_softmax(
+            logits,
+            edges.env.to(cd),
+            edges.dst,
+            n,
+            self.adamw_attn_z_bias_raw,
+            self.eps,
+            None if edges.src_gate is None else edges.src_gate.to(cd),
+        )
+        value = message.reshape(e, d, fa, ca).to(cd)
+        if self.attn_v_proj is not None:
+            value = self.attn_v_proj(value)
+        weighted = value.view(e, d, fa, h, -1) * alpha.view(e, 1, fa, h, 1)
+        summed = edges.sum_at_dst(weighted)  # (N, D, Fa, H, C_h)
+        gate = torch.sigmoid(
+            torch.einsum("nfi,ifo->nfo", self.attn_output_gate_norm(x0), self.adamw_attn_gate_w)
+        )
+        out = (summed * gate.view(n, 1, fa, h, 1)).view(n, d, fa, ca)
+        if self.attn_o_proj is not None:
+            out = self.attn_o_proj(out)
+        return out.reshape(n, d, fa * ca).to(self.dtype)
+
+
+def _grid_product(opts: DescriptorOptions, where: str, lmax: int, mmax: int, kmax: int, seed):
+    """Node-wise (edge frame, m-major) or message-node (packed) S2 / SO(3) grid product, if enabled."""
+    s2, so3 = getattr(opts, f"{where}_s2"), getattr(opts, f"{where}_so3")
+    if not (s2 or so3):
+        return None
+    from .grid_net import S2GridNet, SO3GridNet
+
+    index = 0 if where == "node_wise" else 1
+    branches = opts.grid_branch[index]
+    op = "branch" if branches > 0 else ("mlp" if opts.grid_mlp[index] else "glu")
+    layout = "m_major" if where == "node_wise" else "packed"
+    common = dict(
+        lmax=lmax,
+        channels=opts.focus_dim,
+        n_focus=opts.n_focus,
+        mode="cross",
+        op_type=op,
+        dtype=opts.compute_dtype,
+        layout="flat",
+        coefficient_layout=layout,
+        grid_branches=max(1, branches),
+        mlp_bias=opts.mlp_bias,
+        residual_scale_init=1e-3,
+        seed=seed,
+    )
+    if so3:
+        if where == "node_wise":
+            common["mmax"] = mmax
+        return SO3GridNet(kmax=kmax, **common)
+    method = "lebedev" if opts.so2_lebedev else "e3nn"
+    if where == "node_wise":
+        return S2GridNet(mmax=mmax, grid_method=method, **common)
+    from .grid import resolve_s2_full_grid_resolution
+
+    resolution = resolve_s2_full_grid_resolution(lmax, method=method)
+    return S2GridNet(mmax=lmax, grid_method=method, grid_resolution_list=resolution, **common)
