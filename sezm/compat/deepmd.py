@@ -65,13 +65,22 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpo
     params = extra_state["model_params"]
     branch, params = _select_branch(path, params, head)
     prefix = f"model.{branch}."
+    others = [k for k in state if k != "_extra_state" and not k.startswith("model.")]
+    if "model_dict" not in extra_state["model_params"]:
+        others += [k for k in state if k.startswith("model.") and not k.startswith(prefix)]
+    if others:
+        raise CheckpointError(f"{path}: entries outside the model branch {branch!r}: {others[:10]}")
     tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not tensors:
         raise CheckpointError(f"{path}: no tensors under '{prefix}'")
+    try:
+        renamed = _rename(tensors)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     return Checkpoint(
         path=path,
         model_params=params,
-        state=_rename(tensors),
+        state=renamed,
         train_infos=dict(extra_state.get("train_infos", {})),
         branch=branch,
         extra={k: v for k, v in raw.items() if k != "model"},

@@ -184,6 +184,10 @@ class Descriptor(nn.Module):
         t = self.type_embedding(types)  # (N, C)
         if self.charge_spin_embedding is not None:
             t = t + self._frame_condition(charge_spin, nf, t.dtype).repeat_interleave(nloc, dim=0)
+        if src.numel() == 0:  # no pair within rcut: one masked self-edge keeps every shape valid
+            src = dst = torch.zeros(1, dtype=torch.long, device=types.device)
+            edge_vec = torch.cat([edge_vec, edge_vec.new_zeros(1, 3)])
+            edge_mask = torch.zeros(1, dtype=torch.bool, device=types.device)
         keep = self.pair_keep[types[dst], types[src]]
         if edge_mask is not None:
             keep = keep & edge_mask

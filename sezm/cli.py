@@ -1,0 +1,118 @@
+"""Command line: ``sezm train | test | neighbor-stat``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("sezm")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="SEZM %(levelname)-5s %(message)s",
+        stream=sys.stdout,
+    )
+
+
+def _read_input(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"input file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: not valid JSON ({err})") from None
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import normalize_input
+    from .train.trainer import Resume, Trainer, write_out_json
+
+    config = normalize_input(_read_input(args.input), source=args.input)
+    if args.numb_steps is not None:
+        config["training"]["numb_steps"] = args.numb_steps
+    write_out_json(config, args.output)
+    resume = Resume(
+        init_model=args.init_model,
+        restart=args.restart,
+        finetune=args.finetune,
+        skip_neighbor_stat=args.skip_neighbor_stat,
+    )
+    Trainer(config, resume, device=args.device).run()
+
+
+def cmd_neighbor_stat(args: argparse.Namespace) -> None:
+    from .data.neighbor_stat import neighbor_stat_command
+
+    neighbor_stat_command(args.system, args.rcut, type_map=args.type_map)
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    from .infer.test import run_test
+
+    run_test(
+        args.model,
+        args.system,
+        numb_test=args.numb_test,
+        detail_file=args.detail_file,
+        atomic=args.atomic,
+        head=args.head,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sezm", description="DPA4 / SeZM interatomic potentials")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a DeePMD-kit input.json")
+    train.add_argument("input", help="input.json (DeePMD-kit format, model.type dpa4)")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--init-model", help="start from the weights of this checkpoint")
+    start.add_argument("--restart", help="resume this checkpoint exactly (step, optimizer, RNG)")
+    start.add_argument("--finetune", help="fine-tune from this pretrained checkpoint")
+    train.add_argument(
+        "--skip-neighbor-stat",
+        action="store_true",
+        help="do not scan the data for sel/min distance",
+    )
+    train.add_argument("--numb-steps", type=int, help="override training.numb_steps")
+    train.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    train.add_argument(
+        "-o", "--output", default="out.json", help="where to write the expanded input"
+    )
+    train.set_defaults(func=cmd_train)
+
+    test = sub.add_parser("test", help="errors of a model on labelled systems (like `dp test`)")
+    test.add_argument("-m", "--model", default="model.ckpt.pt")
+    test.add_argument("-s", "--system", default=".", help="system directory (searched recursively)")
+    test.add_argument("-n", "--numb-test", type=int, default=0, help="frames per system (0 = all)")
+    test.add_argument("-d", "--detail-file", help="prefix of per-frame detail files")
+    test.add_argument("-a", "--atomic", action="store_true", help="also test atomic energies")
+    test.add_argument("--head", help="branch of a multi-task model")
+    test.set_defaults(func=cmd_test)
+
+    nstat = sub.add_parser(
+        "neighbor-stat", help="neighbour counts and minimal distance of a dataset"
+    )
+    nstat.add_argument("-s", "--system", default=".")
+    nstat.add_argument("-r", "--rcut", type=float, default=6.0)
+    nstat.add_argument("-t", "--type-map", nargs="+")
+    nstat.set_defaults(func=cmd_neighbor_stat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

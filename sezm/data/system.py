@@ -1,0 +1,360 @@
+"""One DeePMD-kit npy system: a folder with ``type.raw`` and ``set.*/`` holding ``<key>.npy``.
+
+Layout (every array has one row per frame; ``nat`` atoms, the same in every frame)::
+
+    type.raw           nat integers, the atom types of the system
+    type_map.raw       optional: the element of each system type (remapped onto the model's)
+    nopbc              optional empty file: open boundaries (no box.npy needed)
+    set.000/coord.npy  (nf, nat*3) Å      box.npy (nf, 9), rows are the cell vectors
+    set.000/<key>.npy  one array per field, e.g. energy (nf,), force (nf, nat*3)
+    set.000/real_atom_types.npy   mixed-type systems only: (nf, nat) per-frame types, -1 = none
+
+Everything is checked when the system is opened (shapes, frame counts, NaN/inf, cells, types)
+and every problem raises :class:`DataError` naming the system, file and frame. Arrays are
+memory-mapped and read a batch of frames at a time, so large systems stay cheap to hold.
+Absent optional fields are recorded in :attr:`System.present` and never filled in.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..geometry.frames import MIN_CELL_FLATNESS, MIN_CELL_VOLUME
+
+_SCAN_VALUES = 1 << 22  # values per chunk when scanning a file for NaN/inf
+
+
+class DataError(ValueError):
+    """Training or test data that cannot be used; the message says where and what to fix."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """A per-frame array ``<key>.npy`` of every set (``atom_<x>`` may be ``atomic_<x>.npy``).
+
+    ``shape``: per-frame shape, after the atom axis when ``atomic`` (``force``: ``(3,)``,
+    atomic, read as ``(nf, nat, 3)``; ``energy``: ``()``, read as ``(nf,)``).
+    ``must``: a system without the file is an error; otherwise it is recorded as absent.
+    """
+
+    shape: tuple[int, ...] = ()
+    atomic: bool = False
+    must: bool = False
+
+    def values_per_frame(self, nat: int) -> int:
+        return math.prod(self.shape) * (nat if self.atomic else 1)
+
+
+LABEL_FIELDS: dict[str, Field] = {
+    "energy": Field(()),
+    "force": Field((3,), atomic=True),
+    "virial": Field((9,)),
+    "atom_ener": Field((), atomic=True),
+    "atom_pref": Field((), atomic=True),
+    "force_mag": Field((3,), atomic=True),
+}
+"""The labels of energy models; each is optional per system."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _mmap(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def _open(path: Path) -> np.ndarray:
+    try:
+        return _mmap(str(path))
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: cannot be read as a .npy array ({err})") from err
+
+
+class System:
+    """A validated npy system whose types are mapped onto the model ``type_map``.
+
+    ``fields``: the arrays to read besides ``coord``/``box`` (default: :data:`LABEL_FIELDS`).
+    ``type_map``: the model's elements; ``None`` keeps the system's type indices as they are.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        type_map: Sequence[str] | None,
+        fields: Mapping[str, Field] = LABEL_FIELDS,
+    ) -> None:
+        self.path = Path(path)
+        self.fields = dict(fields)
+        if not (self.path / "type.raw").is_file():
+            raise DataError(f"{self.path}: not a system (no type.raw file)")
+        self.pbc = not (self.path / "nopbc").is_file()
+        self.sets = sorted(p for p in self.path.glob("set.*") if p.is_dir())
+        if not self.sets:
+            raise DataError(f"{self.path}: no set.* folder; the system holds no frames")
+        self.mixed_type = self._mixed_type()
+        self.type_map = self._read_type_map()
+        self._set_type_index(type_map)
+        raw_types = self._read_types()
+        self.nat = len(raw_types)
+        # (nat,) model types; placeholders in a mixed-type system (real_atom_types.npy rules)
+        self.atom_type = raw_types if self.mixed_type else self._remap(raw_types, "type.raw")
+        frames = [self._check_set(s) for s in self.sets]
+        self.set_frames = np.asarray(frames, dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(self.set_frames)])
+        self.nframes = int(self._offsets[-1])
+        self.present = self._presence()
+
+    def __repr__(self) -> str:
+        return f"System({str(self.path)!r}, nat={self.nat}, nframes={self.nframes})"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def frames(
+        self, index: Sequence[int] | np.ndarray, keys: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Frames ``index`` (numbered across sets) as float64/int64 arrays.
+
+        Keys: ``coord (n, nat, 3)``, ``atype (n, nat)``, ``box (n, 3, 3)`` (periodic systems
+        only) and every present field (or those of ``keys``), e.g. ``energy (n,)``,
+        ``force (n, nat, 3)``.
+        """
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= self.nframes):
+            raise IndexError(f"{self.path}: frame index out of range [0, {self.nframes})")
+        which = np.searchsorted(self._offsets, index, side="right") - 1  # set of each frame
+        local = index - self._offsets[which]
+        out = {"coord": self._gather("coord", which, local, (self.nat, 3))}
+        if self.pbc:
+            out["box"] = self._gather("box", which, local, (3, 3))
+        out["atype"] = self._atom_types(which, local)
+        for key, field in self.fields.items():
+            if self.present[key] and (keys is None or key in keys):
+                shape = ((self.nat,) if field.atomic else ()) + field.shape
+                out[key] = self._gather(key, which, local, shape)
+        return out
+
+    def _gather(self, stem: str, which: np.ndarray, local: np.ndarray, shape: tuple) -> np.ndarray:
+        out = np.empty((len(which), *shape), dtype=np.float64)
+        for s in np.unique(which):
+            rows = which == s
+            data = _open(self._file(self.sets[s], stem))
+            data = data.reshape(self.set_frames[s], -1)
+            out[rows] = data[local[rows]].reshape(-1, *shape)
+        return out
+
+    def _atom_types(self, which: np.ndarray, local: np.ndarray) -> np.ndarray:
+        if not self.mixed_type:
+            return np.broadcast_to(self.atom_type, (len(which), self.nat)).copy()
+        out = np.empty((len(which), self.nat), dtype=np.int64)
+        for s in np.unique(which):
+            rows = which == s
+            raw = _open(self.sets[s] / "real_atom_types.npy").reshape(self.set_frames[s], -1)
+            out[rows] = self._to_model(raw[local[rows]])
+        return out
+
+    # -- types -----------------------------------------------------------------------------
+
+    def _mixed_type(self) -> bool:
+        mixed = [(s / "real_atom_types.npy").is_file() for s in self.sets]
+        if any(mixed) and not all(mixed):
+            with_file = [s.name for s, m in zip(self.sets, mixed) if m]
+            raise DataError(
+                f"{self.path}: real_atom_types.npy is in {with_file} but not in every set; "
+                "a mixed-type system needs it in all sets"
+            )
+        return all(mixed)
+
+    def _read_type_map(self) -> list[str] | None:
+        path = self.path / "type_map.raw"
+        if not path.is_file():
+            return None
+        return path.read_text().split()
+
+    def _read_types(self) -> np.ndarray:
+        words = (self.path / "type.raw").read_text().split()
+        try:
+            types = np.array([int(w) for w in words], dtype=np.int64)
+        except ValueError as err:
+            raise DataError(
+                f"{self.path / 'type.raw'}: atom types must be integers ({err})"
+            ) from err
+        if types.size == 0:
+            raise DataError(f"{self.path / 'type.raw'}: lists no atoms; the system is empty")
+        return types
+
+    def _set_type_index(self, model_type_map: Sequence[str] | None) -> None:
+        """``_index``: model type of each system type (``None``: the same number);
+        ``_nsys``: bound on system types; ``_ntypes``: bound on model types (``None``: none)."""
+        sys_map = self.type_map
+        self._index = None
+        self._nsys = len(sys_map) if sys_map is not None else None
+        if model_type_map is None:
+            self._ntypes = self._nsys
+            return
+        model_type_map = list(model_type_map)
+        self._ntypes = len(model_type_map)
+        if sys_map is None:
+            self._nsys = self._ntypes
+            return
+        missing = [e for e in sys_map if e not in model_type_map]
+        if missing:
+            raise DataError(
+                f"{self.path}: element(s) {missing} of type_map.raw are not in the model "
+                f"type_map {model_type_map}; add them to model/type_map"
+            )
+        self._index = np.array([model_type_map.index(e) for e in sys_map], dtype=np.int64)
+
+    def _to_model(self, raw: np.ndarray) -> np.ndarray:
+        """System types as model types; ``-1`` (no atom) stays ``-1``."""
+        raw = np.asarray(raw, dtype=np.int64)
+        if self._index is None:
+            return raw.copy()
+        return np.where(raw < 0, -1, self._index[np.maximum(raw, 0)])
+
+    def _remap(self, raw: np.ndarray, where: str, first_frame: int = 0) -> np.ndarray:
+        """Checked :meth:`_to_model` of ``raw`` (``(nat,)``, or ``(n, nat)`` per frame)."""
+        raw = np.asarray(raw, dtype=np.int64)
+        low = -1 if raw.ndim == 2 else 0  # only per-frame types may mark missing atoms
+        high = self._nsys if self._nsys is not None else np.iinfo(np.int64).max
+        bad = np.flatnonzero((raw < low) | (raw >= high))
+        if bad.size:
+            pos = np.unravel_index(bad[0], raw.shape)
+            at = (
+                f"frame {first_frame + pos[0]}, atom {pos[1]}"
+                if raw.ndim == 2
+                else f"atom {pos[0]}"
+            )
+            valid = f"0..{high - 1}" + (" or -1" if low < 0 else "")
+            names = "" if self.type_map is None else f" (type_map.raw: {self.type_map})"
+            raise DataError(
+                f"{self.path}: {where}: type {int(raw.flat[bad[0]])} at {at} is outside "
+                f"{valid}{names}; {bad.size} such atom(s)"
+            )
+        return self._to_model(raw)
+
+    # -- validation ------------------------------------------------------------------------
+
+    def _file(self, set_dir: Path, stem: str) -> Path:
+        path = set_dir / f"{stem}.npy"
+        if not path.is_file() and stem.startswith("atom_"):
+            alt = set_dir / f"atomic_{stem[5:]}.npy"
+            if alt.is_file():
+                return alt
+        return path
+
+    def _check_set(self, set_dir: Path) -> int:
+        """Check every file of one set; return its frame count."""
+        coord_path = set_dir / "coord.npy"
+        if not coord_path.is_file():
+            raise DataError(f"{set_dir}: coord.npy is missing")
+        coord = _open(coord_path)
+        nf = coord.shape[0] if coord.ndim > 1 else 1
+        if nf == 0:
+            raise DataError(f"{coord_path}: holds 0 frames; remove the empty set")
+        self._check_array(coord_path, "coord", nf, 3 * self.nat)
+        if self.pbc:
+            box_path = set_dir / "box.npy"
+            if not box_path.is_file():
+                raise DataError(
+                    f"{set_dir}: box.npy is missing; add it, or an empty file "
+                    f"{self.path / 'nopbc'} for a system without periodic boundaries"
+                )
+            self._check_array(box_path, "box", nf, 9)
+            self._check_cells(box_path)
+        if self.mixed_type:
+            self._check_mixed_types(set_dir / "real_atom_types.npy", nf)
+        for key, field in self.fields.items():
+            path = self._file(set_dir, key)
+            if path.is_file():
+                self._check_array(path, key, nf, field.values_per_frame(self.nat))
+            elif field.must:
+                raise DataError(f"{set_dir}: {path.name} is missing; it is required ({key})")
+        return nf
+
+    @staticmethod
+    def _frame_count(data: np.ndarray, per_frame: int) -> int:
+        """Rows of a file: a 1-D array is one frame unless a frame holds one value."""
+        return data.shape[0] if data.ndim > 1 or (data.ndim == 1 and per_frame == 1) else 1
+
+    def _check_array(self, path: Path, key: str, nf: int, per_frame: int) -> None:
+        data = _open(path)
+        rows = self._frame_count(data, per_frame)
+        if rows != nf and data.size != nf * per_frame:
+            raise DataError(
+                f"{path}: {rows} frame(s) (shape {data.shape}) but coord.npy of the set has {nf}; "
+                "every file of a set needs one row per frame"
+            )
+        if data.size != nf * per_frame:
+            got = data.size / max(nf, 1)
+            raise DataError(
+                f"{path}: shape {data.shape} gives {got:g} values per frame for {key!r}, "
+                f"expected {per_frame} (nat={self.nat}); check the file and its name"
+            )
+        self._check_finite(path, data.reshape(nf, per_frame))
+
+    def _check_finite(self, path: Path, data: np.ndarray) -> None:
+        if data.dtype.kind not in "fc":
+            if data.dtype.kind in "iub":
+                return
+            raise DataError(f"{path}: dtype {data.dtype} is not numeric")
+        step = max(1, _SCAN_VALUES // max(data.shape[1], 1))
+        for start in range(0, data.shape[0], step):
+            ok = np.isfinite(data[start : start + step]).all(axis=1)
+            if not ok.all():
+                frame = start + int(np.argmin(ok))
+                col = int(np.argmin(np.isfinite(data[frame])))
+                raise DataError(
+                    f"{path}: frame {frame} holds NaN or inf (value {data[frame, col]} at "
+                    f"column {col}); fix or remove the frame"
+                )
+
+    def _check_cells(self, path: Path) -> None:
+        box = np.asarray(_open(path), dtype=np.float64).reshape(-1, 3, 3)  # (nf, 3, 3)
+        volume = np.abs(np.linalg.det(box))
+        flatness = volume / np.maximum(np.prod(np.linalg.norm(box, axis=2), axis=1), 1e-300)
+        bad = np.flatnonzero((volume < MIN_CELL_VOLUME) | (flatness < MIN_CELL_FLATNESS))
+        if bad.size:
+            f = int(bad[0])
+            raise DataError(
+                f"{path}: frame {f} has a degenerate cell (volume {volume[f]:.4g} Å^3): "
+                f"{box[f].tolist()}; rows must be three independent lattice vectors "
+                f"({bad.size} such frame(s))"
+            )
+
+    def _check_mixed_types(self, path: Path, nf: int) -> None:
+        data = _open(path)
+        if data.size != nf * self.nat:
+            raise DataError(
+                f"{path}: shape {data.shape}, expected ({nf}, {self.nat}) per-frame atom types"
+            )
+        if data.dtype.kind not in "iu":
+            values = np.asarray(data, dtype=np.float64)
+            if not np.all(values == np.round(values)):
+                raise DataError(f"{path}: atom types must be integers, got dtype {data.dtype}")
+        data = data.reshape(nf, self.nat)
+        step = max(1, _SCAN_VALUES // self.nat)
+        for start in range(0, nf, step):
+            self._remap(data[start : start + step], path.name, start)
+
+    def _presence(self) -> dict[str, bool]:
+        """Whether each field is present; a field found in some sets only is an error."""
+        present = {}
+        for key in self.fields:
+            has = [self._file(s, key).is_file() for s in self.sets]
+            if any(has) and not all(has):
+                missing = [s.name for s, h in zip(self.sets, has) if not h]
+                raise DataError(
+                    f"{self.path}: {key}.npy is missing from {missing} but present "
+                    "in other sets; give it in every set or in none"
+                )
+            present[key] = all(has)
+        return present
+
+    @property
+    def ntypes(self) -> int | None:
+        """Number of model types (``None`` when no type_map was given)."""
+        return self._ntypes

@@ -1,0 +1,109 @@
+"""Training checkpoints in DeePMD-kit's layout, written atomically.
+
+``{"model": state, "optimizer": ..., ["ema": ...], ["sezm": run state]}`` where ``state`` holds
+the tensors under ``model.<branch>.`` and ``_extra_state = {"model_params", "train_infos"}``,
+so DeePMD-kit 3.2 reads sezm checkpoints and vice versa. Numbered files are
+``<save_dir>/<save_ckpt>-<step>.pt``; ``<save_ckpt>.pt`` is a symlink to the newest one and the
+text file ``checkpoint`` names it. Files are written to a temporary name and renamed, so an
+interrupted save never corrupts the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..compat.deepmd import to_deepmd_state
+
+
+def model_state(
+    model: torch.nn.Module, model_params: dict, lr: float, step: int, branch: str = "Default"
+):
+    """DeePMD-kit style model state of one branch (tensors cloned to CPU)."""
+    tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = {
+        "_extra_state": {
+            "model_params": model_params,
+            "train_infos": {"lr": float(lr), "step": int(step)},
+        }
+    }
+    state.update(to_deepmd_state(tensors, branch))
+    return state
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same directory, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointStore:
+    """Numbered checkpoints with a retention window and a ``<prefix>.pt`` pointer."""
+
+    def __init__(
+        self, prefix: str, save_dir: str | None, max_keep: int, pointer: str | None = "checkpoint"
+    ):
+        self.prefix = Path(prefix)
+        self.directory = Path(save_dir) if save_dir else self.prefix.parent
+        self.max_keep = int(max_keep)
+        self.pointer = Path(pointer) if pointer else None
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"{self.prefix.name}-{step}.pt"
+
+    def step_of(self, path: Path) -> int | None:
+        head = f"{self.prefix.name}-"
+        text = (
+            path.name[len(head) : -3] if path.name.startswith(head) and path.suffix == ".pt" else ""
+        )
+        return int(text) if text.isdigit() else None
+
+    def save(self, obj, step: int) -> Path:
+        """Write checkpoint ``step``, point the prefix at it, prune older ones."""
+        path = self.path_for(step)
+        atomic_save(obj, path)
+        self._publish(path)
+        self._prune(step)
+        return path
+
+    def _publish(self, path: Path) -> None:
+        link = self.prefix.parent / (self.prefix.name + ".pt")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = os.path.relpath(path, link.parent)
+        tmp = link.parent / f".{link.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        if self.pointer is not None:
+            self.pointer.write_text(str(path))
+
+    def _prune(self, current: int) -> None:
+        if self.max_keep < 1:
+            return
+        numbered = sorted(
+            (step, p)
+            for p in self.directory.glob(f"{self.prefix.name}-*.pt")
+            if not p.is_symlink() and (step := self.step_of(p)) is not None
+        )
+        for step, path in numbered:
+            if step > current:  # left over from a longer earlier run in this directory
+                path.unlink(missing_ok=True)
+        kept = [(s, p) for s, p in numbered if s <= current]
+        for _, path in kept[: max(0, len(kept) - self.max_keep)]:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,48 @@
+"""Training losses: ``ener``, ``property`` and ``dens`` (see each module for the formulas)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import LabelRequirement, Pref
+from .dens import DensBatch, DensLoss
+from .energy import EnergyLoss
+from .property import PropertyLoss
+
+Loss = EnergyLoss | PropertyLoss | DensLoss
+
+__all__ = [
+    "DensBatch",
+    "DensLoss",
+    "EnergyLoss",
+    "LabelRequirement",
+    "Loss",
+    "Pref",
+    "PropertyLoss",
+    "build_loss",
+]
+
+
+def build_loss(config: dict[str, Any], starter_learning_rate: float, **model_info: Any) -> Loss:
+    """The loss of a normalized ``loss`` section.
+
+    ``starter_learning_rate`` is ``learning_rate.start_lr`` (the prefactor schedule's ``lr0``).
+    ``model_info`` for ``property``: ``task_dim``, ``var_name`` (the fitting's property name),
+    ``intensive``, optionally ``out_bias``/``out_std``; ignored by the other types.
+    """
+    kind = config.get("type", "ener")
+    if kind in ("ener", "ener_hess"):
+        return EnergyLoss(config, starter_learning_rate)
+    if kind == "dens":
+        return DensLoss(config, starter_learning_rate)
+    if kind == "property":
+        missing = {"task_dim", "var_name", "intensive"} - set(model_info)
+        if missing:
+            raise ValueError(f"property loss needs the model's {sorted(missing)}")
+        keys = ("task_dim", "var_name", "intensive", "out_bias", "out_std")
+        return PropertyLoss(config, **{k: model_info[k] for k in keys if k in model_info})
+    if kind == "ener_spin":
+        raise NotImplementedError(
+            "the `ener_spin` loss needs a spin model, which sezm does not have yet"
+        )
+    raise ValueError(f"unsupported loss type {kind!r}; sezm has `ener`, `property` and `dens`")

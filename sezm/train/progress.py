@@ -1,0 +1,67 @@
+"""Learning-curve file and progress lines (DeePMD-kit's ``lcurve.out`` columns)."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import TextIO
+
+
+class LearningCurve:
+    """``lcurve.out``: ``# step  <metric>_val <metric>_trn ...  lr`` (sorted metric names)."""
+
+    def __init__(self, handle: TextIO, write_header: bool) -> None:
+        self.handle = handle
+        self.needs_header = write_header
+
+    def write(self, step: int, lr: float, train: dict[str, float], valid: dict[str, float]) -> None:
+        keys = sorted(train)
+        if self.needs_header:
+            head = "# {:5s}".format("step")
+            for k in keys:
+                head += (
+                    f"   {k + '_val':>11s} {k + '_trn':>11s}" if valid else f"   {k + '_trn':>11s}"
+                )
+            head += "   {:8s}\n".format("lr")
+            head += "# If there is no available reference data, rmse_*_{val,trn} will print nan\n"
+            self.handle.write(head)
+            self.needs_header = False
+        line = f"{step:7d}"
+        for k in keys:
+            if valid:
+                line += f"   {valid.get(k, float('nan')):11.2e} {train[k]:11.2e}"
+            else:
+                line += f"   {train[k]:11.2e}"
+        self.handle.write(line + f"   {lr:8.1e}\n")
+        self.handle.flush()
+
+
+class StepTimer:
+    """Wall time per display interval and the estimated time to finish."""
+
+    def __init__(self, start_step: int, num_steps: int) -> None:
+        self.num_steps = num_steps
+        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.total_time, self.total_steps = 0.0, 0
+
+    def lap(self, step: int) -> tuple[float, str]:
+        """``(seconds since the last lap, ETA text)`` at completed ``step``."""
+        now = time.perf_counter()
+        elapsed, steps = now - self.last_time, max(step - self.last_step, 1)
+        self.total_time += elapsed
+        self.total_steps += steps
+        self.last_step, self.last_time = step, now
+        remaining = (self.num_steps - step) * self.total_time / self.total_steps
+        finish = datetime.datetime.now() + datetime.timedelta(seconds=remaining)
+        eta = f"{datetime.timedelta(seconds=int(remaining))} (at {finish:%Y-%m-%d %H:%M})"
+        return elapsed, eta
+
+    @property
+    def mean_step_time(self) -> float:
+        return self.total_time / max(self.total_steps, 1)
+
+
+def format_metrics(step: int, tag: str, metrics: dict[str, float], lr: float | None) -> str:
+    text = ", ".join(f"{k} = {v:8.2e}" for k, v in sorted(metrics.items()))
+    lr_text = f", lr = {lr:8.2e}" if lr is not None else ""
+    return f"batch {step:7d} {tag}: {text}{lr_text}"
