@@ -1,4 +1,4 @@
-"""Command line: ``sezm train | test | neighbor-stat``."""
+"""Command line: ``sezm train | test | embed | neighbor-stat``."""
 
 from __future__ import annotations
 
@@ -29,20 +29,30 @@ def _read_input(path: str) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .config import normalize_input
+    from .config import expand_shared_params, is_multi_task, normalize_input
     from .train.trainer import Resume, Trainer, write_out_json
 
-    config = normalize_input(_read_input(args.input), source=args.input)
+    raw = _read_input(args.input)
+    config = normalize_input(raw, source=args.input)
     if args.numb_steps is not None:
         config["training"]["numb_steps"] = args.numb_steps
-    write_out_json(config, args.output)
+    links = expand_shared_params(raw["model"])[1] if is_multi_task(raw) else None
     resume = Resume(
-        init_model=args.init_model,
-        restart=args.restart,
+        init_model=_with_pt(args.init_model),
+        restart=_with_pt(args.restart),
         finetune=args.finetune,
         skip_neighbor_stat=args.skip_neighbor_stat,
+        model_branch=args.model_branch,
+        use_pretrain_script=args.use_pretrain_script,
     )
-    Trainer(config, resume, device=args.device).run()
+    trainer = Trainer(config, resume, device=args.device, shared_links=links)
+    write_out_json(trainer.config, args.output)
+    trainer.run()
+
+
+def _with_pt(path: str | None) -> str | None:
+    """A checkpoint prefix gets ``.pt`` appended, as ``dp --pt train`` does."""
+    return path if path is None or path.endswith(".pt") else path + ".pt"
 
 
 def cmd_neighbor_stat(args: argparse.Namespace) -> None:
@@ -59,9 +69,20 @@ def cmd_test(args: argparse.Namespace) -> None:
         args.system,
         numb_test=args.numb_test,
         detail_file=args.detail_file,
-        atomic=args.atomic,
         head=args.head,
     )
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from .data import expand_systems
+    from .infer.embed import embed
+
+    if args.datafile:
+        lines = Path(args.datafile).read_text().splitlines()
+        systems = [line.strip() for line in lines if line.strip()]
+    else:
+        systems = expand_systems(args.system)
+    embed(args.model, systems, args.output, dtype=args.dtype, head=args.head, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a DeePMD-kit input.json")
     train.add_argument("input", help="input.json (DeePMD-kit format, model.type dpa4)")
     start = train.add_mutually_exclusive_group()
-    start.add_argument("--init-model", help="start from the weights of this checkpoint")
-    start.add_argument("--restart", help="resume this checkpoint exactly (step, optimizer, RNG)")
-    start.add_argument("--finetune", help="fine-tune from this pretrained checkpoint")
+    start.add_argument("-i", "--init-model", help="start from the weights of this checkpoint")
+    start.add_argument(
+        "-r", "--restart", help="resume this checkpoint exactly (step, optimizer, RNG)"
+    )
+    start.add_argument("-t", "--finetune", help="fine-tune from this pretrained checkpoint")
+    train.add_argument(
+        "--model-branch",
+        default="",
+        help="branch of a multi-task pretrained model to fine-tune from "
+        "(default: its first branch with a new fitting; RANDOM: a new fitting)",
+    )
+    train.add_argument(
+        "--use-pretrain-script",
+        action="store_true",
+        help="take the descriptor/fitting configuration (with --init-model: the whole model "
+        "section) from the pretrained checkpoint",
+    )
     train.add_argument(
         "--skip-neighbor-stat",
         action="store_true",
@@ -94,9 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("-s", "--system", default=".", help="system directory (searched recursively)")
     test.add_argument("-n", "--numb-test", type=int, default=0, help="frames per system (0 = all)")
     test.add_argument("-d", "--detail-file", help="prefix of per-frame detail files")
-    test.add_argument("-a", "--atomic", action="store_true", help="also test atomic energies")
     test.add_argument("--head", help="branch of a multi-task model")
     test.set_defaults(func=cmd_test)
+
+    emb = sub.add_parser("embed", help="descriptor and fitting features to HDF5 (`dp embed`)")
+    emb.add_argument("-m", "--model", default="model.ckpt.pt")
+    source = emb.add_mutually_exclusive_group()
+    source.add_argument("-s", "--system", default=".", help="system directory (recursive)")
+    source.add_argument("-f", "--datafile", help="file listing system directories, one a line")
+    emb.add_argument("-o", "--output", default="embedding.hdf5")
+    emb.add_argument("--dtype", default="fp32", choices=["fp32", "fp64", "native"])
+    emb.add_argument("--head", "--model-branch", help="branch of a multi-task model")
+    emb.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    emb.set_defaults(func=cmd_embed)
 
     nstat = sub.add_parser(
         "neighbor-stat", help="neighbour counts and minimal distance of a dataset"

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..nn.lora import fold_lora, has_lora
+
 _PREFIXES = (
     ("atomic_model.descriptor.", "descriptor."),
     ("atomic_model.fitting_net.", "fitting_net."),
@@ -87,6 +89,15 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpo
     )
 
 
+def read_model_params(path: str | os.PathLike) -> dict:
+    """The whole ``model_params`` of a checkpoint (every branch of a multi-task one)."""
+    raw = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    extra = raw.get("model", raw).get("_extra_state") if isinstance(raw, dict) else None
+    if not isinstance(extra, dict) or "model_params" not in extra:
+        raise CheckpointError(f"{path}: no '_extra_state.model_params'; not a training checkpoint")
+    return extra["model_params"]
+
+
 def _select_branch(path: str, params: dict, head: str | None) -> tuple[str, dict]:
     if "model_dict" not in params:
         if head not in (None, "Default"):
@@ -136,7 +147,13 @@ def to_deepmd_state(
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with an error that lists missing and unexpected keys by name."""
+    """Strict load with an error that lists missing and unexpected keys by name.
+
+    LoRA adapter entries (``A_*``, ``B_*``, ``lora_scaling``) are folded into their base
+    weights when ``module`` has no adapters (DeePMD-kit's load-time behaviour).
+    """
+    if not has_lora(module):
+        state = fold_lora(state)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -155,4 +172,41 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
             f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:10]
         )
         raise CheckpointError(f"{source}: shape mismatch: {detail}")
+    _check_constants(own, state, source)
     module.load_state_dict(state, strict=True)
+
+
+#: Buffers that are functions of the configuration (index maps, quadrature weights, element
+#: numbers). The model uses its own values, so a checkpoint holding different ones is rejected.
+DERIVED_BUFFERS = {
+    "expand_index",
+    "balance_weight",
+    "l1_perm",
+    "l1_sign_outer",
+    "m0_idx",
+    "pos_indices",
+    "neg_indices",
+    "kernel_compact_index",
+    "kernel_dense_index",
+    "degree_index_m",
+    "non_scalar_row_index",
+    "zonal_m0_col_index_for_row",
+    "radial_slot_index_for_row",
+    "atomic_numbers",
+}
+
+
+def _check_constants(own: dict, state: dict, source: str) -> None:
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] not in DERIVED_BUFFERS:
+            continue
+        mine = own[key]
+        same = (
+            torch.allclose(value.to(mine.dtype), mine, rtol=1e-6, atol=0)
+            if mine.is_floating_point()
+            else torch.equal(value.to(mine.dtype), mine)
+        )
+        if not same:
+            raise CheckpointError(
+                f"{source}: constant buffer {key!r} differs from the value its configuration implies"
+            )

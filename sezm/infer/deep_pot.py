@@ -11,15 +11,18 @@ from ..geometry.frames import normalize_frames
 from ..model.build import load_model
 from ..model.graph import build_graph
 from ..model.property_model import PropertyModel
+from .settings import InferenceSettings
 
 
 class _DeepEval:
     def __init__(
         self, model_file: str | os.PathLike, head: str | None = None, device: str | None = None
     ):
+        self.settings = InferenceSettings.from_env()  # DP_*_INFER, read once
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.checkpoint = load_model(model_file, head)
         self.model.to(self.device)
+        self.settings.apply(self.model, self.device)
         self.type_map = list(self.model.type_map)
 
     def get_type_map(self) -> list[str]:
@@ -59,10 +62,12 @@ class _DeepEval:
             charge_spin=charge_spin,
         )
 
-    def eval_descriptor(self, coords, cells, atom_types, fparam=None, aparam=None) -> np.ndarray:
+    def eval_descriptor(
+        self, coords, cells, atom_types, fparam=None, aparam=None, charge_spin=None
+    ) -> np.ndarray:
         """Per-atom descriptor ``(nf, nat, dim)``."""
-        g = self._graph(coords, cells, atom_types, fparam, aparam)
-        with torch.no_grad():
+        g = self._graph(coords, cells, atom_types, fparam, aparam, charge_spin)
+        with torch.no_grad(), self.settings.evaluation(self.device):
             desc, _ = self.model.descriptor(
                 g.atype, g.src, g.dst, g.edge_vec, g.edge_mask, g.charge_spin
             )
@@ -80,7 +85,8 @@ class DeepPot(_DeepEval):
         if isinstance(self.model, PropertyModel):
             raise TypeError("this checkpoint is a property model; use sezm.DeepProperty")
         g = self._graph(coords, cells, atom_types, fparam, aparam, kwargs.get("charge_spin"))
-        out = self.model(g, atomic_virial=atomic)
+        with self.settings.evaluation(self.device):
+            out = self.model(g, atomic_virial=atomic)
         nf, nat = g.atype.shape
 
         def arr(key, shape):
@@ -108,7 +114,7 @@ class DeepProperty(_DeepEval):
         if not isinstance(self.model, PropertyModel):
             raise TypeError("this checkpoint is an energy model; use sezm.DeepPot")
         g = self._graph(coords, cells, atom_types, fparam, aparam, kwargs.get("charge_spin"))
-        with torch.no_grad():
+        with torch.no_grad(), self.settings.evaluation(self.device):
             out = self.model(g)
         prop = out["property"].double().cpu().numpy()
         if not atomic:

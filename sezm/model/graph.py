@@ -53,7 +53,10 @@ def build_graph(
         check_overlaps(edges, nat, min_dist)
 
     def tensor(a, dtype):
-        return None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+        if a is None:
+            return None
+        a = np.asarray(a)
+        return torch.as_tensor(a if a.flags.writeable else a.copy(), dtype=dtype, device=device)
 
     return Graph(
         atype=tensor(atype, torch.long),

@@ -89,26 +89,32 @@ class SO2Linear(nn.Module):
         """``(in, F * out) -> (F, in, out)``."""
         return weight.view(weight.shape[0], self.n_focus, -1).transpose(0, 1)
 
+    def _pair_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[W_u | W_v]`` per focus -> ``[[W_u, W_v], [-W_v, W_u]]`` ``(F, 2 in, 2 out)``: the
+        complex product on the flattened ``[x_-m | x_+m]`` rows as one real matmul."""
+        w = self._per_focus(weight)
+        w_u, w_v = w.chunk(2, dim=-1)
+        return torch.cat([w, torch.cat([-w_v, w_u], dim=-1)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f, e = x.shape[0], x.shape[1]
-        c_in, c_out = self.in_channels, self.out_channels
+        c_out = self.out_channels
         n0 = self.lmax + 1
-        y0 = torch.bmm(x[:, :, :n0].reshape(f, e, n0 * c_in), self._per_focus(self.weight_m0))
-        parts = [y0.view(f, e, n0, c_out)]
-        for (neg, pos, n_l), weight in zip(self.blocks, self.weight_m):
-            x_neg = x[:, :, neg : neg + n_l].reshape(f, e, n_l * c_in)
-            x_pos = x[:, :, pos : pos + n_l].reshape(f, e, n_l * c_in)
-            both = torch.bmm(torch.cat([x_neg, x_pos], dim=1), self._per_focus(weight))
-            a, b = both[:, :e], both[:, e:]  # x_neg [W_u | W_v], x_pos [W_u | W_v]
-            half = n_l * c_out
-            y_neg = a[..., :half] - b[..., half:]
-            y_pos = a[..., half:] + b[..., :half]
-            parts += [y_neg.view(f, e, n_l, c_out), y_pos.view(f, e, n_l, c_out)]
-        out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        sizes = [n0] + [2 * n for _, _, n in self.blocks]
+        parts = x.split(sizes, dim=2) if len(sizes) > 1 else (x,)
+        outs = [
+            torch.bmm(parts[0].reshape(f, e, -1), self._per_focus(self.weight_m0)).view(
+                f, e, n0, c_out
+            )
+        ]
+        for part, weight, n in zip(parts[1:], self.weight_m, sizes[1:]):
+            y = torch.bmm(part.reshape(f, e, -1), self._pair_weight(weight))
+            outs.append(y.view(f, e, n, c_out))
         if self.bias0 is not None:
+            y0 = outs[0]
             bias = self.bias0.view(f, 1, 1, c_out)
-            out = torch.cat([out[:, :, :1] + bias, out[:, :, 1:]], dim=2)
-        return out
+            outs[0] = torch.cat([y0[:, :, :1] + bias, y0[:, :, 1:]], dim=2)
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
 class RadialDegreeMixer(nn.Module):
@@ -177,24 +183,27 @@ class RadialDegreeMixer(nn.Module):
 
     def _mix(self, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``kernel (E, n_in, n_out, w)``, ``x (E, n_in, C)`` -> ``(E, n_out, C)``."""
-        if self.mode == "degree":
-            return torch.einsum("eio,eic->eoc", kernel[..., 0], x)
-        if self.channel_basis is None:
-            return torch.einsum("eioc,eic->eoc", kernel, x)
-        return torch.einsum("eior,eic,rc->eoc", kernel, x, self.channel_basis)
+        x = x.unsqueeze(2)  # (E, n_in, 1, C)
+        if self.channel_basis is None:  # "degree" (w = 1) or a kernel per channel (w = C)
+            return (kernel * x).sum(1)
+        out = 0
+        for r in range(self.rank):  # low-rank channel factorisation
+            out = out + (kernel[..., r : r + 1] * x).sum(1) * self.channel_basis[r]
+        return out
 
     def forward(self, x: torch.Tensor, radial: torch.Tensor) -> torch.Tensor:
         """``x``, ``radial``: ``(E, D_m, C)`` (radial rows in the same layout) -> ``(E, D_m, C)``."""
         e = x.shape[0]
         n0 = self.lmax + 1
-        compact = radial[:, :n0].reshape(e, -1) @ self.weight  # (E, K * w)
-        compact = compact.view(e, -1, self.kernel_width)
-        parts, offset, row = [], 0, 0
-        for n in self.block_sizes:
-            kernel = compact[:, offset : offset + n * n].view(e, n, n, self.kernel_width)
-            offset += n * n
-            halves = 1 if row == 0 else 2
-            for _ in range(halves):
-                parts.append(self._mix(kernel, x[:, row : row + n]))
-                row += n
+        compact = radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ self.weight  # (E, K * w)
+        sizes = [n * n * self.kernel_width for n in self.block_sizes]
+        kernels = compact.split(sizes, dim=1)
+        rows = [self.block_sizes[0]] + [n for n in self.block_sizes[1:] for _ in range(2)]
+        xs = x.split(rows, dim=1)
+        parts, k = [], 0
+        for b, n in enumerate(self.block_sizes):
+            kernel = kernels[b].view(e, n, n, self.kernel_width)
+            for _ in range(1 if b == 0 else 2):
+                parts.append(self._mix(kernel, xs[k]))
+                k += 1
         return torch.cat(parts, dim=1)

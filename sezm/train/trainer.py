@@ -1,31 +1,44 @@
 """``sezm train``: the DeePMD-kit training workflow for DPA4 models.
 
-One step: draw a batch, predict (energy models: forces from the edge gradient, kept in the
-graph for the force loss), loss, backward, clip, optimizer step, EMA. Every ``disp_freq`` steps:
-validation, ``lcurve.out``, a progress line with the ETA. Every ``save_freq`` steps and at the
-end: a checkpoint in DeePMD-kit's layout (``checkpoint.py``).
+One step: draw a branch (multi-task only, by ``model_prob``), draw a batch of it, predict
+(energy models: forces from the edge gradient, kept in the graph for the force loss), loss,
+backward, clip, optimizer step, EMA. Every ``disp_freq`` steps: validation, ``lcurve.out``,
+progress lines with the ETA. Every ``save_freq`` steps and at the end: a checkpoint in
+DeePMD-kit's layout (``checkpoint.py``); a LoRA run also writes ``<save_ckpt>_merged.pt``,
+the adapters folded into a plain DPA4 checkpoint.
+
+A run starts fresh (data statistics), from weights (``--init-model``), exactly where a
+checkpoint stopped (``--restart``) or from a pretrained model (``--finetune``,
+``finetune.py``). Multi-task runs (``model.model_dict``) train one model per branch with the
+shared modules of ``multitask.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..compat.deepmd import load_checkpoint, load_into
+from ..compat.deepmd import load_checkpoint, load_into, read_model_params, to_deepmd_state
 from ..data import DataSystem, fields_for_model, model_stats, update_sel
 from ..model.build import build_model
 from ..model.property_model import PropertyModel
-from .checkpoint import CheckpointStore, model_state
+from ..nn.lora import apply_lora, has_lora, merged_state_dict, strip_lora
+from .checkpoint import CheckpointStore, atomic_save, model_state
 from .ema import EMA
+from .finetune import FinetuneRule, change_out_bias, finetune_rules, transfer_weights
 from .losses import build_loss
 from .lr import LearningRate
+from .multitask import MultiTaskCurve, case_indices, model_prob, multitask_state, share_params
 from .optim import build_optimizer, clip_grad_norm, set_lr
 from .progress import LearningCurve, StepTimer, format_metrics
 
@@ -40,6 +53,22 @@ class Resume:
     restart: str | None = None
     finetune: str | None = None
     skip_neighbor_stat: bool = False
+    model_branch: str = ""
+    use_pretrain_script: bool = False
+
+
+@dataclass
+class Task:
+    """One model branch (``Default`` in single-task training) with its data and loss."""
+
+    name: str
+    params: dict  # normalised model section of the branch
+    data_params: dict  # ``training`` (single-task) or ``training.data_dict[name]``
+    train_data: DataSystem
+    valid_data: DataSystem | None
+    model: nn.Module | None = None
+    loss: Any = None
+    min_nbor_dist: float | None = None
 
 
 def _seed_everything(seed: int | None) -> None:
@@ -59,61 +88,121 @@ def _mean_metrics(batches: list[tuple[dict[str, float], int]]) -> dict[str, floa
 
 class Trainer:
     def __init__(
-        self, config: dict, resume: Resume | None = None, device: str | None = None
+        self,
+        config: dict,
+        resume: Resume | None = None,
+        device: str | None = None,
+        shared_links: dict[str, list[dict]] | None = None,
     ) -> None:
-        self.config = config
         self.resume = resume or Resume()
+        self.finetune_rules: dict[str, FinetuneRule] = {}
+        self.config = config = self._prepare_config(config)
         tr = config["training"]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.numb_steps = int(tr["numb_steps"])
-        _seed_everything(tr.get("seed"))
-        self.model_params = dict(config["model"])
-        type_map = self.model_params["type_map"]
-        fields = fields_for_model(self.model_params)
-        self.train_data = DataSystem.from_config(
-            tr["training_data"], type_map, fields, seed=tr.get("seed")
-        )
-        self.valid_data = None
-        if tr.get("validation_data"):
-            self.valid_data = DataSystem.from_config(
-                tr["validation_data"],
-                type_map,
-                fields,
-                seed=None if tr.get("seed") is None else tr["seed"] + 1,
-            )
-        log.info(self.train_data.summary("training data"))
-        if self.valid_data is not None:
-            log.info(self.valid_data.summary("validation data"))
-        self._resolve_sel()
-        self.model = build_model(self.model_params).to(self.device)
-        self.start_step = 0
-        restored = self._load_weights()
-        if not restored:
-            self._set_statistics()
-        self.lr = LearningRate(config["learning_rate"], self.numb_steps)
-        self.loss = self._build_loss()
-        self.optimizer = build_optimizer(
-            config.get("optimizer", {"type": "Adam"}), self.model, self.lr.value(0)
-        )
-        self.ema = EMA(self.model, tr["ema_decay"]) if tr.get("enable_ema") else None
-        self.store = CheckpointStore(
-            tr.get("save_ckpt", "model.ckpt"), tr.get("save_dir"), tr.get("max_ckpt_keep", 5)
-        )
-        ema_keep = (
-            tr.get("ema_ckpt_keep")
-            if tr.get("ema_ckpt_keep") is not None
-            else tr.get("max_ckpt_keep", 5)
-        )
-        self.ema_store = CheckpointStore(
-            tr.get("save_ckpt", "model.ckpt") + "_ema", tr.get("save_dir"), ema_keep, None
-        )
+        self.seed = tr.get("seed")
+        _seed_everything(self.seed)
+        self.multi_task = "model_dict" in config["model"]
+        self.tasks = self._make_tasks()
+        self._build_models(shared_links)
+        self._build_optimization()
         if self.resume.restart:
             self._restore_run_state()
         self._log_settings()
 
+    def _build_models(self, shared_links: dict[str, list[dict]] | None) -> None:
+        """Models with their weights (or fresh statistics), shared modules and LoRA adapters."""
+        for task in self.tasks.values():
+            self._resolve_sel(task)
+            task.model = build_model(task.params).to(self.device)
+        models = {n: t.model for n, t in self.tasks.items()}
+        self.model = nn.ModuleDict(models) if self.multi_task else models["Default"]
+        self._ema_models = models if self.multi_task else self.model
+        fresh = not any((self.resume.init_model, self.resume.restart, self.resume.finetune))
+        if self.multi_task and fresh:
+            for name, index in case_indices(self.config["model"]["model_dict"]).items():
+                models[name].fitting_net.set_case(index)
+        self.start_step = 0
+        restored = self._load_weights()
+        for task in self.tasks.values():
+            if not restored:
+                self._set_statistics(task)
+            if task.min_nbor_dist is not None:  # from this run's neighbour statistics
+                task.model.min_nbor_dist.fill_(task.min_nbor_dist)
+        if self.multi_task:
+            if shared_links is None:
+                log.warning("no shared_links given: the branches share no parameters")
+            share_params(models, shared_links or {})
+        self.lora = self._apply_lora()
+
+    def _build_optimization(self) -> None:
+        """Learning rate, losses, branch sampling, optimizer, EMA and checkpoint stores."""
+        config, tr = self.config, self.config["training"]
+        self.lr = LearningRate(config["learning_rate"], self.numb_steps)
+        for task in self.tasks.values():
+            task.loss = self._build_loss(task)
+        self._setup_sampling()
+        self.optimizer = build_optimizer(
+            config.get("optimizer", {"type": "Adam"}), self.model, self.lr.value(0)
+        )
+        self.ema = EMA(self._ema_models, tr["ema_decay"]) if tr.get("enable_ema") else None
+        save_ckpt = tr.get("save_ckpt", "model.ckpt")
+        keep = tr.get("max_ckpt_keep", 5)
+        self.store = CheckpointStore(save_ckpt, tr.get("save_dir"), keep)
+        ema_keep = tr.get("ema_ckpt_keep") if tr.get("ema_ckpt_keep") is not None else keep
+        self.ema_store = CheckpointStore(save_ckpt + "_ema", tr.get("save_dir"), ema_keep, None)
+
     # --- setup ------------------------------------------------------------------------------
-    def _resolve_sel(self) -> None:
-        desc = dict(self.model_params["descriptor"])
+    @property
+    def model_params(self) -> dict:
+        """The model section saved in checkpoints (statistics and ``sel`` filled in)."""
+        if not self.multi_task:
+            return self.tasks["Default"].params
+        branches = {n: t.params for n, t in self.tasks.items()}
+        return {**self.config["model"], "model_dict": branches}
+
+    def _prepare_config(self, config: dict) -> dict:
+        """Apply the fine-tuning rules (or ``--use-pretrain-script`` with ``--init-model``)."""
+        r = self.resume
+        if r.finetune:
+            model, self.finetune_rules = finetune_rules(
+                config["model"], read_model_params(r.finetune), r.model_branch,
+                r.use_pretrain_script,
+            )  # fmt: skip
+            return {**config, "model": model}
+        if r.init_model and r.use_pretrain_script:
+            return {**config, "model": read_model_params(r.init_model)}
+        return config
+
+    def _make_tasks(self) -> dict[str, Task]:
+        cfg, tr = self.config, self.config["training"]
+        if self.multi_task:
+            specs = [(n, p, tr["data_dict"][n]) for n, p in cfg["model"]["model_dict"].items()]
+        else:
+            specs = [("Default", cfg["model"], tr)]
+        tasks = {}
+        for i, (name, params, data) in enumerate(specs):
+            params = dict(params)
+            seed = None if self.seed is None else self.seed + 2 * i
+            fields = fields_for_model(params)
+            train = DataSystem.from_config(data["training_data"], params["type_map"], fields, seed)
+            valid = None
+            if data.get("validation_data"):
+                valid = DataSystem.from_config(
+                    data["validation_data"],
+                    params["type_map"],
+                    fields,
+                    seed=None if seed is None else seed + 1,
+                )
+            suffix = f" of {name}" if self.multi_task else ""
+            log.info(train.summary("training data" + suffix))
+            if valid is not None:
+                log.info(valid.summary("validation data" + suffix))
+            tasks[name] = Task(name, params, data, train, valid)
+        return tasks
+
+    def _resolve_sel(self, task: Task) -> None:
+        desc = dict(task.params["descriptor"])
         sel = desc.get("sel", 256)
         needs_stat = isinstance(sel, str) and sel.startswith("auto")
         if self.resume.skip_neighbor_stat or any((self.resume.init_model, self.resume.restart)):
@@ -123,76 +212,95 @@ class Trainer:
                 )
             return
         new_sel, min_dist = update_sel(
-            self.train_data.systems, float(desc["rcut"]), sel, len(self.model_params["type_map"])
+            task.train_data.systems, float(desc["rcut"]), sel, len(task.params["type_map"])
         )
         desc["sel"] = new_sel
-        self.model_params["descriptor"] = desc
-        self._min_nbor_dist = min_dist
+        task.params["descriptor"] = desc
+        task.min_nbor_dist = min_dist
         log.info("neighbour statistics: sel = %s, min_nbor_dist = %.4f A", new_sel, min_dist)
 
     def _load_weights(self) -> bool:
-        path = self.resume.restart or self.resume.init_model or self.resume.finetune
-        if path is None:
-            if hasattr(self, "_min_nbor_dist"):
-                self.model.min_nbor_dist.fill_(self._min_nbor_dist)
-            return False
-        ckpt = load_checkpoint(path)
-        if self.resume.finetune:
-            self._finetune_from(ckpt)
+        """Weights of ``--restart``/``--init-model``/``--finetune``; False for a fresh run."""
+        r = self.resume
+        if r.finetune:
+            self._finetune(r.finetune)
             return True
-        load_into(self.model, {k: v.to(self.device) for k, v in ckpt.state.items()}, path)
-        self._ckpt = ckpt
+        path = r.restart or r.init_model
+        if path is None:
+            return False
+        self._ckpts = {}
+        for task in self.tasks.values():
+            ckpt = load_checkpoint(path, task.name if self.multi_task else None)
+            if r.restart and any(".A_" in k for k in ckpt.state):
+                self._apply_lora()  # resume the adapters themselves, not their folded sum
+            load_into(task.model, {k: v.to(self.device) for k, v in ckpt.state.items()}, path)
+            self._ckpts[task.name] = ckpt
         log.info("weights from %s (step %s)", path, ckpt.train_infos.get("step"))
         return True
 
-    def _finetune_from(self, ckpt) -> None:
-        """Descriptor weights from the pretrained model; fitting too when the head matches.
+    def _finetune(self, path: str) -> None:
+        for task in self.tasks.values():
+            rule = self.finetune_rules[task.name]
+            ckpt = load_checkpoint(path, rule.branch)
+            transfer_weights(task.model, ckpt, rule)
+            log.info(
+                "%s: weights from %s branch %r (%s fitting)",
+                task.name,
+                path,
+                ckpt.branch,
+                "new" if rule.random_fitting else "pretrained",
+            )
+        for task in self.tasks.values():
+            rule = self.finetune_rules[task.name]
+            if rule.resuming:
+                log.info("%s resumes its pretrained branch", task.name)
+            elif rule.random_fitting:
+                self._set_statistics(task, observed=False)  # set-by-statistic
+            else:
+                change_out_bias(task.model, task.train_data, task.params, self.seed)
 
-        A changed ``type_map`` keeps the rows of the types both maps share.
-        """
-        old_map, new_map = list(ckpt.model_params["type_map"]), list(self.model_params["type_map"])
-        own = self.model.state_dict()
-        loaded = 0
-        for key, value in ckpt.state.items():
-            if key not in own:
-                continue
-            value = _remap_types(key, value, own[key], old_map, new_map)
-            if value is not None and value.shape == own[key].shape:
-                own[key] = value.to(own[key].device, own[key].dtype)
-                loaded += 1
-        self.model.load_state_dict(own)
-        log.info("fine-tuning from %s: %d of %d tensors taken over", ckpt.path, loaded, len(own))
-        self._set_statistics(only_bias=True)
+    def _apply_lora(self) -> bool:
+        """Inject the ``model.lora`` adapters (single-task) once; whether the run uses LoRA."""
+        lora = None if self.multi_task else self.tasks["Default"].params.get("lora")
+        if lora is None:
+            return False
+        if not has_lora(self.model):
+            apply_lora(self.model, int(lora["rank"]), lora.get("alpha"), seed=self.seed)
+            log.info("LoRA adapters: rank %s, alpha %s", lora["rank"], lora.get("alpha"))
+        return True
 
-    def _set_statistics(self, only_bias: bool = False) -> None:
-        tr = self.config["training"]
+    def _set_statistics(self, task: Task, observed: bool = True) -> None:
         stats = model_stats(
-            self.train_data,
-            self.model_params,
-            tr.get("stat_file"),
-            tr.get("stat_file_mode", "update"),
+            task.train_data,
+            task.params,
+            task.data_params.get("stat_file"),
+            task.data_params.get("stat_file_mode", "update"),
         )
+        model = task.model
         with torch.no_grad():
-            self.model.out_bias.copy_(torch.as_tensor(stats.out_bias))
-            self.model.out_std.copy_(torch.as_tensor(stats.out_std))
-            fit = self.model.fitting_net
+            model.out_bias.copy_(torch.as_tensor(stats.out_bias))
+            model.out_std.copy_(torch.as_tensor(stats.out_std))
+            fit = model.fitting_net
             for name in ("fparam_avg", "fparam_inv_std", "aparam_avg", "aparam_inv_std"):
                 value = getattr(stats, name)
-                if value is not None and getattr(fit, name, None) is not None and not only_bias:
+                if value is not None and getattr(fit, name, None) is not None:
                     getattr(fit, name).copy_(torch.as_tensor(value))
-        info = dict(self.model_params.get("info", {}))
-        info["observed_type"] = list(stats.observed_type)
-        self.model_params["info"] = info
+        if observed:
+            info = dict(task.params.get("info", {}))
+            info["observed_type"] = list(stats.observed_type)
+            task.params["info"] = info
         log.info(
-            "output bias per type: %s",
+            "output bias per type%s: %s",
+            f" of {task.name}" if self.multi_task else "",
             np.asarray(stats.out_bias).reshape(len(stats.out_bias[0]), -1).tolist(),
         )
 
-    def _build_loss(self):
-        cfg = self.config.get("loss", {"type": "ener"})
+    def _build_loss(self, task: Task):
+        cfg = self.config["loss_dict"][task.name] if self.multi_task else self.config.get("loss")
+        cfg = cfg or {"type": "ener"}
         start_lr = float(self.config["learning_rate"]["start_lr"])
-        if isinstance(self.model, PropertyModel):
-            fit = self.model.fitting_net
+        if isinstance(task.model, PropertyModel):
+            fit = task.model.fitting_net
             return build_loss(
                 cfg,
                 start_lr,
@@ -202,30 +310,78 @@ class Trainer:
             )
         return build_loss(cfg, start_lr)
 
+    def _setup_sampling(self) -> None:
+        """Branch probabilities and the generator that draws a branch per step."""
+        names = list(self.tasks)
+        n_systems = {n: len(t.train_data) for n, t in self.tasks.items()}
+        self.task_prob = (
+            model_prob(self.config["training"], names, n_systems) if self.multi_task else np.ones(1)
+        )
+        self._task_rng = np.random.default_rng(self.seed)
+        if self.multi_task:
+            log.info(
+                "branch probabilities: %s",
+                {n: round(float(p), 4) for n, p in zip(names, self.task_prob)},
+            )
+
     def _restore_run_state(self) -> None:
-        ckpt = self._ckpt
+        ckpt = next(iter(self._ckpts.values()))
         extra = ckpt.extra
         if "optimizer" in extra:
-            self.optimizer.load_state_dict(extra["optimizer"])
+            self.optimizer.load_state_dict(self._reindexed(extra["optimizer"]))
         if self.ema is not None and "ema" in extra:
             self.ema.load_state_dict(extra["ema"])
         run = extra.get("sezm", {})
         self.start_step = int(run.get("next_step", int(ckpt.train_infos.get("step", -1)) + 1))
-        if "rng" in run:
-            torch.set_rng_state(run["rng"]["torch"])
-            self.train_data.set_rng_state(run["rng"]["train"])
-            if self.valid_data is not None and "valid" in run["rng"]:
-                self.valid_data.set_rng_state(run["rng"]["valid"])
+        rng = run.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            per_task = rng["tasks"] if self.multi_task else {"Default": rng}
+            for name, task in self.tasks.items():
+                task.train_data.set_rng_state(per_task[name]["train"])
+                if task.valid_data is not None and "valid" in per_task[name]:
+                    task.valid_data.set_rng_state(per_task[name]["valid"])
+            if "draw" in rng:
+                self._task_rng.bit_generator.state = rng["draw"]
         log.info("restarting at step %d", self.start_step)
+
+    def _reindexed(self, saved: dict) -> dict:
+        """A saved optimizer state renumbered to this optimizer's parameter order.
+
+        Optimizers number parameters in the module order of the program that wrote them, which
+        the checkpoint's tensor order gives (DeePMD-kit registers some modules in another order
+        than sezm); shared parameters count once, where they first appear.
+        """
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        seen, order = set(), []
+        for name, ckpt in self._ckpts.items():
+            prefix = f"{name}." if self.multi_task else ""
+            for key in ckpt.state:
+                p = named.get(prefix + key)
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    order.append(p)
+        groups = self.optimizer.param_groups
+        ours = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+        if len(order) != len(ours) or len(saved["param_groups"]) != len(groups):
+            raise ValueError(
+                "the checkpoint's optimizer state does not match the model's parameters"
+            )
+        new_index = [ours[id(p)] for p in order]
+        start, new_groups = 0, []
+        for mine, old in zip(groups, saved["param_groups"]):
+            new_groups.append({**old, "params": list(range(start, start + len(mine["params"])))})
+            start += len(mine["params"])
+        state = {new_index[int(k)]: v for k, v in saved["state"].items()}
+        return {"state": state, "param_groups": new_groups}
 
     def _log_settings(self) -> None:
         m = self.model_params
-        desc = self.model.descriptor.opts
+        first = next(iter(self.tasks.values())).model
+        desc = first.descriptor.opts
         cuda = self.device.type == "cuda"
         log.info("device: %s, threads: %d", self.device, torch.get_num_threads())
-        log.info(
-            "precision: descriptor %s, fitting %s", desc.precision, self.model.fitting_net.dtype
-        )
+        log.info("precision: descriptor %s, fitting %s", desc.precision, first.fitting_net.dtype)
         log.info(
             "AMP (bf16): %s; TF32: %s; compile: %s",
             "on"
@@ -238,96 +394,157 @@ class Trainer:
         log.info("model: %d trainable parameters", n_params)
 
     # --- running ----------------------------------------------------------------------------
-    def _predict(self, graph, create_graph: bool):
-        if isinstance(self.model, PropertyModel):
-            return self.model(graph)
-        return self.model(graph, create_graph=create_graph)
-
-    def _step_loss(self, batch, lr: float, training: bool):
+    def _step_loss(self, task: Task, batch, lr: float, training: bool):
         graph, labels, find = batch
-        pred = self._predict(graph, create_graph=training)
+        model = task.model
+        if isinstance(model, PropertyModel):
+            pred = model(graph)
+            kwargs = {"out_bias": model.out_bias[0, 0], "out_std": model.out_std[0, 0]}
+        else:
+            pred, kwargs = model(graph, create_graph=training), {}
         natoms = graph.atype.shape[1]
-        kwargs = {}
-        if isinstance(self.model, PropertyModel):
-            kwargs = {"out_bias": self.model.out_bias[0, 0], "out_std": self.model.out_std[0, 0]}
-        loss, metrics = self.loss(pred, labels, find, natoms, lr, mask=graph.atype >= 0, **kwargs)
+        loss, metrics = task.loss(pred, labels, find, natoms, lr, mask=graph.atype >= 0, **kwargs)
         return loss, {k: float(v) for k, v in metrics.items() if "l2_" not in k}
 
-    def _validate(self, lr: float) -> dict[str, float]:
-        if self.valid_data is None:
-            return {}
+    @contextlib.contextmanager
+    def _evaluating(self):
         self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+
+    def _validate(self, task: Task, lr: float) -> dict[str, float]:
+        if task.valid_data is None:
+            return {}
         results = []
-        for batch in self.valid_data.validation_batches(self.model.rcut, self.device):
-            graph, _, _ = batch
-            _, metrics = self._step_loss(batch, lr, training=False)
-            results.append((metrics, int((graph.atype >= 0).sum())))
-        self.model.train()
+        with self._evaluating():
+            for batch in task.valid_data.validation_batches(task.model.rcut, self.device):
+                _, metrics = self._step_loss(task, batch, lr, training=False)
+                results.append((metrics, int((batch.graph.atype >= 0).sum())))
         return _mean_metrics(results)
+
+    def _probe(self, task: Task, lr: float) -> dict[str, float]:
+        """Training metrics of a branch not trained this step: one training batch, eval mode."""
+        with self._evaluating():
+            batch = task.train_data.next_batch(task.model.rcut, self.device)
+            return self._step_loss(task, batch, lr, training=False)[1]
+
+    def _draw_task(self) -> Task:
+        if not self.multi_task:
+            return self.tasks["Default"]
+        names = list(self.tasks)
+        return self.tasks[names[int(self._task_rng.choice(len(names), p=self.task_prob))]]
+
+    def _display(self, shown: int, lr: float, task: Task, metrics, acc, counts, curve) -> None:
+        tr = self.config["training"]
+        disp_avg = bool(tr.get("disp_avg", False))
+        if not self.multi_task:
+            n = counts[task.name]
+            train = {k: v / n for k, v in acc[task.name].items()} if disp_avg else metrics
+            valid = self._validate(task, lr)
+            log.info(format_metrics(shown, "trn", train, lr))
+            if valid:
+                log.info(format_metrics(shown, "val", valid, None))
+            curve.write(shown, lr, train, valid)
+            return
+        trains, valids = {}, {}
+        for name, other in self.tasks.items():
+            if disp_avg and counts[name]:
+                trains[name] = {k: v / counts[name] for k, v in acc[name].items()}
+            elif other is task and not disp_avg:
+                trains[name] = metrics
+            else:
+                trains[name] = self._probe(other, lr)
+            valids[name] = self._validate(other, lr)
+            log.info(format_metrics(shown, f"{name}_trn", trains[name], lr))
+            if valids[name]:
+                log.info(format_metrics(shown, f"{name}_val", valids[name], None))
+        curve.write(shown, lr, trains, valids)
+
+    def _train_step(self, step: int, lr: float) -> tuple[Task, dict[str, float]]:
+        task = self._draw_task()
+        batch = task.train_data.next_batch(task.model.rcut, self.device)
+        loss, metrics = self._step_loss(task, batch, lr, training=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = float(self.config["training"].get("gradient_max_norm", 0.0))
+        if max_norm > 0:
+            norm = clip_grad_norm(self.model.parameters(), max_norm)
+            if not torch.isfinite(norm):
+                raise FloatingPointError(f"step {step + 1}: non-finite gradient norm {float(norm)}")
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self._ema_models)
+        return task, metrics
 
     def run(self) -> None:
         tr = self.config["training"]
         disp_freq, save_freq = int(tr.get("disp_freq", 1000)), int(tr.get("save_freq", 1000))
-        disp_avg = bool(tr.get("disp_avg", False))
         disp_file = tr.get("disp_file", "lcurve.out")
         mode = "a" if self.resume.restart else "w"
         if self.resume.restart:
             _truncate_curve(disp_file, self.start_step)
         fresh = mode == "w" or not Path(disp_file).is_file() or Path(disp_file).stat().st_size == 0
         with open(disp_file, mode, buffering=1) as handle:
-            curve = LearningCurve(handle, write_header=fresh)
+            curve = (
+                MultiTaskCurve(handle, list(self.tasks), fresh)
+                if self.multi_task
+                else LearningCurve(handle, write_header=fresh)
+            )
             timer = StepTimer(self.start_step, self.numb_steps)
             self.model.train()
-            accumulated: dict[str, float] = {}
-            n_acc = 0
+            acc: dict[str, dict[str, float]] = {n: {} for n in self.tasks}
+            counts = dict.fromkeys(self.tasks, 0)
             log.info("training %d steps (from step %d)", self.numb_steps, self.start_step)
             for step in range(self.start_step, self.numb_steps):
                 lr = self.lr.value(step)
                 set_lr(self.optimizer, lr)
-                batch = self.train_data.next_batch(self.model.rcut, self.device)
-                loss, metrics = self._step_loss(batch, lr, training=True)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if float(tr.get("gradient_max_norm", 0.0)) > 0:
-                    norm = clip_grad_norm(self.model.parameters(), float(tr["gradient_max_norm"]))
-                    if not torch.isfinite(norm):
-                        raise FloatingPointError(
-                            f"step {step + 1}: non-finite gradient norm {float(norm)}"
-                        )
-                self.optimizer.step()
-                if self.ema is not None:
-                    self.ema.update(self.model)
+                task, metrics = self._train_step(step, lr)
                 for k, v in metrics.items():
-                    accumulated[k] = accumulated.get(k, 0.0) + v
-                n_acc += 1
+                    acc[task.name][k] = acc[task.name].get(k, 0.0) + v
+                counts[task.name] += 1
                 shown = step + 1
                 if tr.get("disp_training", True) and (shown % disp_freq == 0 or shown == 1):
-                    train = {k: v / n_acc for k, v in accumulated.items()} if disp_avg else metrics
-                    valid = self._validate(lr)
-                    log.info(format_metrics(shown, "trn", train, lr))
-                    if valid:
-                        log.info(format_metrics(shown, "val", valid, None))
+                    self._display(shown, lr, task, metrics, acc, counts, curve)
                     elapsed, eta = timer.lap(shown)
                     if tr.get("time_training", True):
                         log.info("batch %7d: wall time %.2f s, eta %s", shown, elapsed, eta)
-                    curve.write(shown, lr, train, valid)
-                    accumulated, n_acc = {}, 0
+                    acc, counts = {n: {} for n in self.tasks}, dict.fromkeys(self.tasks, 0)
                 if shown == self.numb_steps or (save_freq > 0 and shown % save_freq == 0):
                     self.save(step, lr)
+        if self.lora and self.numb_steps > self.start_step:
+            last = self.numb_steps - 1
+            self.save_merged(last, self.lr.value(last))
+            if self.ema is not None:
+                self.save_merged(last, self.lr.value(last), use_ema=True)
         log.info(
             "finished; mean step time %.3f s; latest checkpoint %s",
             timer.mean_step_time,
             self.store.path_for(self.numb_steps),
         )
 
+    # --- checkpoints ------------------------------------------------------------------------
+    def _model_state(self, lr: float, step: int) -> dict:
+        if self.multi_task:
+            return multitask_state(dict(self.model.items()), self.model_params, lr, step)
+        return model_state(self.model, self.model_params, lr, step)
+
     def save(self, step: int, lr: float) -> Path:
         """Checkpoint after ``step`` (0-based) in DeePMD-kit's layout, plus sezm's run state."""
         shown = step + 1
-        rng = {"torch": torch.get_rng_state(), "train": self.train_data.get_rng_state()}
-        if self.valid_data is not None:
-            rng["valid"] = self.valid_data.get_rng_state()
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        per_task = {}
+        for name, task in self.tasks.items():
+            per_task[name] = {"train": task.train_data.get_rng_state()}
+            if task.valid_data is not None:
+                per_task[name]["valid"] = task.valid_data.get_rng_state()
+        if self.multi_task:
+            rng.update(tasks=per_task, draw=self._task_rng.bit_generator.state)
+        else:
+            rng.update(per_task["Default"])
         obj = {
-            "model": model_state(self.model, self.model_params, lr, step),
+            "model": self._model_state(lr, step),
             "optimizer": self.optimizer.state_dict(),
             "sezm": {"next_step": shown, "rng": rng},
         }
@@ -336,29 +553,28 @@ class Trainer:
         path = self.store.save(obj, shown)
         log.info("saved checkpoint %s", path)
         if self.ema is not None:
-            with self.ema.swapped_in(self.model):
-                self.ema_store.save(
-                    {"model": model_state(self.model, self.model_params, lr, step)}, shown
-                )
+            with self.ema.swapped_in(self._ema_models):
+                self.ema_store.save({"model": self._model_state(lr, step)}, shown)
         return path
 
-
-def _remap_types(key: str, value: torch.Tensor, target: torch.Tensor, old_map, new_map):
-    """Rows indexed by atom type follow the new ``type_map`` (shared types keep their rows)."""
-    if value.shape == target.shape and old_map == new_map:
-        return value
-    per_type = key.endswith(("adam_type_embedding", "bias_atom_e")) or key in (
-        "out_bias",
-        "out_std",
-    )
-    if not per_type:
-        return value
-    axis = 1 if key in ("out_bias", "out_std") else 0
-    out = target.clone()
-    for new_i, name in enumerate(new_map):
-        if name in old_map:
-            out.select(axis, new_i).copy_(value.select(axis, old_map.index(name)))
-    return out
+    def save_merged(self, step: int, lr: float, use_ema: bool = False) -> Path:
+        """``<save_ckpt>[_ema]_merged.pt``: the LoRA adapters folded into the base weights,
+        ``lora`` dropped from ``model_params``, no optimizer state (a plain DPA4 checkpoint)."""
+        store = self.ema_store if use_ema else self.store
+        path = store.directory / f"{store.prefix.name}_merged.pt"
+        swap = self.ema.swapped_in(self._ema_models) if use_ema else contextlib.nullcontext()
+        with swap:
+            tensors = {k: v.cpu() for k, v in merged_state_dict(self.model).items()}
+        state = {
+            "_extra_state": {
+                "model_params": strip_lora(self.model_params),
+                "train_infos": {"lr": float(lr), "step": int(step)},
+            },
+            **to_deepmd_state(tensors),
+        }
+        atomic_save({"model": state}, path)
+        log.info("saved merged LoRA checkpoint %s", path)
+        return path
 
 
 def _truncate_curve(path: str, last_step: int) -> None:

@@ -1,0 +1,170 @@
+"""Model embeddings of npy systems, written to HDF5 in the layout of DeePMD-kit's ``dp embed``.
+
+One forward pass without forces gives, per frame:
+
+    descriptor          d_i                            (nat, C)
+    atomic_feature      h_i = last hidden GLU activation of the energy fitting   (nat, H)
+    structural_feature  S   = sum_i m_i h_i,  m_i = 0 for excluded atom types     (H,)
+
+(``h_i = d_i`` when the fitting has no hidden layer; ``S`` through the output layer gives the
+energy without biases.) The file holds the attribute ``type_map`` and one group per system,
+named by the folder's base name (``name_1``, ``name_2``, ... on a clash), with attributes
+``nframes`` and ``system`` and the datasets ``descriptor``, ``atomic_feature``,
+``structural_feature`` (``fp32``/``fp64``, or ``native``: the descriptor in float64, as
+DeePMD-kit's descriptor interface gives it, the features in the fitting precision) and
+``atom_types`` (int32, ``-1`` for padding atoms of mixed-type systems), all gzip-9 + shuffle.
+Frames are evaluated and written a batch at a time, so memory does not grow with the system.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..data.dataset import _graph as data_graph
+from ..data.dataset import fields_for_model
+from ..data.system import System
+from ..model.energy import EnergyModel
+from ..model.fitting import atom_keep_mask
+from ..model.graph import Graph
+from .deep_pot import DeepPot
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS = ("descriptor", "atomic_feature", "structural_feature")
+DTYPES = {"fp32": np.float32, "fp64": np.float64, "native": None}
+H5_DATASET = {"compression": "gzip", "compression_opts": 9, "shuffle": True}
+_INPUT_KEYS = ("fparam", "aparam", "charge_spin")
+
+
+def frame_embeddings(model: EnergyModel, graph: Graph) -> dict[str, torch.Tensor]:
+    """``descriptor (nf, nat, C)``, ``atomic_feature (nf, nat, H)``, ``structural_feature
+    (nf, H)`` of a graph; rows of padding atoms (type ``-1``) are zero."""
+    real = graph.atype >= 0  # (nf, nat)
+    atype = torch.where(real, graph.atype, 0)
+    desc, _ = model.descriptor(
+        atype, graph.src, graph.dst, graph.edge_vec, graph.edge_mask, graph.charge_spin
+    )
+    feat = model.fitting_net.atomic_feature(desc, atype, graph.fparam, graph.aparam)
+    keep = atom_keep_mask(graph.atype, model.atom_exclude_types).unsqueeze(-1)
+    return {
+        "descriptor": desc * real.unsqueeze(-1).to(desc.dtype),
+        "atomic_feature": feat * real.unsqueeze(-1).to(feat.dtype),
+        "structural_feature": (feat * keep.to(feat.dtype)).sum(1),
+    }
+
+
+def group_name(path: str | Path, used: set[str]) -> str:
+    """The system folder's base name, made unique among ``used`` (which it joins)."""
+    base = os.path.basename(str(path).rstrip("/")) or "system"
+    name, k = base, 0
+    while name in used:
+        k += 1
+        name = f"{base}_{k}"
+    used.add(name)
+    return name
+
+
+class Embedder:
+    """Embeddings of a checkpoint's energy model; settings (``DP_*_INFER``) read once here."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        head: str | None = None,
+        device: str | None = None,
+        batch_atoms: int = 1024,
+    ) -> None:
+        self.dp = DeepPot(model, head=head, device=device)
+        if not isinstance(self.dp.model, EnergyModel):
+            raise NotImplementedError("embeddings are defined for energy models only")
+        self.batch_atoms = batch_atoms
+        self.inputs = {
+            k: f for k, f in fields_for_model(self.dp.model.params).items() if k in _INPUT_KEYS
+        }
+        net = self.dp.model
+
+        def embed(graph: Graph) -> dict[str, torch.Tensor]:
+            return frame_embeddings(net, graph)
+
+        self._embed: Callable[[Graph], dict[str, torch.Tensor]] = self.dp.settings.compiled(embed)
+
+    def batches(self, system: System) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+        """``(first frame, atom types (n, nat), embeddings)`` of consecutive frame batches."""
+        step = max(1, self.batch_atoms // system.nat)
+        for start in range(0, system.nframes, step):
+            data = system.frames(np.arange(start, min(start + step, system.nframes)))
+            inputs = {k: data.get(k) for k in self.inputs}
+            graph = data_graph(
+                data["coord"],
+                data.get("box"),
+                data["atype"],
+                self.dp.get_rcut(),
+                self.dp.device,
+                inputs,
+            )
+            with torch.no_grad(), self.dp.settings.evaluation(self.dp.device):
+                out = self._embed(graph)
+            yield start, data["atype"], {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+    def write_system(self, h5: h5py.File, path: str | Path, name: str, dtype: str) -> None:
+        system = System(path, self.dp.type_map, fields=self.inputs)
+        group = h5.create_group(name)
+        group.attrs["nframes"] = system.nframes
+        group.attrs["system"] = str(path)
+        types = group.create_dataset(
+            "atom_types", shape=(system.nframes, system.nat), dtype=np.int32, **H5_DATASET
+        )
+        for start, atype, out in self.batches(system):
+            stop = start + len(atype)
+            types[start:stop] = atype
+            for key in EMBEDDINGS:
+                value = out[key]
+                if key not in group:
+                    shape, kind = (system.nframes, *value.shape[1:]), DTYPES[dtype]
+                    if kind is None:
+                        kind = np.float64 if key == "descriptor" else value.dtype
+                    group.create_dataset(key, shape=shape, dtype=kind, **H5_DATASET)
+                group[key][start:stop] = value
+        log.info(
+            "%s: %d frames -> group %r (%s)",
+            path,
+            system.nframes,
+            name,
+            ", ".join(f"{k} {group[k].shape}" for k in EMBEDDINGS),
+        )
+
+    def write(self, systems: Sequence[str | Path], output: str | Path, dtype: str = "fp32") -> Path:
+        """Embeddings of every system in ``systems`` written to the HDF5 file ``output``."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if not systems:
+            raise ValueError("no system to embed")
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        with h5py.File(output, "w") as h5:
+            h5.attrs["type_map"] = np.array(self.dp.type_map, dtype=h5py.string_dtype())
+            for path in systems:
+                self.write_system(h5, path, group_name(path, used), dtype)
+        log.info("embeddings of %d system(s) written to %s", len(systems), output)
+        return output
+
+
+def embed(
+    model: str | os.PathLike,
+    systems: Sequence[str | Path],
+    output: str | Path = "embedding.hdf5",
+    *,
+    dtype: str = "fp32",
+    head: str | None = None,
+    device: str | None = None,
+) -> Path:
+    """Write the embeddings of ``systems`` (npy system folders) under ``model`` to ``output``."""
+    return Embedder(model, head=head, device=device).write(systems, output, dtype)
