@@ -29,6 +29,18 @@ def _read_input(path: str) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .train.distributed import close, init_from_env
+
+    ctx = init_from_env()  # under torchrun: one process per rank
+    if not ctx.is_main:  # rank 0 reports; the others only warn
+        logging.getLogger("sezm").setLevel(logging.WARNING)
+    try:
+        _train(args, write_files=ctx.is_main)
+    finally:
+        close()
+
+
+def _train(args: argparse.Namespace, write_files: bool) -> None:
     from .config import expand_shared_params, is_multi_task, normalize_input
     from .train.trainer import Resume, Trainer, write_out_json
 
@@ -46,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         use_pretrain_script=args.use_pretrain_script,
     )
     trainer = Trainer(config, resume, device=args.device, shared_links=links)
-    write_out_json(trainer.config, args.output)
+    if write_files:
+        write_out_json(trainer.config, args.output)
     trainer.run()
 
 
@@ -85,6 +98,19 @@ def cmd_embed(args: argparse.Namespace) -> None:
     embed(args.model, systems, args.output, dtype=args.dtype, head=args.head, device=args.device)
 
 
+def cmd_freeze(args: argparse.Namespace) -> None:
+    from .infer.freeze import FreezeError, freeze
+
+    try:
+        report = freeze(args.checkpoint, args.output, head=args.head)
+    except FreezeError as err:
+        raise SystemExit(f"freeze failed: {err}") from None
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+    errs = ", ".join(f"{k} {v:.2g}" for k, v in report.errors.items())
+    log.info("wrote %s (%s)", report.path, secs)
+    log.info("reloaded and checked against eager evaluation, max|pt2 - eager|: %s", errs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sezm", description="DPA4 / SeZM interatomic potentials")
     parser.add_argument(
@@ -92,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model from a DeePMD-kit input.json")
+    train = sub.add_parser(
+        "train",
+        help="train a model from a DeePMD-kit input.json "
+        "(several processes: torchrun --nproc_per_node=N -m sezm train ...)",
+    )
     train.add_argument("input", help="input.json (DeePMD-kit format, model.type dpa4)")
     start = train.add_mutually_exclusive_group()
     start.add_argument("-i", "--init-model", help="start from the weights of this checkpoint")
@@ -142,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--head", "--model-branch", help="branch of a multi-task model")
     emb.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     emb.set_defaults(func=cmd_embed)
+
+    frz = sub.add_parser(
+        "freeze", help="compile a checkpoint into a .pt2 for LAMMPS / DeePMD-kit C++ and DeepPot"
+    )
+    frz.add_argument("-c", "--checkpoint", default="model.ckpt.pt")
+    frz.add_argument("-o", "--output", default="frozen_model", help="written with suffix .pt2")
+    frz.add_argument("--head", "--model-branch", help="branch of a multi-task model")
+    frz.set_defaults(func=cmd_freeze)
 
     nstat = sub.add_parser(
         "neighbor-stat", help="neighbour counts and minimal distance of a dataset"

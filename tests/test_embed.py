@@ -88,7 +88,8 @@ def test_structural_feature_is_bias_free_energy(tiny, tmp_path):
         s = f["data_0/structural_feature"][:2]
         h = f["data_0/atomic_feature"][:2]
     w = model.fitting_net.net.output_layer.matrix.detach().double().numpy()
-    np.testing.assert_allclose(s @ w, e - bias[data["atype"]].sum(1, keepdims=True), rtol=1e-6)
+    # E is ~3e4 eV summed from float32 atomic energies: compare the ~8 eV remainder to 1e-4 eV
+    np.testing.assert_allclose(s @ w, e - bias[data["atype"]].sum(1, keepdims=True), atol=1e-4)
     try:
         model.atom_exclude_types = [1]
         tiny.write([ROOT / WATER], tmp_path / "x.h5")

@@ -147,7 +147,8 @@ def test_prefactor_schedule_and_activity() -> None:
 @pytest.mark.parametrize(
     "section, error",
     [
-        ({"type": "ener_spin"}, NotImplementedError),
+        ({"type": "ener_spin", "start_pref_pf": 1.0, "limit_pref_pf": 1.0}, NotImplementedError),
+        ({"type": "ener_spin", "loss_func": "huber"}, ValueError),
         ({"type": "dos"}, ValueError),
         ({"type": "ener", "loss_func": "huber"}, ValueError),
         ({"type": "ener", "f_use_norm": True}, ValueError),

@@ -44,7 +44,7 @@ def test_parity(case: str) -> None:
     failures = []
     for name, coord, box, atype, ref in frames(case):
         nat = len(atype)
-        inputs = {k: ref[k] for k in ("fparam", "aparam", "charge_spin") if k in ref}
+        inputs = {k: ref[k] for k in ("fparam", "aparam", "charge_spin", "spin") if k in ref}
         if "descriptor" in ref:
             d = dp.eval_descriptor(coord, box, atype, **inputs)[0]
             err = np.abs(d - ref["descriptor"]).max()
@@ -56,7 +56,7 @@ def test_parity(case: str) -> None:
             if err > 1e-5 * (1 + np.abs(ref["property"]).max()):
                 failures.append(f"{name}: property max|d| {err:.2e}")
             continue
-        e, f, v, ae, av = dp.eval(coord, box, atype, atomic=True, **inputs)
+        e, f, v, ae, av = dp.eval(coord, box, atype, atomic=True, **inputs)[:5]  # spin: + fm, mm
         f_ref, v_ref = ref["force"].reshape(nat, 3), ref["virial"].reshape(9)
         checks = {
             "energy/atom": (abs(e.item() - ref["energy"].item()) / nat, 1e-5),

@@ -267,8 +267,20 @@ def test_rotation_check_catches_transposed_wigner(monkeypatch) -> None:
     computed in wrong local frames and rotation invariance is lost."""
     model = model_of("default")
     P.check_rotation(model, CLUSTER)
-    forward = WignerD.forward
-    monkeypatch.setattr(WignerD, "forward", lambda self, q: forward(self, q).transpose(1, 2))
+    blocks = WignerD.blocks
+
+    def transposed(self, q):  # every degree block transposed, in the flat block layout
+        flat = blocks(self, q)
+        parts, start = [], 0
+        for l in range(self.lmax + 1):
+            n = 2 * l + 1
+            parts.append(
+                flat[:, start : start + n * n].view(-1, n, n).transpose(1, 2).reshape(-1, n * n)
+            )
+            start += n * n
+        return torch.cat(parts, dim=1)
+
+    monkeypatch.setattr(WignerD, "blocks", transposed)
     with pytest.raises(P.PhysicsCheckError, match="rotation"):
         P.check_rotation(model, CLUSTER)
 

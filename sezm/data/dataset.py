@@ -34,7 +34,7 @@ from .system import LABEL_FIELDS, DataError, Field, System
 
 log = logging.getLogger(__name__)
 
-INPUT_KEYS = ("fparam", "aparam", "charge_spin")
+INPUT_KEYS = ("fparam", "aparam", "charge_spin", "spin")
 """Fields that are model inputs (carried by the :class:`Graph`), not labels."""
 
 _SCAN_ATOMS = 1 << 16  # atoms per neighbour search when scanning frames for close pairs
@@ -361,6 +361,8 @@ class DataSystem:
         system = self.systems[index]
         data = system.frames(frames)
         inputs = {k: data.pop(k, None) for k in INPUT_KEYS}
+        if "spin" in system.fields and inputs["spin"] is None:  # spin.allow_missing_label
+            inputs["spin"] = np.zeros_like(data["coord"])
         try:
             graph = _graph(data["coord"], data.get("box"), data["atype"], rcut, device, inputs)
         except InputError as err:
@@ -431,7 +433,8 @@ def fields_for_model(model_params: Mapping) -> dict[str, Field]:
 
     Energy models read :data:`LABEL_FIELDS`; property models read the label
     ``<property_name>`` ``(nf, task_dim)``. ``aparam`` is always required, ``fparam`` unless the fitting has
-    ``default_fparam``, ``charge_spin`` unless the descriptor has ``default_chg_spin``.
+    ``default_fparam``, ``charge_spin`` unless the descriptor has ``default_chg_spin``;
+    spin models read atomic ``spin`` (zeros where absent with ``spin.allow_missing_label``).
     """
     fitting = model_params.get("fitting_net", {})
     if fitting.get("type") == "property":
@@ -447,4 +450,7 @@ def fields_for_model(model_params: Mapping) -> dict[str, Field]:
     descriptor = model_params.get("descriptor", {})
     if descriptor.get("add_chg_spin_ebd"):
         fields["charge_spin"] = Field((2,), must=descriptor.get("default_chg_spin") is None)
+    spin = model_params.get("spin")
+    if spin:
+        fields["spin"] = Field((3,), atomic=True, must=not spin.get("allow_missing_label", False))
     return fields

@@ -74,7 +74,8 @@ def edge_quaternion(edge_vec: torch.Tensor, eps: float) -> torch.Tensor:
 
 def random_roll(q: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Compose each frame with an independent random roll about local z (training augmentation)."""
-    gamma = torch.rand(q.shape[:-1], dtype=q.dtype, device=q.device, generator=generator)
+    seeded = {} if generator is None else {"generator": generator}  # traceable when unseeded
+    gamma = torch.rand(q.shape[:-1], dtype=q.dtype, device=q.device, **seeded)
     half = torch.pi * gamma  # half of a uniform angle in [0, 2 pi)
     zero = torch.zeros_like(half)
     roll = torch.stack([torch.cos(half), zero, zero, torch.sin(half)], -1)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .edge_frame import edge_quaternion
 from .layout import packed_index, so3_dim
+from .rotate import dense_from_blocks
 
 Monomial = tuple[int, int, int, int]  # exponents of (w, x, y, z)
 Poly = dict[Monomial, complex]
@@ -110,59 +111,87 @@ def wigner_monomial_table(l: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(monomials, dtype=np.int64).reshape(-1, 4), coeff
 
 
+def _exact_blocks(q: np.ndarray, l: int) -> np.ndarray:
+    """``D^l`` of quaternions ``(S, 4)`` from the exact polynomial table: ``(S, 2l+1, 2l+1)``."""
+    exps, coeff = wigner_monomial_table(l)
+    n = 2 * l + 1
+    return (np.prod(q[:, None, :] ** exps[None], axis=-1) @ coeff).reshape(len(q), n, n)
+
+
+@functools.cache
+def coupling_maps(lmax: int) -> tuple[np.ndarray, ...]:
+    """``P_1`` with ``vec D^1 = vec(q q^T) P_1``, then for ``l >= 2`` the isometry
+    ``C_l (3(2l-1), 2l+1)`` with ``D^l = C_l^T (D^1 (x) D^{l-1}) C_l``.
+
+    ``D^l`` occurs exactly once in the product representation ``D^1 (x) D^{l-1}``; ``C_l`` spans
+    it (Clebsch-Gordan coefficients in this real basis). It is the null vector of the intertwiner
+    equations ``K(g) C = C D^l(g)`` for a few random rotations, normalised to ``C^T C = I``.
+    """
+    rng = np.random.default_rng(2024)
+
+    def random_q(n: int) -> np.ndarray:
+        q = rng.normal(size=(n, 4))
+        return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+    q = random_q(64)
+    quad = (q[:, :, None] * q[:, None, :]).reshape(len(q), 16)
+    p1, *_ = np.linalg.lstsq(quad, _exact_blocks(q, 1).reshape(len(q), 9), rcond=None)
+    maps = [p1]
+    for l in range(2, lmax + 1):
+        n_in, n_out = 3 * (2 * l - 1), 2 * l + 1
+        normal = np.zeros((n_in * n_out, n_in * n_out))
+        for g in random_q(2):  # two generic rotations generate SO(3)
+            kron = np.kron(_exact_blocks(g[None], 1)[0], _exact_blocks(g[None], l - 1)[0])
+            target = _exact_blocks(g[None], l)[0]
+            # vec(K C - C D) = (I (x) K - D^T (x) I) vec(C), column-major vec
+            eq = np.kron(np.eye(n_out), kron) - np.kron(target.T, np.eye(n_in))
+            normal += eq.T @ eq
+        value, vector = np.linalg.eigh(normal)
+        if value[1] < 1e-6 or abs(value[0]) > 1e-9:
+            raise RuntimeError(f"no unique l={l} coupling in D^1 x D^{l - 1}")
+        coupling = vector[:, 0].reshape(n_out, n_in).T
+        maps.append(coupling / np.sqrt((coupling**2).sum() / n_out))
+    return tuple(maps)
+
+
 class WignerD(nn.Module):
     """Block-diagonal real Wigner-D matrices ``(E, D, D)``, ``D = (lmax+1)^2``, of quaternions.
 
     ``D(q) @ x`` expresses global-frame coefficients ``x`` in the frame rotated by ``q``;
-    ``D(q).T`` rotates back.
+    ``D(q).T`` rotates back. ``blocks(q)`` gives only the non-zero entries.
     """
 
     def __init__(self, lmax: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.lmax = int(lmax)
         self.dim = so3_dim(self.lmax)
-        positions = []
-        for l in range(1, self.lmax + 1):
-            exps, coeff = wigner_monomial_table(l)
-            self.register_buffer(f"exps_{l}", torch.from_numpy(exps), persistent=False)
-            self.register_buffer(f"coeff_{l}", torch.from_numpy(coeff).to(dtype), persistent=False)
-            rows = torch.arange(l * l, (l + 1) ** 2)
-            positions.append((rows[:, None] * self.dim + rows[None, :]).reshape(-1))
-        flat = torch.cat([torch.tensor([0]), *positions]) if positions else torch.tensor([0])
-        self.register_buffer("block_positions", flat, persistent=False)
+        for l, cmap in enumerate(coupling_maps(self.lmax), start=1):
+            self.register_buffer(f"map_{l}", torch.from_numpy(cmap).to(dtype), persistent=False)
 
-    def _monomials(self, q: torch.Tensor, l: int) -> torch.Tensor:
-        """``(E, T_l)`` values of the degree-2l monomials of the table for degree ``l``."""
-        powers = [torch.ones_like(q)]
-        for _ in range(2 * l):
-            powers.append(powers[-1] * q)
-        table = torch.stack(powers, dim=-1)  # (E, 4, 2l+1): component c to power k
-        exps = getattr(self, f"exps_{l}")  # (T, 4)
-        return (
-            table[:, 0, exps[:, 0]]
-            * table[:, 1, exps[:, 1]]
-            * table[:, 2, exps[:, 2]]
-            * table[:, 3, exps[:, 3]]
-        )
-
-    def block(self, q: torch.Tensor, l: int) -> torch.Tensor:
-        """Degree-``l`` block ``(E, 2l+1, 2l+1)``."""
-        n = 2 * l + 1
-        if l == 0:
-            return torch.ones(q.shape[0], 1, 1, dtype=q.dtype, device=q.device)
-        coeff = getattr(self, f"coeff_{l}").to(q.dtype)
-        return (self._monomials(q, l) @ coeff).view(-1, n, n)
+    def blocks(self, q: torch.Tensor) -> torch.Tensor:
+        """Non-zero entries ``(E, sum_l (2l+1)^2)``: each degree block row-major, l ascending."""
+        n_edge = q.shape[0]
+        values = [torch.ones(n_edge, 1, dtype=q.dtype, device=q.device)]
+        if self.lmax >= 1:
+            d1 = (q.unsqueeze(2) * q.unsqueeze(1)).reshape(n_edge, 16) @ self.map_1.to(q.dtype)
+            values.append(d1)
+            prev = d1
+            r1 = d1.view(n_edge, 3, 1, 3, 1)
+            for l in range(2, self.lmax + 1):
+                n_prev, n = 2 * l - 1, 2 * l + 1
+                c = getattr(self, f"map_{l}").to(q.dtype)  # (3 n_prev, n)
+                kron = (r1 * prev.view(n_edge, 1, n_prev, 1, n_prev)).reshape(
+                    n_edge, 3 * n_prev, -1
+                )
+                half = (kron.reshape(-1, 3 * n_prev) @ c).view(n_edge, 3 * n_prev, n)  # K C
+                prev = (half.transpose(1, 2).reshape(-1, 3 * n_prev) @ c).view(n_edge, n, n)
+                prev = prev.transpose(1, 2).reshape(n_edge, n * n)  # C^T K C
+                values.append(prev)
+        return torch.cat(values, dim=1)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """``q``: ``(E, 4)`` unit quaternions -> ``(E, D, D)`` block-diagonal Wigner-D."""
-        n_edge = q.shape[0]
-        values = [torch.ones(n_edge, 1, dtype=q.dtype, device=q.device)]
-        for l in range(1, self.lmax + 1):
-            coeff = getattr(self, f"coeff_{l}").to(q.dtype)
-            values.append(self._monomials(q, l) @ coeff)
-        flat = q.new_zeros(n_edge, self.dim * self.dim)
-        flat = flat.index_copy(1, self.block_positions, torch.cat(values, dim=1))
-        return flat.view(n_edge, self.dim, self.dim)
+        return dense_from_blocks(self.blocks(q), self.lmax)
 
     def zonal(self, q: torch.Tensor, lmin: int = 1) -> torch.Tensor:
         """Rows ``(l, m=0)`` of the blocks ``l = lmin..lmax``, concatenated: ``(E, D - lmin^2)``.
@@ -170,11 +199,13 @@ class WignerD(nn.Module):
         Equal to the local ``m=0`` column of ``D.T``: how a zonal (axis-symmetric) local
         coefficient appears in the global frame.
         """
-        parts = []
-        for l in range(max(lmin, 1), self.lmax + 1):
+        blocks = self.blocks(q)
+        parts, start = [], 1
+        for l in range(1, self.lmax + 1):
             n = 2 * l + 1
-            coeff = getattr(self, f"coeff_{l}").to(q.dtype).view(-1, n, n)[:, l, :]
-            parts.append(self._monomials(q, l) @ coeff)
+            if l >= lmin:
+                parts.append(blocks[:, start + l * n : start + (l + 1) * n])
+            start += n * n
         if not parts:
             return q.new_zeros(q.shape[0], 0)
         return torch.cat(parts, dim=1)

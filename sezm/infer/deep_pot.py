@@ -11,6 +11,8 @@ from ..geometry.frames import normalize_frames
 from ..model.build import load_model
 from ..model.graph import build_graph
 from ..model.property_model import PropertyModel
+from ..model.spin import VirtualSpinModel
+from ..runtime import tune_allocator
 from .settings import InferenceSettings
 
 
@@ -19,10 +21,26 @@ class _DeepEval:
         self, model_file: str | os.PathLike, head: str | None = None, device: str | None = None
     ):
         self.settings = InferenceSettings.from_env()  # DP_*_INFER, read once
+        tune_allocator()
+        if os.fspath(model_file).endswith(".pt2"):
+            self._init_frozen(model_file, head, device)
+            return
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.checkpoint = load_model(model_file, head)
         self.model.to(self.device)
         self.settings.apply(self.model, self.device)
+        self.type_map = list(self.model.type_map)
+
+    def _init_frozen(self, model_file, head: str | None, device: str | None) -> None:
+        """A frozen ``.pt2`` (``sezm freeze``): compiled for one device, settings baked in."""
+        from .pt2 import FrozenModel
+
+        if head is not None:
+            raise ValueError(f"{model_file}: a frozen model has one head; freeze with --head")
+        self.model, self.checkpoint = FrozenModel(model_file), None
+        self.device = self.model.device
+        if device is not None:
+            self.model.to(device)
         self.type_map = list(self.model.type_map)
 
     def get_type_map(self) -> list[str]:
@@ -40,7 +58,13 @@ class _DeepEval:
     def get_dim_aparam(self) -> int:
         return self.model.fitting_net.numb_aparam
 
-    def _graph(self, coords, cells, atom_types, fparam=None, aparam=None, charge_spin=None):
+    def has_spin(self) -> bool:
+        """Whether the model takes atomic spins (``eval(..., spin=...)``)."""
+        return bool(getattr(self.model, "has_spin", False))
+
+    def _graph(
+        self, coords, cells, atom_types, fparam=None, aparam=None, charge_spin=None, spin=None
+    ):
         coord, cell, atype = normalize_frames(
             coords, cells, atom_types, self.get_ntypes(), self.type_map
         )
@@ -51,6 +75,12 @@ class _DeepEval:
         if aparam is not None:
             aparam = np.asarray(aparam, dtype=np.float64).reshape(-1, nat, self.get_dim_aparam())
             aparam = np.broadcast_to(aparam, (nf, nat, aparam.shape[-1]))
+        if spin is not None:
+            if not self.has_spin():
+                raise ValueError("spin given, but this model takes no atomic spins")
+            spin = np.broadcast_to(
+                np.asarray(spin, dtype=np.float64).reshape(-1, nat, 3), (nf, nat, 3)
+            )
         return build_graph(
             coord,
             cell,
@@ -60,16 +90,19 @@ class _DeepEval:
             fparam=fparam,
             aparam=aparam,
             charge_spin=charge_spin,
+            spin=spin,
         )
 
     def eval_descriptor(
-        self, coords, cells, atom_types, fparam=None, aparam=None, charge_spin=None
+        self, coords, cells, atom_types, fparam=None, aparam=None, charge_spin=None, spin=None
     ) -> np.ndarray:
-        """Per-atom descriptor ``(nf, nat, dim)``."""
-        g = self._graph(coords, cells, atom_types, fparam, aparam, charge_spin)
+        """Per-atom descriptor ``(nf, nat, dim)`` (native-spin models also take ``spin``)."""
+        if isinstance(self.model, VirtualSpinModel):
+            raise NotImplementedError("the descriptor of a deepspin model includes virtual atoms")
+        g = self._graph(coords, cells, atom_types, fparam, aparam, charge_spin, spin)
         with torch.no_grad(), self.settings.evaluation(self.device):
             desc, _ = self.model.descriptor(
-                g.atype, g.src, g.dst, g.edge_vec, g.edge_mask, g.charge_spin
+                g.atype, g.src, g.dst, g.edge_vec, g.edge_mask, g.charge_spin, g.spin
             )
         return desc.double().cpu().numpy()
 
@@ -81,10 +114,22 @@ class DeepPot(_DeepEval):
         self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None, **kwargs
     ):
         """Energies ``(nf, 1)``, forces ``(nf, nat, 3)``, virials ``(nf, 9)`` [+ atomic energies
-        ``(nf, nat, 1)`` and atomic virials ``(nf, nat, 9)`` with ``atomic=True``]."""
+        ``(nf, nat, 1)`` and atomic virials ``(nf, nat, 9)`` with ``atomic=True``].
+
+        Spin models take ``spin (nf, nat, 3)`` and append the magnetic forces
+        ``(nf, nat, 3)`` and the magnetic-atom mask ``(nf, nat, 1)`` (bool).
+        """
         if isinstance(self.model, PropertyModel):
             raise TypeError("this checkpoint is a property model; use sezm.DeepProperty")
-        g = self._graph(coords, cells, atom_types, fparam, aparam, kwargs.get("charge_spin"))
+        g = self._graph(
+            coords,
+            cells,
+            atom_types,
+            fparam,
+            aparam,
+            kwargs.get("charge_spin"),
+            kwargs.get("spin"),
+        )
         with self.settings.evaluation(self.device):
             out = self.model(g, atomic_virial=atomic)
         nf, nat = g.atype.shape
@@ -95,6 +140,9 @@ class DeepPot(_DeepEval):
         result = [arr("energy", (nf, 1)), arr("force", (nf, nat, 3)), arr("virial", (nf, 9))]
         if atomic:
             result += [arr("atom_energy", (nf, nat, 1)), arr("atom_virial", (nf, nat, 9))]
+        if self.has_spin():
+            mask = out["mask_mag"].cpu().numpy().reshape(nf, nat, 1)
+            result += [arr("force_mag", (nf, nat, 3)), mask]
         return tuple(result)
 
 

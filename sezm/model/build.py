@@ -10,12 +10,13 @@ from torch import nn
 from ..compat.deepmd import Checkpoint, load_checkpoint, load_into
 from .energy import EnergyModel
 from .property_model import PropertyModel
+from .spin import build_spin_model
 
 
 def build_model(params: dict) -> nn.Module:
     """Energy or property model of a normalised model section."""
     if params.get("spin"):
-        raise NotImplementedError("spin models are not available yet")
+        return build_spin_model(params)
     fitting = params.get("fitting_net", {}).get("type", "dpa4_ener")
     if fitting == "property":
         return PropertyModel(params)

@@ -8,6 +8,7 @@ descriptor_i = (x_ro + ReadoutFFN(x_ro))[l=0]
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -23,6 +24,7 @@ from ..nn.embedding import (
     ChargeSpinEmbedding,
     EnvironmentSeed,
     GeometricInitialEmbedding,
+    SpinEmbedding,
     TypeEmbedding,
 )
 from ..nn.norm import ScalarRMSNorm
@@ -30,8 +32,39 @@ from ..nn.options import DescriptorOptions
 from ..nn.radial import BridgingSwitch, InnerClamp, RadialBasis, RadialMLP
 
 #: Format version of the descriptor state (DeePMD-kit 3.2 numbering). 1.0 used a tiny degree
-#: floor and no envelope on the radial features; 1.1 and later share today's maths.
+#: floor and no envelope on the radial features; 1.1 and later share today's maths, except for
+#: the native-spin gate of the environment seed (see :func:`upgrade_state`).
 LATEST_VERSION = 1.2
+
+#: Native-spin weights that decide whether spin reaches the output at all.
+_SPIN_ROUTES = (
+    "spin_embedding.mag_layer2.matrix",
+    "spin_embedding.adam_spin_vec_weight",
+    "spin_embedding.adam_spin_nbr_weight",
+    "env_seed_embedding.spin_scale",
+)
+
+
+def upgrade_state(state: dict, prefix: str, use_spin: list[bool] | None) -> None:
+    """Rewrite a version-1.1 descriptor state (keys under ``prefix``) to 1.2, in place.
+
+    1.2 moved the environment-seed spin gate ``c`` from the spin coordinates (``c s``, so the
+    spin block of ``D`` scaled as ``c^2``) to the spin block itself: ``c -> c^2`` keeps the
+    function. A native-spin descriptor without magnetic types instead has its dormant spin
+    routes zeroed. Other versions are left alone (1.0 keeps its own radial maths).
+    """
+    key = prefix + "version_tensor"
+    version = float(state.get(key, 1.0))
+    if not 1.1 <= version < 1.2:
+        return
+    gate = prefix + "env_seed_embedding.spin_scale"
+    if use_spin is not None and not any(use_spin):
+        for name in _SPIN_ROUTES:
+            if prefix + name in state:
+                state[prefix + name] = torch.zeros_like(state[prefix + name])
+    elif gate in state:
+        state[gate] = state[gate] ** 2
+    state[key] = torch.tensor(LATEST_VERSION, dtype=torch.float64)
 
 
 class CheckpointWigner(WignerD):
@@ -45,9 +78,14 @@ class CheckpointWigner(WignerD):
 
 
 class Descriptor(nn.Module):
-    def __init__(self, opts: DescriptorOptions) -> None:
+    """``use_spin`` (one flag per type) adds the native-spin inputs (:class:`SpinEmbedding`
+    and the spin rows of the environment seed); it needs a node degree >= 1."""
+
+    def __init__(self, opts: DescriptorOptions, use_spin: list[bool] | None = None) -> None:
         super().__init__()
         self.opts = opts
+        self.amp_eval = False  # bfloat16 blocks in evaluation (DP_AMP_INFER); set by the user
+        self.use_spin = None if use_spin is None else [bool(f) for f in use_spin]
         c, cd, seed = opts.channels, opts.compute_dtype, opts.seed
         self.register_buffer("version_tensor", torch.tensor(LATEST_VERSION, dtype=torch.float64))
         self.type_embedding = TypeEmbedding(opts.ntypes, c, dtype=cd, seed=child_seed(seed, 0))
@@ -55,6 +93,18 @@ class Descriptor(nn.Module):
         if opts.add_chg_spin_ebd:
             self.charge_spin_embedding = ChargeSpinEmbedding(
                 c, activation_function=opts.activation_function, dtype=cd, seed=child_seed(seed, 7)
+            )
+        self.spin_embedding = None
+        if use_spin is not None:
+            if opts.node_init_lmax < 1:
+                raise ValueError("native spin needs a node degree lmax + extra_node_l >= 1")
+            self.spin_embedding = SpinEmbedding(
+                opts.ntypes,
+                c,
+                self.use_spin,
+                activation_function=opts.activation_function,
+                dtype=cd,
+                seed=child_seed(seed, 8),
             )
         self.env_seed_embedding = None
         if opts.use_env_seed:
@@ -111,6 +161,10 @@ class Descriptor(nn.Module):
         self.register_buffer("pair_keep", keep, persistent=False)
         self.legacy_radial = False  # set for version-1.0 checkpoints
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        upgrade_state(state_dict, prefix, self.use_spin)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # --- construction -------------------------------------------------------------------
     def _build_env_seed(self, opts: DescriptorOptions) -> None:
         cd = opts.compute_dtype
@@ -123,6 +177,7 @@ class Descriptor(nn.Module):
             eps=opts.eps,
             dtype=cd,
             seed=child_seed(opts.seed, 4),
+            use_spin=self.use_spin,
             **opts.env_seed_dims,
         )
         if opts.edge_norm:
@@ -171,11 +226,13 @@ class Descriptor(nn.Module):
         edge_vec: torch.Tensor,
         edge_mask: torch.Tensor | None = None,
         charge_spin: torch.Tensor | None = None,
+        spin: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Descriptor ``(nf, nloc, C)`` and final equivariant node state ``(nf*nloc, D, 1, C)``.
 
         ``atype (nf, nloc)``; edges over the flattened atoms ``frame * nloc + i``:
-        ``src``/``dst (E,)``, ``edge_vec (E, 3) = r_src - r_dst``, ``edge_mask (E,)``.
+        ``src``/``dst (E,)``, ``edge_vec (E, 3) = r_src - r_dst``, ``edge_mask (E,)``;
+        ``spin (nf, nloc, 3)``: atomic spins of a native-spin descriptor (ignored otherwise).
         """
         opts = self.opts
         nf, nloc = atype.shape
@@ -184,6 +241,13 @@ class Descriptor(nn.Module):
         t = self.type_embedding(types)  # (N, C)
         if self.charge_spin_embedding is not None:
             t = t + self._frame_condition(charge_spin, nf, t.dtype).repeat_interleave(nloc, dim=0)
+        spin_l1 = None
+        if self.spin_embedding is None or spin is None:
+            spin = None
+        else:
+            spin = spin.reshape(n_nodes, 3)
+            spin_l0, spin_l1 = self.spin_embedding(spin, types)  # (N, C), (N, 3, C)
+            t = t + spin_l0.to(t.dtype)
         if src.numel() == 0:  # no pair within rcut: one masked self-edge keeps every shape valid
             src = dst = torch.zeros(1, dtype=torch.long, device=types.device)
             edge_vec = torch.cat([edge_vec, edge_vec.new_zeros(1, 3)])
@@ -195,16 +259,28 @@ class Descriptor(nn.Module):
         radial = self.radial_embedding(edges.rbf).view(-1, opts.node_init_lmax + 1, opts.channels)
         if not self.legacy_radial:
             radial = radial * edges.env.unsqueeze(-1)  # (E, L0+1, C)
-        x0 = t if self.env_seed_embedding is None else self._film(t, edges, types)
-        x = self._initial_state(x0, edges, radial)  # (N, D0, 1, C)
+        x0 = t if self.env_seed_embedding is None else self._film(t, edges, types, spin)
+        x = self._initial_state(x0, edges, radial, types, spin)  # (N, D0, 1, C)
+        if spin_l1 is not None:  # on-site spin direction, after the degree normalisation
+            x = torch.cat([x[:, :1], x[:, 1:4] + spin_l1.unsqueeze(2), x[:, 4:]], dim=1)
         radial = radial.to(opts.dtype) + ((t[src] + t[dst]) * edges.keep).to(opts.dtype).unsqueeze(
             1
         )
         x = x.to(opts.dtype)
         if len(self.blocks):
             block_edges = edges.cast(opts.dtype)
-            x = self._run_blocks(x, block_edges, radial)
+            with self._block_autocast(x.device):
+                x = self._run_blocks(x, block_edges, radial)
         return self._readout(x).view(nf, nloc, opts.channels), x
+
+    def _block_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast of the interaction blocks on CUDA: in training with ``use_amp``,
+        in evaluation with :attr:`amp_eval`; geometry, embeddings and read-out stay in
+        ``compute_dtype``. Elsewhere a no-op."""
+        enabled = self.opts.use_amp if self.training else self.amp_eval
+        if enabled and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _frame_condition(self, charge_spin, nf: int, dtype) -> torch.Tensor:
         if charge_spin is None:
@@ -239,10 +315,10 @@ class Descriptor(nn.Module):
             random_roll=opts.random_gamma and self.training,
         )
 
-    def _film(self, t: torch.Tensor, edges: EdgeCache, types: torch.Tensor) -> torch.Tensor:
+    def _film(self, t: torch.Tensor, edges: EdgeCache, types: torch.Tensor, spin=None):
         """``x0 = t (1 + e^a tanh(s)) + e^b tanh(h)`` with ``[s | h]`` from the environment seed."""
         c = self.opts.channels
-        film = self.env_seed_embedding(edges, types)  # (N, 2C)
+        film = self.env_seed_embedding(edges, types, spin)  # (N, 2C)
         scale = torch.tanh(self.film_scale_norm(film[:, :c])) * torch.exp(
             self.film_scale_strength_log
         )
@@ -252,7 +328,7 @@ class Descriptor(nn.Module):
         return t * (1.0 + scale) + shift
 
     def _initial_state(
-        self, x0: torch.Tensor, edges: EdgeCache, radial: torch.Tensor
+        self, x0: torch.Tensor, edges: EdgeCache, radial: torch.Tensor, types, spin=None
     ) -> torch.Tensor:
         n, c = x0.shape
         dim = so3_dim(self.opts.node_init_lmax)
@@ -260,7 +336,8 @@ class Descriptor(nn.Module):
             return torch.cat([x0.view(n, 1, 1, c), x0.new_zeros(n, dim - 1, 1, c)], dim=1)
         wigner = self.gie_zonal_wigner_calc or self.wigner_calc
         zonal = wigner.zonal(edges.quat, lmin=1)  # (E, D0-1)
-        rest = self.gie(edges, zonal, radial[:, 1:])  # (N, D0-1, C)
+        message = None if spin is None else self.spin_embedding.edge_l1(spin, types, edges)
+        rest = self.gie(edges, zonal, radial[:, 1:], message)  # (N, D0-1, C)
         return torch.cat([x0.unsqueeze(1), rest], dim=1).unsqueeze(2)
 
     def _run_blocks(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:

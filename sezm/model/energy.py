@@ -69,7 +69,7 @@ class EnergyModel(nn.Module):
         self.params = params
         self.type_map = list(params["type_map"])
         ntypes = len(self.type_map)
-        self.descriptor = Descriptor(descriptor_options(params))
+        self.descriptor = self._build_descriptor(params)
         fit_cfg = {k: v for k, v in params.get("fitting_net", {}).items() if k in _FITTING_KEYS}
         self.fitting_net = EnergyFitting(
             ntypes=ntypes, dim_descrpt=self.descriptor.dim_out, **fit_cfg
@@ -78,17 +78,27 @@ class EnergyModel(nn.Module):
         self.register_buffer("out_std", torch.ones(1, ntypes, 1, dtype=torch.float64))
         self.register_buffer("dens_force_rmsd", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("min_nbor_dist", torch.tensor(-1.0, dtype=torch.float64))
-        self.inter_potential = ZBL(self.type_map) if bridging_radii(params) else None
+        self.inter_potential = ZBL(self._zbl_types()) if bridging_radii(params) else None
         self.atom_exclude_types = [int(t) for t in params.get("atom_exclude_types", [])]
+
+    def _build_descriptor(self, params: dict) -> Descriptor:
+        return Descriptor(descriptor_options(params))
+
+    def _zbl_types(self) -> list[str]:
+        """Elements of the types that take part in the ZBL repulsion."""
+        return self.type_map
 
     @property
     def rcut(self) -> float:
         return self.descriptor.opts.rcut
 
-    def atomic_energy(self, graph: Graph, edge_vec: torch.Tensor) -> torch.Tensor:
-        """Per-atom energies ``(nf, nloc)`` float64 for edge vectors ``edge_vec (E, 3)``."""
+    def atomic_energy(
+        self, graph: Graph, edge_vec: torch.Tensor, spin: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-atom energies ``(nf, nloc)`` float64 for edge vectors ``edge_vec (E, 3)``
+        (and atomic spins ``spin (nf, nloc, 3)`` of a native-spin model)."""
         desc, _ = self.descriptor(
-            graph.atype, graph.src, graph.dst, edge_vec, graph.edge_mask, graph.charge_spin
+            graph.atype, graph.src, graph.dst, edge_vec, graph.edge_mask, graph.charge_spin, spin
         )
         energy = self.fitting_net(desc, graph.atype, graph.fparam, graph.aparam)
         energy = energy_out_stat(energy, graph.atype, self.out_bias).squeeze(-1)
@@ -119,11 +129,23 @@ class EnergyModel(nn.Module):
         create_graph: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Energies, forces and (atomic) virials of a batch of frames."""
-        nf, nloc = graph.atype.shape
         edge_vec = graph.edge_vec.detach().requires_grad_(True)
         with torch.enable_grad():
             atom_energy = self.atomic_energy(graph, edge_vec)
             grad = F.edge_gradient(atom_energy, edge_vec, create_graph=create_graph)
+        return self._outputs(graph, atom_energy, edge_vec, grad, virial, atomic_virial)
+
+    def _outputs(
+        self,
+        graph: Graph,
+        atom_energy: torch.Tensor,
+        edge_vec: torch.Tensor,
+        grad: torch.Tensor,
+        virial: bool,
+        atomic_virial: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Energies, forces and (atomic) virials from the edge gradient ``grad = dE/dv``."""
+        nf, nloc = graph.atype.shape
         if graph.edge_mask is not None:
             grad = grad * graph.edge_mask.unsqueeze(-1).to(grad.dtype)
         n = nf * nloc

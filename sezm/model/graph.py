@@ -21,6 +21,7 @@ class Graph:
     fparam: torch.Tensor | None = None  # (nf, numb_fparam)
     aparam: torch.Tensor | None = None  # (nf, nloc, numb_aparam)
     charge_spin: torch.Tensor | None = None  # (nf, 2)
+    spin: torch.Tensor | None = None  # (nf, nloc, 3) atomic spins of spin models
 
     @property
     def n_frames(self) -> int:
@@ -43,6 +44,7 @@ def build_graph(
     fparam: np.ndarray | None = None,
     aparam: np.ndarray | None = None,
     charge_spin: np.ndarray | None = None,
+    spin: np.ndarray | None = None,
     min_dist: float = 1e-3,
 ) -> Graph:
     """Neighbour graph of validated frames: ``coord (nf, nat, 3)``, ``cell (nf, 3, 3) | None``,
@@ -66,4 +68,5 @@ def build_graph(
         fparam=tensor(fparam, torch.float64),
         aparam=tensor(aparam, torch.float64),
         charge_spin=tensor(charge_spin, torch.float64),
+        spin=None if spin is None else tensor(spin, torch.float64).reshape((*atype.shape, 3)),
     )

@@ -22,8 +22,17 @@ def envelope_gated_softmax(
     with ``w`` the cutoff envelope and ``eta`` the optional source gate. The null mass in the
     denominator lets a node attend to "nothing", and since ``alpha -> 0`` as ``w -> 0`` the
     aggregation is smooth at the cutoff without degree normalisation. Computed in log space
-    with a per-destination shift (which cancels exactly, so it carries no gradient).
+    with a per-destination shift (which cancels exactly, so it carries no gradient), in
+    float32 at least: under bfloat16 autocast the weights come back in the logits' dtype.
     """
+    dtype = logits.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast(logits.device.type, enabled=False):
+            alpha = envelope_gated_softmax(
+                logits.float(), env.float(), dst, n_nodes, z_bias_raw, eps,
+                None if src_gate is None else src_gate.float(),
+            )  # fmt: skip
+        return alpha.to(dtype)
     n_edge, n_focus, n_head = logits.shape
     logits = logits.reshape(n_edge, -1)
     weight = env.reshape(n_edge, 1).square()

@@ -7,12 +7,13 @@ vector is replaced by ``(0, 0, 1)`` (finite everywhere) and every weight is zero
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from ..geometry import edge_frame
-from ..geometry.layout import m_major_rows, so3_dim
+from ..geometry.rotate import EdgeRotation
 from ..geometry.wigner import WignerD
 from .radial import BridgingSwitch, InnerClamp, RadialBasis, c3_envelope
 
@@ -28,23 +29,29 @@ class EdgeCache:
     rbf: torch.Tensor  # (E, n_radial), envelope (basis exponent) baked in
     quat: torch.Tensor  # (E, 4) global -> local edge frame
     inv_sqrt_deg: torch.Tensor  # (N, 1, 1) 1 / sqrt(sum_e env^2 + floor)
-    wigner: torch.Tensor | None = None  # (E, D, D)
+    wigner: torch.Tensor | None = None  # (E, sum_l (2l+1)^2) Wigner-D block entries
     src_gate: torch.Tensor | None = None  # (E, 1) bridging source-freeze gate
     _projections: dict = field(default_factory=dict)
 
     def sum_at_dst(self, values: torch.Tensor) -> torch.Tensor:
         """Scatter-add per-edge values ``(E, ...)`` onto destinations -> ``(N, ...)``."""
         out = values.new_zeros((self.n_nodes, *values.shape[1:]))
-        return out.index_add(0, self.dst, values)
+        return out.index_add_(0, self.dst, values)
 
-    def to_local(self, lmax: int, mmax: int) -> torch.Tensor:
-        """Rows of ``D`` in m-major reduced order: ``(E, D_m, D_l)`` for degree ``lmax``."""
+    def _operands(self, lmax: int, mmax: int) -> tuple:
+        """Rotation operands for ``(lmax, mmax)``, built once per forward and shared by blocks."""
         key = (lmax, mmax)
         if key not in self._projections:
-            rows = m_major_rows(lmax, mmax).to(self.src.device)
-            dim = so3_dim(lmax)
-            self._projections[key] = self.wigner[:, :dim, :dim].index_select(1, rows)
+            self._projections[key] = _rotation(lmax, mmax).matrices(self.wigner)
         return self._projections[key]
+
+    def to_local(self, x: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
+        """Packed ``x (E, D, C)`` in the edge frames, ``|m| <= mmax``: ``(E, D_m, C)``."""
+        return _rotation(lmax, mmax).to_local(self._operands(lmax, mmax), x)
+
+    def to_global(self, y: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
+        """Edge-frame ``y (E, D_m, C)`` back to packed global coefficients ``(E, D, C)``."""
+        return _rotation(lmax, mmax).to_global(self._operands(lmax, mmax), y)
 
     def cast(self, dtype: torch.dtype) -> EdgeCache:
         """Copy with float tensors in ``dtype`` (for float64 / float16 blocks)."""
@@ -57,6 +64,11 @@ class EdgeCache:
         wigner = None if self.wigner is None else self.wigner.to(dtype)
         gate = None if self.src_gate is None else self.src_gate.to(dtype)
         return EdgeCache(self.src, self.dst, self.n_nodes, **conv, wigner=wigner, src_gate=gate)
+
+
+@functools.cache
+def _rotation(lmax: int, mmax: int) -> EdgeRotation:
+    return EdgeRotation(lmax, mmax)
 
 
 def source_freeze_gate(
@@ -127,6 +139,6 @@ def build_edge_cache(
         rbf=rbf,
         quat=quat,
         inv_sqrt_deg=torch.rsqrt(deg + deg_floor).view(-1, 1, 1),
-        wigner=None if wigner is None else wigner(quat),
+        wigner=None if wigner is None else wigner.blocks(quat),
         src_gate=gate,
     )

@@ -6,6 +6,7 @@ Everything here runs in the compute dtype (>= float32).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -64,6 +65,10 @@ class EnvironmentSeed(nn.Module):
     ``g = G([rbf_proj(rbf), T[type_src], T[type_dst]])`` (embed,). Per node:
     ``M = inv_sqrt_deg * sum_e gate_e r~_e (x) g_e`` (4, embed), the rotation-invariant
     ``D = M^T M[:, :axis]`` (embed, axis), then ``output_proj(flatten D)`` (zero-initialised).
+
+    Native spin (``use_spin``, one flag per type): three more coordinate rows
+    ``env * s_src * magnetic(type_src)`` give a spin block ``M_s`` (3, embed) and
+    ``D = M^T M[:, :axis] + spin_scale * M_s^T M_s[:, :axis]`` (``spin_scale`` starts at 0).
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class EnvironmentSeed(nn.Module):
         eps: float,
         dtype: torch.dtype,
         seed=None,
+        use_spin: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         self.axis_dim, self.embed_dim, self.eps = axis_dim, embed_dim, eps
@@ -113,20 +119,44 @@ class EnvironmentSeed(nn.Module):
         self.output_proj = Dense(
             embed_dim * axis_dim, 2 * channels, bias=False, dtype=dtype, init="zeros"
         )
+        if use_spin is None:
+            self.spin_mask = self.spin_scale = None
+        else:
+            self.register_buffer("spin_mask", spin_type_mask(use_spin, dtype), persistent=False)
+            self.spin_scale = nn.Parameter(torch.zeros(1, dtype=dtype))
 
-    def forward(self, edges: EdgeCache, atype: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, edges: EdgeCache, atype: torch.Tensor, spin: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """FiLM logits ``(N, 2C)``; ``spin (N, 3)`` is read by native-spin seeds only."""
         inv_r = torch.rsqrt(edges.vec.square().sum(-1, keepdim=True) + self.eps**2)  # (E, 1)
         s = edges.env * inv_r
         r_tilde = torch.cat([s, s * edges.vec * inv_r], dim=-1)  # (E, 4)
         types = self.env_type_embed(torch.stack([atype[edges.src], atype[edges.dst]], -1))
         rbf = self.rbf_proj_layer2(self.rbf_proj_layer1(edges.rbf))
         g = self.g_layer2(self.g_layer1(torch.cat([rbf, types.flatten(1)], dim=-1)))  # (E, embed)
-        outer = (r_tilde.unsqueeze(-1) * g.unsqueeze(-2)).flatten(1)  # (E, 4*embed)
+        if self.spin_mask is not None:
+            r_tilde = torch.cat([r_tilde, self._spin_rows(edges, atype, spin, r_tilde)], dim=-1)
+        rows = r_tilde.shape[-1]  # 4, or 7 with spin
+        outer = (r_tilde.unsqueeze(-1) * g.unsqueeze(-2)).flatten(1)  # (E, rows*embed)
         if edges.src_gate is not None:
             outer = outer * edges.src_gate
-        env_mat = edges.sum_at_dst(outer).view(-1, 4, self.embed_dim) * edges.inv_sqrt_deg
-        invariant = env_mat.transpose(1, 2) @ env_mat[:, :, : self.axis_dim]  # (N, embed, axis)
+        env_mat = edges.sum_at_dst(outer).view(-1, rows, self.embed_dim) * edges.inv_sqrt_deg
+        geo = env_mat[:, :4]
+        invariant = geo.transpose(1, 2) @ geo[:, :, : self.axis_dim]  # (N, embed, axis)
+        if self.spin_mask is not None:
+            mag = env_mat[:, 4:]
+            invariant = invariant + self.spin_scale * (
+                mag.transpose(1, 2) @ mag[:, :, : self.axis_dim]
+            )
         return self.output_proj(invariant.flatten(1))
+
+    def _spin_rows(self, edges: EdgeCache, atype, spin, like: torch.Tensor) -> torch.Tensor:
+        """``env * s_src * magnetic(type_src)`` ``(E, 3)``; zeros without a spin input."""
+        if spin is None:
+            return like.new_zeros(like.shape[0], 3)
+        gate = edges.env * self.spin_mask[atype[edges.src]].unsqueeze(-1)  # (E, 1)
+        return gate * spin.to(like.dtype)[edges.src]
 
 
 class GeometricInitialEmbedding(nn.Module):
@@ -144,9 +174,84 @@ class GeometricInitialEmbedding(nn.Module):
         self.register_buffer("zonal_m0_col_index_for_row", degrees * (degrees + 1))
         self.register_buffer("radial_slot_index_for_row", degrees - 1)
 
-    def forward(self, edges: EdgeCache, zonal: torch.Tensor, radial: torch.Tensor) -> torch.Tensor:
-        """``zonal (E, D-1)``, ``radial (E, lmax, C)`` for l=1..lmax -> ``(N, D-1, C)``."""
+    def forward(
+        self,
+        edges: EdgeCache,
+        zonal: torch.Tensor,
+        radial: torch.Tensor,
+        spin_message: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``zonal (E, D-1)``, ``radial (E, lmax, C)`` for l=1..lmax -> ``(N, D-1, C)``.
+
+        ``spin_message (E, 3, C)`` (native spin) joins the ``l = 1`` rows of each edge message.
+        """
         message = zonal.unsqueeze(-1) * radial.index_select(1, self.radial_slot_index_for_row)
+        if spin_message is not None:
+            message = torch.cat([message[:, :3] + spin_message, message[:, 3:]], dim=1)
         if edges.src_gate is not None:
             message = message * edges.src_gate.unsqueeze(-1)
         return edges.sum_at_dst(message) * edges.inv_sqrt_deg
+
+
+def spin_type_mask(use_spin: Sequence[bool], dtype: torch.dtype) -> torch.Tensor:
+    """``(ntypes + 1,)`` 1.0 for magnetic types; the extra last entry (0) serves type ``-1``."""
+    return torch.tensor([float(bool(f)) for f in use_spin] + [0.0], dtype=dtype)
+
+
+#: ``(3, 3)`` Cartesian spin -> packed ``l = 1`` rows: ``sqrt(2) P`` with ``P(x,y,z)=(-y,-z,x)``,
+#: so that ``M (R s) = D^1(R) M s`` in the backbone's rotation convention.
+CART_TO_L1 = math.sqrt(2.0) * torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])
+
+
+class SpinEmbedding(nn.Module):
+    """Per-atom spin ``s`` as node input (native spin), exactly zero on non-magnetic types.
+
+    ``l = 0``: ``t_i += mag_layer2(mag_layer1(|s_i|^2))`` (smooth at ``s = 0``);
+    ``l = 1`` on-site: ``x_i[l=1] += (M s_i) W_vec[t_i]``;
+    ``l = 1`` from neighbours (through the GIE): ``env_e (M s_src) W_nbr[t_src]`` per edge.
+    ``mag_layer2``, ``W_vec`` and ``W_nbr`` start at zero.
+    """
+
+    def __init__(
+        self,
+        ntypes: int,
+        channels: int,
+        use_spin: Sequence[bool],
+        *,
+        activation_function: str,
+        dtype: torch.dtype,
+        seed=None,
+    ) -> None:
+        super().__init__()
+        if len(use_spin) != ntypes:
+            raise ValueError(f"use_spin has {len(use_spin)} flags for {ntypes} types")
+        self.register_buffer("spin_mask", spin_type_mask(use_spin, dtype), persistent=False)
+        self.register_buffer("cart_to_l1", CART_TO_L1.to(dtype), persistent=False)
+        s_mag = child_seed(seed, 0)
+        self.mag_layer1 = Dense(
+            1,
+            channels,
+            bias=False,
+            activation_function=activation_function,
+            dtype=dtype,
+            seed=child_seed(s_mag, 0),
+        )
+        self.mag_layer2 = Dense(channels, channels, bias=False, dtype=dtype, init="zeros")
+        self.adam_spin_vec_weight = nn.Parameter(torch.zeros(ntypes, channels, dtype=dtype))
+        self.adam_spin_nbr_weight = nn.Parameter(torch.zeros(ntypes, channels, dtype=dtype))
+
+    def forward(self, spin: torch.Tensor, atype: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``spin (N, 3)``, ``atype (N,)`` -> ``l = 0`` ``(N, C)`` and ``l = 1`` ``(N, 3, C)``."""
+        spin = spin.to(self.cart_to_l1.dtype)
+        mask = self.spin_mask[atype].unsqueeze(-1)  # (N, 1)
+        scalar = self.mag_layer2(self.mag_layer1(spin.square().sum(-1, keepdim=True))) * mask
+        weight = self.adam_spin_vec_weight[atype] * mask  # (N, C)
+        return scalar, (spin @ self.cart_to_l1.T).unsqueeze(-1) * weight.unsqueeze(1)
+
+    def edge_l1(self, spin: torch.Tensor, atype: torch.Tensor, edges: EdgeCache) -> torch.Tensor:
+        """Neighbour message ``(E, 3, C)`` for the ``l = 1`` rows of the GIE."""
+        src_type = atype[edges.src]
+        l1 = spin.to(self.cart_to_l1.dtype)[edges.src] @ self.cart_to_l1.T  # (E, 3)
+        gate = edges.env * self.spin_mask[src_type].unsqueeze(-1)  # (E, 1)
+        weight = self.adam_spin_nbr_weight[src_type]  # (E, C)
+        return (gate * l1).unsqueeze(-1) * weight.unsqueeze(1)

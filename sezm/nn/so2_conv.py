@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..geometry.layout import degree_of_rows, m_major_degrees, truncation_gain
+from ..geometry.layout import degree_of_rows, m_major_degrees
 from .attention import envelope_gated_softmax
 from .common import child_seed, normal_
 from .edge_cache import EdgeCache
@@ -202,8 +202,6 @@ class SO2Convolution(nn.Module):
         )
         self.register_buffer("degree_index_full", degree_of_rows(lmax), persistent=False)
         self.register_buffer("degree_index_m", m_major_degrees(lmax, mmax), persistent=False)
-        gain = truncation_gain(degree_of_rows(lmax), mmax).to(dtype)
-        self.register_buffer("rotate_inv_rescale_full", gain, persistent=False)
         self._build_message_path(opts, lmax, mmax, kmax, seed)
         self._build_aggregation(opts, lmax, seed)
         self._build_focus_competition(opts, seed)
@@ -386,15 +384,14 @@ class SO2Convolution(nn.Module):
         return self._compete_global(message, x_src[:, 0] * rad[:, 0]), rad
 
     def _so2_message(self, x, edges: EdgeCache, radial):
-        to_local = edges.to_local(self.lmax, self.mmax)  # (E, D_m, D)
-        x_local = torch.bmm(to_local, x[edges.src])  # (E, D_m, Cw)
+        x_local = edges.to_local(x[edges.src], self.lmax, self.mmax)  # (E, D_m, Cw)
         rad = self._widen(radial.index_select(1, self.degree_index_m))  # (E, D_m, Cw)
         if self.radial_degree_mixer is None:
             x_local = x_local * rad
         else:
             x_local = self.radial_degree_mixer(x_local, rad)
         if self.node_wise_grid_product is not None:
-            x_dst_local = torch.bmm(to_local, x[edges.dst])
+            x_dst_local = edges.to_local(x[edges.dst], self.lmax, self.mmax)
             x_local = x_local + self.node_wise_grid_product(x_local, x_dst_local)
         e, dm, _ = x_local.shape
         nf, cf = self.n_focus, self.focus_dim
@@ -407,8 +404,7 @@ class SO2Convolution(nn.Module):
             alpha = self._focus_weights(gate_src)  # (E, F)
             x_local = x_local * alpha.t().to(x_local.dtype)[:, :, None, None]
         x_local = x_local.permute(1, 2, 0, 3).reshape(e, dm, nf * cf)
-        message = torch.bmm(to_local.transpose(1, 2), x_local)  # (E, D, Cw)
-        return message * self.rotate_inv_rescale_full.view(1, -1, 1), rad
+        return edges.to_global(x_local, self.lmax, self.mmax), rad  # (E, D, Cw)
 
     def _scatter(self, x, edges: EdgeCache, message) -> torch.Tensor:
         """``out_i = inv_sqrt_deg_i * sum_{e -> i} env_e gate_e m_e``."""
@@ -441,12 +437,13 @@ class SO2Convolution(nn.Module):
         value = message.reshape(e, d, fa, ca).to(cd)
         if self.attn_v_proj is not None:
             value = self.attn_v_proj(value)
-        weighted = value.view(e, d, fa, h, -1) * alpha.view(e, 1, fa, h, 1)
-        summed = edges.sum_at_dst(weighted)  # (N, D, Fa, H, C_h)
+        # (flattened to 4-D: broadcasting over 5-D views with unit axes is far slower on CPU)
+        weighted = value.reshape(e, d, fa * h, -1) * alpha.view(e, 1, fa * h, 1)
+        summed = edges.sum_at_dst(weighted)  # (N, D, Fa*H, C_h)
         gate = torch.sigmoid(
             torch.einsum("nfi,ifo->nfo", self.attn_output_gate_norm(x0), self.adamw_attn_gate_w)
         )
-        out = (summed * gate.view(n, 1, fa, h, 1)).view(n, d, fa, ca)
+        out = (summed * gate.reshape(n, 1, fa * h, 1)).view(n, d, fa, ca)
         if self.attn_o_proj is not None:
             out = self.attn_o_proj(out)
         return out.reshape(n, d, fa * ca).to(self.dtype)

@@ -10,6 +10,8 @@ interrupted save never corrupts the previous checkpoint.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -18,16 +20,24 @@ import torch
 
 from ..compat.deepmd import to_deepmd_state
 
+log = logging.getLogger("sezm.train")
+
 
 def model_state(
-    model: torch.nn.Module, model_params: dict, lr: float, step: int, branch: str = "Default"
+    model: torch.nn.Module,
+    model_params: dict,
+    lr: float,
+    step: int,
+    branch: str = "Default",
+    infos: dict | None = None,
 ):
-    """DeePMD-kit style model state of one branch (tensors cloned to CPU)."""
+    """DeePMD-kit style model state of one branch (tensors cloned to CPU); ``infos``: further
+    ``train_infos`` entries (the full-validation records)."""
     tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     state = {
         "_extra_state": {
             "model_params": model_params,
-            "train_infos": {"lr": float(lr), "step": int(step)},
+            "train_infos": {**(infos or {}), "lr": float(lr), "step": int(step)},
         }
     }
     state.update(to_deepmd_state(tensors, branch))
@@ -51,6 +61,29 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def keep_counts(training: dict, num_steps: int) -> tuple[int, int]:
+    """``(periodic, EMA)`` checkpoints kept: ``max_ckpt_keep`` and ``ema_ckpt_keep`` (default:
+    the same), both replaced by ``ceil(ckpt_keep_ratio * ceil(numb_steps / save_freq))``
+    (at least 1; one checkpoint in all without periodic saves) when the ratio is set."""
+    keep = int(training.get("max_ckpt_keep", 5))
+    ema = training.get("ema_ckpt_keep")
+    ema = keep if ema is None else int(ema)
+    ratio = training.get("ckpt_keep_ratio")
+    if ratio is None:
+        return keep, ema
+    save_freq = int(training.get("save_freq", 1000))
+    total = max(1, math.ceil(num_steps / save_freq)) if save_freq > 0 else 1
+    keep = max(1, math.ceil(float(ratio) * total))
+    log.info(
+        "checkpoint retention %d from ckpt_keep_ratio=%s (numb_steps=%d, save_freq=%d)",
+        keep,
+        ratio,
+        num_steps,
+        save_freq,
+    )
+    return keep, keep
 
 
 class CheckpointStore:

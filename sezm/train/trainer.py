@@ -11,6 +11,11 @@ A run starts fresh (data statistics), from weights (``--init-model``), exactly w
 checkpoint stopped (``--restart``) or from a pretrained model (``--finetune``,
 ``finetune.py``). Multi-task runs (``model.model_dict``) train one model per branch with the
 shared modules of ``multitask.py``.
+
+Around the loop: full validation and best checkpoints (``validation.py``), TensorBoard and the
+profiler (``monitor.py``), precision and compile switches (``precision.py``, ``compile.py``),
+``torchrun`` processes (``distributed.py``), and after the last step
+``change_bias_after_training`` (the fine-tuning bias change on the training data).
 """
 
 from __future__ import annotations
@@ -33,14 +38,27 @@ from ..data import DataSystem, fields_for_model, model_stats, update_sel
 from ..model.build import build_model
 from ..model.property_model import PropertyModel
 from ..nn.lora import apply_lora, has_lora, merged_state_dict, strip_lora
-from .checkpoint import CheckpointStore, atomic_save, model_state
+from .checkpoint import CheckpointStore, atomic_save, keep_counts, model_state
+from .compile import CompiledEnergyGradient, TrainingForward, supports_compile
+from .distributed import (
+    Distributed,
+    describe,
+    optimizer_state,
+    rank_seed,
+    shard_optimizer,
+    wrap_ddp,
+    zero_stage,
+)
 from .ema import EMA
 from .finetune import FinetuneRule, change_out_bias, finetune_rules, transfer_weights
 from .losses import build_loss
 from .lr import LearningRate
+from .monitor import Monitor
 from .multitask import MultiTaskCurve, case_indices, model_prob, multitask_state, share_params
 from .optim import build_optimizer, clip_grad_norm, set_lr
+from .precision import Precision, evaluation_settings
 from .progress import LearningCurve, StepTimer, format_metrics
+from .validation import FullValidator, evaluate_energy, full_validators
 
 log = logging.getLogger("sezm.train")
 
@@ -69,6 +87,7 @@ class Task:
     model: nn.Module | None = None
     loss: Any = None
     min_nbor_dist: float | None = None
+    precision: Precision | None = None
 
 
 def _seed_everything(seed: int | None) -> None:
@@ -96,18 +115,24 @@ class Trainer:
     ) -> None:
         self.resume = resume or Resume()
         self.finetune_rules: dict[str, FinetuneRule] = {}
+        self.dist = Distributed.current()
         self.config = config = self._prepare_config(config)
         tr = config["training"]
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = self.dist.device(device)
         self.numb_steps = int(tr["numb_steps"])
         self.seed = tr.get("seed")
         _seed_everything(self.seed)
         self.multi_task = "model_dict" in config["model"]
+        self.zero_stage = zero_stage(tr, self.dist)
+        self.train_infos: dict[str, Any] = {}  # extra train_infos (full-validation records)
         self.tasks = self._make_tasks()
         self._build_models(shared_links)
+        self._build_forward()
         self._build_optimization()
         if self.resume.restart:
             self._restore_run_state()
+        self.validators = self._build_validators()
+        self.monitor = Monitor(tr, active=self.dist.is_main)
         self._log_settings()
 
     def _build_models(self, shared_links: dict[str, list[dict]] | None) -> None:
@@ -135,6 +160,23 @@ class Trainer:
             share_params(models, shared_links or {})
         self.lora = self._apply_lora()
 
+    def _build_forward(self) -> None:
+        """Precision switches per branch, the compiled paths, and the forward module (under
+        DDP in a multi-process run) that training steps call."""
+        evaluation = evaluation_settings(self.config.get("validating") or {})
+        compiled, compiled_eval = {}, {}
+        for name, task in self.tasks.items():
+            fast = supports_compile(task.model)
+            task.precision = Precision.resolve(task.params, self.device, evaluation, fast)
+            task.model.descriptor.amp_eval = task.precision.eval_amp
+            if task.precision.compile:
+                compiled[name] = CompiledEnergyGradient(task.model)
+            if evaluation.compile and fast:
+                compiled_eval[name] = CompiledEnergyGradient(task.model)
+        models = {n: t.model for n, t in self.tasks.items()}
+        self.forward = TrainingForward(models, compiled, compiled_eval)
+        self.ddp_forward = wrap_ddp(self.forward, self.dist)
+
     def _build_optimization(self) -> None:
         """Learning rate, losses, branch sampling, optimizer, EMA and checkpoint stores."""
         config, tr = self.config, self.config["training"]
@@ -145,12 +187,33 @@ class Trainer:
         self.optimizer = build_optimizer(
             config.get("optimizer", {"type": "Adam"}), self.model, self.lr.value(0)
         )
+        if self.zero_stage == 1:
+            self.optimizer = shard_optimizer(self.optimizer, list(self.model.named_parameters()))
         self.ema = EMA(self._ema_models, tr["ema_decay"]) if tr.get("enable_ema") else None
         save_ckpt = tr.get("save_ckpt", "model.ckpt")
-        keep = tr.get("max_ckpt_keep", 5)
+        keep, ema_keep = keep_counts(tr, self.numb_steps)
         self.store = CheckpointStore(save_ckpt, tr.get("save_dir"), keep)
-        ema_keep = tr.get("ema_ckpt_keep") if tr.get("ema_ckpt_keep") is not None else keep
         self.ema_store = CheckpointStore(save_ckpt + "_ema", tr.get("save_dir"), ema_keep, None)
+
+    def _build_validators(self) -> list[tuple[FullValidator, bool]]:
+        """The full-validation flows in force: ``(validator, on EMA weights)``."""
+        validating = self.config.get("validating") or {}
+        task = None if self.multi_task else self.tasks["Default"]
+        flows = full_validators(
+            validating,
+            num_steps=self.numb_steps,
+            save_ckpt=self.config["training"].get("save_ckpt", "model.ckpt"),
+            resumed_at=self.start_step if self.resume.restart else None,
+            is_main=self.dist.is_main,
+            train_infos=self.train_infos,
+            ema_state=None if self.ema is None else self.ema.validation_state,
+        )
+        if flows and (task is None or isinstance(task.model, PropertyModel) or not task.valid_data):
+            raise ValueError(
+                "validating.full_validation needs single-task energy training with "
+                "training.validation_data"
+            )
+        return flows
 
     # --- setup ------------------------------------------------------------------------------
     @property
@@ -183,7 +246,7 @@ class Trainer:
         tasks = {}
         for i, (name, params, data) in enumerate(specs):
             params = dict(params)
-            seed = None if self.seed is None else self.seed + 2 * i
+            seed = rank_seed(None if self.seed is None else self.seed + 2 * i, self.dist.rank)
             fields = fields_for_model(params)
             train = DataSystem.from_config(data["training_data"], params["type_map"], fields, seed)
             valid = None
@@ -272,7 +335,7 @@ class Trainer:
     def _set_statistics(self, task: Task, observed: bool = True) -> None:
         stats = model_stats(
             task.train_data,
-            task.params,
+            getattr(task.model, "stat_params", task.params),  # deepspin: with virtual types
             task.data_params.get("stat_file"),
             task.data_params.get("stat_file_mode", "update"),
         )
@@ -317,7 +380,7 @@ class Trainer:
         self.task_prob = (
             model_prob(self.config["training"], names, n_systems) if self.multi_task else np.ones(1)
         )
-        self._task_rng = np.random.default_rng(self.seed)
+        self._task_rng = np.random.default_rng(rank_seed(self.seed, self.dist.rank))
         if self.multi_task:
             log.info(
                 "branch probabilities: %s",
@@ -333,7 +396,8 @@ class Trainer:
             self.ema.load_state_dict(extra["ema"])
         run = extra.get("sezm", {})
         self.start_step = int(run.get("next_step", int(ckpt.train_infos.get("step", -1)) + 1))
-        rng = run.get("rng")
+        self.train_infos = {k: v for k, v in ckpt.train_infos.items() if k not in ("lr", "step")}
+        rng = self._rank_rng(run)
         if rng:
             torch.set_rng_state(rng["torch"])
             per_task = rng["tasks"] if self.multi_task else {"Default": rng}
@@ -344,6 +408,17 @@ class Trainer:
             if "draw" in rng:
                 self._task_rng.bit_generator.state = rng["draw"]
         log.info("restarting at step %d", self.start_step)
+
+    def _rank_rng(self, run: dict) -> dict | None:
+        """This rank's saved sampler state; a run on another number of processes restores
+        rank 0's only (the other ranks keep their fresh, rank-seeded streams)."""
+        per_rank = run.get("rng_ranks")
+        if per_rank and len(per_rank) == self.dist.world_size:
+            return per_rank[self.dist.rank]
+        if self.dist.rank == 0:
+            return run.get("rng")
+        log.warning("rank %d: no sampler state of this rank in the checkpoint", self.dist.rank)
+        return None
 
     def _reindexed(self, saved: dict) -> dict:
         """A saved optimizer state renumbered to this optimizer's parameter order.
@@ -376,35 +451,39 @@ class Trainer:
         return {"state": state, "param_groups": new_groups}
 
     def _log_settings(self) -> None:
-        m = self.model_params
         first = next(iter(self.tasks.values())).model
         desc = first.descriptor.opts
-        cuda = self.device.type == "cuda"
-        log.info("device: %s, threads: %d", self.device, torch.get_num_threads())
-        log.info("precision: descriptor %s, fitting %s", desc.precision, first.fitting_net.dtype)
         log.info(
-            "AMP (bf16): %s; TF32: %s; compile: %s",
-            "on"
-            if desc.use_amp and cuda
-            else "off" + (" (CPU)" if desc.use_amp and not cuda else ""),
-            "on" if m.get("enable_tf32", True) and cuda else "off",
-            "off" + (" (requested; the eager path is used)" if m.get("use_compile") else ""),
+            "device: %s, threads: %d, %s",
+            self.device,
+            torch.get_num_threads(),
+            describe(self.dist, self.zero_stage),
         )
+        log.info("precision: descriptor %s, fitting %s", desc.precision, first.fitting_net.dtype)
+        for name, task in self.tasks.items():
+            for line in task.precision.describe(task.params):
+                log.info("%s%s", f"{name}: " if self.multi_task else "", line)
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("model: %d trainable parameters", n_params)
 
     # --- running ----------------------------------------------------------------------------
     def _step_loss(self, task: Task, batch, lr: float, training: bool):
+        """Loss and every loss metric (floats) of one batch; training forwards go through DDP
+        under the training precision, evaluation ones under the inference settings."""
         graph, labels, find = batch
         model = task.model
-        if isinstance(model, PropertyModel):
-            pred = model(graph)
-            kwargs = {"out_bias": model.out_bias[0, 0], "out_std": model.out_std[0, 0]}
+        if training:
+            with task.precision.training_forward():
+                pred = self.ddp_forward(task.name, graph, True)
         else:
-            pred, kwargs = model(graph, create_graph=training), {}
+            with task.precision.evaluation_forward():
+                pred = self.forward(task.name, graph, False)
+        kwargs = {}
+        if isinstance(model, PropertyModel):
+            kwargs = {"out_bias": model.out_bias[0, 0], "out_std": model.out_std[0, 0]}
         natoms = graph.atype.shape[1]
         loss, metrics = task.loss(pred, labels, find, natoms, lr, mask=graph.atype >= 0, **kwargs)
-        return loss, {k: float(v) for k, v in metrics.items() if "l2_" not in k}
+        return loss, {k: float(v) for k, v in metrics.items()}
 
     @contextlib.contextmanager
     def _evaluating(self):
@@ -421,14 +500,14 @@ class Trainer:
         with self._evaluating():
             for batch in task.valid_data.validation_batches(task.model.rcut, self.device):
                 _, metrics = self._step_loss(task, batch, lr, training=False)
-                results.append((metrics, int((batch.graph.atype >= 0).sum())))
+                results.append((_shown(metrics), int((batch.graph.atype >= 0).sum())))
         return _mean_metrics(results)
 
     def _probe(self, task: Task, lr: float) -> dict[str, float]:
         """Training metrics of a branch not trained this step: one training batch, eval mode."""
         with self._evaluating():
             batch = task.train_data.next_batch(task.model.rcut, self.device)
-            return self._step_loss(task, batch, lr, training=False)[1]
+            return _shown(self._step_loss(task, batch, lr, training=False)[1])
 
     def _draw_task(self) -> Task:
         if not self.multi_task:
@@ -437,6 +516,8 @@ class Trainer:
         return self.tasks[names[int(self._task_rng.choice(len(names), p=self.task_prob))]]
 
     def _display(self, shown: int, lr: float, task: Task, metrics, acc, counts, curve) -> None:
+        """Log lines and ``lcurve.out`` row; with ``disp_avg`` the training metrics are the
+        means over the steps since the last display (per branch)."""
         tr = self.config["training"]
         disp_avg = bool(tr.get("disp_avg", False))
         if not self.multi_task:
@@ -462,77 +543,155 @@ class Trainer:
                 log.info(format_metrics(shown, f"{name}_val", valids[name], None))
         curve.write(shown, lr, trains, valids)
 
-    def _train_step(self, step: int, lr: float) -> tuple[Task, dict[str, float]]:
+    def _train_step(self, step: int, lr: float, watch: bool):
+        """One optimizer step: ``(branch, loss, metrics, gradient norms)``; the norms (see
+        :meth:`_clip`) with per-parameter values when ``watch`` (TensorBoard)."""
         task = self._draw_task()
         batch = task.train_data.next_batch(task.model.rcut, self.device)
         loss, metrics = self._step_loss(task, batch, lr, training=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = float(self.config["training"].get("gradient_max_norm", 0.0))
-        if max_norm > 0:
-            norm = clip_grad_norm(self.model.parameters(), max_norm)
-            if not torch.isfinite(norm):
-                raise FloatingPointError(f"step {step + 1}: non-finite gradient norm {float(norm)}")
+        norms = self._clip(step, watch)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self._ema_models)
-        return task, metrics
+        return task, loss.detach(), metrics, norms
+
+    def _clip(self, step: int, watch: bool):
+        """Clip the gradient norm to ``gradient_max_norm`` (if > 0): ``(norm before clipping,
+        [(parameter, its gradient norm)] if watch)``; ``None`` without clipping."""
+        max_norm = float(self.config["training"].get("gradient_max_norm", 0.0))
+        if max_norm <= 0:
+            return None
+        per_param = []
+        if watch:
+            named = self.model.named_parameters()
+            per_param = [(n, float(p.grad.norm())) for n, p in named if p.grad is not None]
+        norm = clip_grad_norm(self.model.parameters(), max_norm)
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"step {step + 1}: non-finite gradient norm {float(norm)}")
+        return norm, per_param
 
     def run(self) -> None:
-        tr = self.config["training"]
-        disp_freq, save_freq = int(tr.get("disp_freq", 1000)), int(tr.get("save_freq", 1000))
-        disp_file = tr.get("disp_file", "lcurve.out")
-        mode = "a" if self.resume.restart else "w"
-        if self.resume.restart:
-            _truncate_curve(disp_file, self.start_step)
-        fresh = mode == "w" or not Path(disp_file).is_file() or Path(disp_file).stat().st_size == 0
-        with open(disp_file, mode, buffering=1) as handle:
-            curve = (
-                MultiTaskCurve(handle, list(self.tasks), fresh)
-                if self.multi_task
-                else LearningCurve(handle, write_header=fresh)
-            )
-            timer = StepTimer(self.start_step, self.numb_steps)
-            self.model.train()
-            acc: dict[str, dict[str, float]] = {n: {} for n in self.tasks}
-            counts = dict.fromkeys(self.tasks, 0)
-            log.info("training %d steps (from step %d)", self.numb_steps, self.start_step)
-            for step in range(self.start_step, self.numb_steps):
-                lr = self.lr.value(step)
-                set_lr(self.optimizer, lr)
-                task, metrics = self._train_step(step, lr)
-                for k, v in metrics.items():
-                    acc[task.name][k] = acc[task.name].get(k, 0.0) + v
-                counts[task.name] += 1
-                shown = step + 1
-                if tr.get("disp_training", True) and (shown % disp_freq == 0 or shown == 1):
-                    self._display(shown, lr, task, metrics, acc, counts, curve)
-                    elapsed, eta = timer.lap(shown)
-                    if tr.get("time_training", True):
-                        log.info("batch %7d: wall time %.2f s, eta %s", shown, elapsed, eta)
-                    acc, counts = {n: {} for n in self.tasks}, dict.fromkeys(self.tasks, 0)
-                if shown == self.numb_steps or (save_freq > 0 and shown % save_freq == 0):
-                    self.save(step, lr)
-        if self.lora and self.numb_steps > self.start_step:
+        timer = StepTimer(self.start_step, self.numb_steps)
+        log.info("training %d steps (from step %d)", self.numb_steps, self.start_step)
+        with self._learning_curve() as curve:
+            self.monitor.start()
+            try:
+                self._loop(curve, timer)
+            finally:
+                self.monitor.close()
+        if self.numb_steps > self.start_step:
             last = self.numb_steps - 1
-            self.save_merged(last, self.lr.value(last))
-            if self.ema is not None:
-                self.save_merged(last, self.lr.value(last), use_ema=True)
+            if self.config["training"].get("change_bias_after_training"):
+                self._change_bias_after_training(last)
+            if self.lora and self.dist.is_main:
+                self.save_merged(last, self.lr.value(last))
+                if self.ema is not None:
+                    self.save_merged(last, self.lr.value(last), use_ema=True)
         log.info(
             "finished; mean step time %.3f s; latest checkpoint %s",
             timer.mean_step_time,
             self.store.path_for(self.numb_steps),
         )
 
+    def _loop(self, curve, timer: StepTimer) -> None:
+        tr = self.config["training"]
+        disp_freq, save_freq = int(tr.get("disp_freq", 1000)), int(tr.get("save_freq", 1000))
+        self.model.train()
+        acc: dict[str, dict[str, float]] = {n: {} for n in self.tasks}
+        counts = dict.fromkeys(self.tasks, 0)
+        for step in range(self.start_step, self.numb_steps):
+            shown = step + 1
+            self.monitor.step_begins()
+            lr = self.lr.value(step)
+            set_lr(self.optimizer, lr)
+            task, loss, metrics, norms = self._train_step(step, lr, self.monitor.due(shown))
+            for k, v in _shown(metrics).items():
+                acc[task.name][k] = acc[task.name].get(k, 0.0) + v
+            counts[task.name] += 1
+            if tr.get("disp_training", True) and (shown % disp_freq == 0 or shown == 1):
+                if self.dist.is_main:
+                    self._display(shown, lr, task, _shown(metrics), acc, counts, curve)
+                elapsed, eta = timer.lap(shown)
+                if tr.get("time_training", True):
+                    log.info("batch %7d: wall time %.2f s, eta %s", shown, elapsed, eta)
+                acc, counts = {n: {} for n in self.tasks}, dict.fromkeys(self.tasks, 0)
+            self._full_validation(step, lr)
+            if shown == self.numb_steps or (save_freq > 0 and shown % save_freq == 0):
+                self.save(step, lr)
+            if self.monitor.due(shown):
+                self.monitor.scalars(shown, task.name, lr, loss, metrics, *(norms or (None,)))
+
+    @contextlib.contextmanager
+    def _learning_curve(self):
+        """The ``lcurve.out`` writer (rank 0; ``None`` elsewhere); a restart continues it."""
+        if not self.dist.is_main:
+            yield None
+            return
+        disp_file = self.config["training"].get("disp_file", "lcurve.out")
+        if self.resume.restart:
+            _truncate_curve(disp_file, self.start_step)
+        file = Path(disp_file)
+        fresh = not self.resume.restart or not file.is_file() or file.stat().st_size == 0
+        with open(file, "a" if self.resume.restart else "w", buffering=1) as handle:
+            if self.multi_task:
+                yield MultiTaskCurve(handle, list(self.tasks), fresh)
+            else:
+                yield LearningCurve(handle, write_header=fresh)
+
+    def _full_validation(self, step: int, lr: float) -> None:
+        """The full-validation flows due after ``step``: rank 0 evaluates and ranks, every rank
+        joins the best-checkpoint save (collective under ZeRO), rank 0 logs."""
+        shown = step + 1
+        for validator, on_ema in self.validators:
+            if not validator.due(shown):
+                continue
+            self.dist.barrier()
+            errors, path, failure = {}, None, None
+            if self.dist.is_main:
+                try:
+                    errors = self._full_errors(on_ema)
+                    path = validator.validate(shown, errors)
+                except Exception as err:
+                    failure = err
+            path, failed = self.dist.broadcast((path, failure is not None))
+            if failure is not None:
+                raise failure
+            if failed:
+                raise RuntimeError("full validation failed on rank 0")
+            if path is not None:
+                self._save_best(Path(path), step, lr, on_ema)
+            if self.dist.is_main:
+                validator.finish(shown, errors, path)
+            self.dist.barrier()
+
+    def _full_errors(self, on_ema: bool) -> dict[str, float]:
+        task = self.tasks["Default"]
+        swap = self.ema.swapped_in(self._ema_models) if on_ema else contextlib.nullcontext()
+        with swap, self._evaluating(), task.precision.evaluation_forward():
+            return evaluate_energy(
+                lambda graph: self.forward(task.name, graph, False),
+                task.valid_data,
+                task.model.rcut,
+                self.device,
+            )
+
+    def _change_bias_after_training(self, last: int) -> None:
+        """Change-by-statistic of the output bias on the training data (every rank alike, from
+        the same frames), then the last checkpoint again."""
+        for task in self.tasks.values():
+            change_out_bias(task.model, task.train_data, task.params, self.seed)
+        self.save(last, self.lr.value(last))
+
     # --- checkpoints ------------------------------------------------------------------------
     def _model_state(self, lr: float, step: int) -> dict:
         if self.multi_task:
             return multitask_state(dict(self.model.items()), self.model_params, lr, step)
-        return model_state(self.model, self.model_params, lr, step)
+        return model_state(self.model, self.model_params, lr, step, infos=self.train_infos)
 
-    def save(self, step: int, lr: float) -> Path:
-        """Checkpoint after ``step`` (0-based) in DeePMD-kit's layout, plus sezm's run state."""
-        shown = step + 1
+    def _rng_state(self) -> dict[str, Any]:
+        """This rank's random state: torch, samplers (and the branch draw)."""
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         per_task = {}
         for name, task in self.tasks.items():
@@ -543,38 +702,77 @@ class Trainer:
             rng.update(tasks=per_task, draw=self._task_rng.bit_generator.state)
         else:
             rng.update(per_task["Default"])
-        obj = {
-            "model": self._model_state(lr, step),
-            "optimizer": self.optimizer.state_dict(),
-            "sezm": {"next_step": shown, "rng": rng},
-        }
+        return rng
+
+    def _checkpoint(self, step: int, lr: float) -> dict | None:
+        """The resumable checkpoint after ``step`` (0-based) on rank 0, ``None`` elsewhere.
+        Collective: every rank's random state and the (sharded) optimizer state are gathered."""
+        rngs = self.dist.gather(self._rng_state())
+        optimizer = optimizer_state(self.optimizer, self.dist)
+        if not self.dist.is_main:
+            return None
+        run: dict[str, Any] = {"next_step": step + 1, "rng": rngs[0]}
+        if self.dist.enabled:
+            run["rng_ranks"] = rngs
+        obj = {"model": self._model_state(lr, step), "optimizer": optimizer, "sezm": run}
         if self.ema is not None:
             obj["ema"] = self.ema.state_dict()
+        return obj
+
+    def _ema_checkpoint(self, step: int, lr: float) -> dict:
+        with self.ema.swapped_in(self._ema_models):
+            return {"model": self._model_state(lr, step)}
+
+    def save(self, step: int, lr: float) -> Path | None:
+        """Checkpoint after ``step`` (0-based) in DeePMD-kit's layout, plus sezm's run state;
+        called on every rank, written by rank 0 (its path; ``None`` elsewhere)."""
+        shown = step + 1
+        obj = self._checkpoint(step, lr)
+        if obj is None:
+            return None
         path = self.store.save(obj, shown)
         log.info("saved checkpoint %s", path)
         if self.ema is not None:
-            with self.ema.swapped_in(self._ema_models):
-                self.ema_store.save({"model": self._model_state(lr, step)}, shown)
+            self.ema_store.save(self._ema_checkpoint(step, lr), shown)
         return path
 
-    def save_merged(self, step: int, lr: float, use_ema: bool = False) -> Path:
-        """``<save_ckpt>[_ema]_merged.pt``: the LoRA adapters folded into the base weights,
-        ``lora`` dropped from ``model_params``, no optimizer state (a plain DPA4 checkpoint)."""
+    def _save_best(self, path: Path, step: int, lr: float, on_ema: bool) -> None:
+        """A best checkpoint chosen by full validation: the EMA weights alone, or the full
+        resumable state; a LoRA run writes it merged (a plain DPA4 checkpoint)."""
+        if self.lora:
+            if self.dist.is_main:
+                self.save_merged(step, lr, use_ema=on_ema, path=path)
+            return
+        obj = self._ema_checkpoint(step, lr) if on_ema else self._checkpoint(step, lr)
+        if self.dist.is_main:
+            atomic_save(obj, path)
+
+    def save_merged(
+        self, step: int, lr: float, use_ema: bool = False, path: Path | None = None
+    ) -> Path:
+        """``<save_ckpt>[_ema]_merged.pt`` (or ``path``): the LoRA adapters folded into the
+        base weights, ``lora`` dropped from ``model_params``, no optimizer state (a plain DPA4
+        checkpoint)."""
         store = self.ema_store if use_ema else self.store
-        path = store.directory / f"{store.prefix.name}_merged.pt"
+        path = path or store.directory / f"{store.prefix.name}_merged.pt"
         swap = self.ema.swapped_in(self._ema_models) if use_ema else contextlib.nullcontext()
         with swap:
             tensors = {k: v.cpu() for k, v in merged_state_dict(self.model).items()}
         state = {
             "_extra_state": {
                 "model_params": strip_lora(self.model_params),
-                "train_infos": {"lr": float(lr), "step": int(step)},
+                "train_infos": {**self.train_infos, "lr": float(lr), "step": int(step)},
             },
             **to_deepmd_state(tensors),
         }
         atomic_save({"model": state}, path)
         log.info("saved merged LoRA checkpoint %s", path)
         return path
+
+
+def _shown(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics shown in logs and ``lcurve.out`` (not the ``l2_*`` loss terms)."""
+    return {k: v for k, v in metrics.items() if "l2_" not in k}
 
 
 def _truncate_curve(path: str, last_step: int) -> None:

@@ -1,4 +1,4 @@
-"""Training losses: ``ener``, ``property`` and ``dens`` (see each module for the formulas)."""
+"""Training losses: ``ener``, ``ener_spin``, ``property`` and ``dens`` (formulas in each module)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from .common import LabelRequirement, Pref
 from .dens import DensBatch, DensLoss
 from .energy import EnergyLoss
 from .property import PropertyLoss
+from .spin import EnergySpinLoss
 
-Loss = EnergyLoss | PropertyLoss | DensLoss
+Loss = EnergyLoss | EnergySpinLoss | PropertyLoss | DensLoss
 
 __all__ = [
     "DensBatch",
     "DensLoss",
     "EnergyLoss",
+    "EnergySpinLoss",
     "LabelRequirement",
     "Loss",
     "Pref",
@@ -42,7 +44,7 @@ def build_loss(config: dict[str, Any], starter_learning_rate: float, **model_inf
         keys = ("task_dim", "var_name", "intensive", "out_bias", "out_std")
         return PropertyLoss(config, **{k: model_info[k] for k in keys if k in model_info})
     if kind == "ener_spin":
-        raise NotImplementedError(
-            "the `ener_spin` loss needs a spin model, which sezm does not have yet"
-        )
-    raise ValueError(f"unsupported loss type {kind!r}; sezm has `ener`, `property` and `dens`")
+        return EnergySpinLoss(config, starter_learning_rate)
+    raise ValueError(
+        f"unsupported loss type {kind!r}; sezm has `ener`, `ener_spin`, `property` and `dens`"
+    )

@@ -83,9 +83,12 @@ def huber_deltas(delta: float | list[float]) -> tuple[float, float, float]:
 class EnergyLoss:
     """``loss.type = "ener"``; ``section`` is the normalized ``loss`` input."""
 
+    # terms in order, the prediction each reads, their labels and their l2 metric names
+    TERMS, PRED, LABELS, L2 = _ORDER, _PRED, _LABELS, _L2
+
     def __init__(self, section: dict[str, Any], starter_learning_rate: float) -> None:
         self.lr0 = float(starter_learning_rate)
-        self.prefs = {item: Pref.of(section, item) for item in _ORDER}
+        self.prefs = {item: Pref.of(section, item) for item in self.TERMS}
         self.loss_func = section.get("loss_func", "mse")
         self.relative_f = section.get("relative_f")
         self.f_use_norm = bool(section.get("f_use_norm", False))
@@ -96,7 +99,7 @@ class EnergyLoss:
         self.ngc = int(section.get("numb_generalized_coord", 0))
         self.delta_e, self.delta_f, self.delta_v = huber_deltas(section.get("huber_delta", 0.01))
         self._check(Pref.of(section, "h"))
-        self.active = [item for item in _ORDER if self.prefs[item].active]
+        self.active = [item for item in self.TERMS if self.prefs[item].active]
 
     def _check(self, hessian: Pref) -> None:
         if self.loss_func not in ("mse", "mae"):
@@ -141,10 +144,10 @@ class EnergyLoss:
         loss = torch.zeros((), dtype=F64, device=ref.device)
         metrics: dict[str, Tensor] = {}
         for item in self.active:
-            if _PRED[item] not in pred:
+            if self.PRED[item] not in pred:
                 continue
             names = self._metric_names(item)
-            if not all(self._has(name, label, find) for name in _LABELS[item]):
+            if not all(self._has(name, label, find) for name in self.LABELS[item]):
                 metrics.update(dict.fromkeys(names, nan_like(ref)))
                 continue
             value, shown, l2 = getattr(self, f"_term_{item}")(pred, label, frames)
@@ -161,7 +164,7 @@ class EnergyLoss:
     def _metric_names(self, item: str) -> tuple[str, ...]:
         if self.loss_func == "mae" and item != "gf":
             return (f"mae_{item}",)
-        return (f"rmse_{item}", _L2[item])
+        return (f"rmse_{item}", self.L2[item])
 
     # --- terms: each returns (loss term, shown metric, l2 metric or None) ---------------------
 

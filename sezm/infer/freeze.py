@@ -1,0 +1,426 @@
+"""Freeze a DPA4 checkpoint into an AOTInductor ``.pt2`` that DeePMD-kit's C++ ``DeepPotPTExpt``
+(LAMMPS ``pair_style deepmd model.pt2``) and ``sezm.DeepPot`` run.
+
+Pipeline (the input/output contract is in ``pt2.py``, the schema choice in ``docs/freeze.md``):
+
+1. ``GraphLower`` wraps the energy model: per-node energies on the flat graph, one backward
+   pass to the edge vectors, forces and virials from ``model.forces``.
+2. ``make_fx`` (symbolic shapes) records forward and backward as one graph; ``torch.export``
+   checks that atoms, edges and frames stay dynamic.
+3. AOTInductor compiles it with deterministic algorithms on, so accumulating scatters call
+   ATen: Inductor's own atomic-add scatters get scheduled after a kernel that reads their
+   result in this graph (torch 2.11-2.13, CPU), which silently corrupts the forces.
+4. The package is reloaded and compared with eager evaluation on two frames of different
+   sizes; a difference beyond floating-point rounding raises ``FreezeError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..compat.deepmd import load_checkpoint
+from ..geometry.neighbors import build_edges
+from ..model import forces as F
+from ..model.build import load_model
+from ..model.energy import EnergyModel
+from ..model.graph import Graph
+from .pt2 import GRAPH_INPUTS, OUTPUT_KEYS, graph_inputs
+
+DPA4_TYPES = ("dpa4", "sezm")
+
+
+class FreezeError(RuntimeError):
+    """A checkpoint that cannot be frozen, or a package that does not reproduce eager results."""
+
+
+class GraphLower(nn.Module):
+    """``EnergyModel`` on the flat NeighborGraph inputs of ``pt2.GRAPH_INPUTS`` (+ extras).
+
+    Every node is passed to the model as a one-atom frame (``atype (N, 1)``), so frames of
+    different sizes share one call; per-frame inputs are gathered to their nodes first.
+    """
+
+    def __init__(self, model: EnergyModel, extras: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.extras = extras
+
+    def forward(
+        self,
+        atype: torch.Tensor,
+        n_node: torch.Tensor,
+        n_local: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_vec: torch.Tensor,
+        edge_mask: torch.Tensor,
+        destination_order: torch.Tensor,
+        destination_row_ptr: torch.Tensor,
+        source_order: torch.Tensor,
+        source_row_ptr: torch.Tensor,
+        *extras: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        n, nf = atype.shape[0], n_node.shape[0]
+        frame = torch.repeat_interleave(
+            torch.arange(nf, device=atype.device), n_node, output_size=n
+        )  # (N,)
+        first = torch.cumsum(n_node, 0) - n_node  # (nf,) first node of each frame
+        owned = torch.arange(n, device=atype.device) - first[frame] < n_local[frame]  # (N,)
+        given = dict(zip(self.extras, extras))
+        src, dst = edge_index[0], edge_index[1]
+        graph = Graph(
+            atype=atype.view(n, 1),
+            src=src,
+            dst=dst,
+            edge_vec=edge_vec,
+            edge_mask=edge_mask,
+            fparam=given["fparam"][frame] if "fparam" in given else None,
+            aparam=given["aparam"].unsqueeze(1) if "aparam" in given else None,
+            charge_spin=given["charge_spin"][frame] if "charge_spin" in given else None,
+        )
+        vec = edge_vec.detach().requires_grad_(True)
+        with torch.enable_grad():
+            atom_energy = self.model.atomic_energy(graph, vec).view(n)  # (N,) float64
+            owned_energy = atom_energy * owned.to(atom_energy.dtype)
+            grad = F.edge_gradient(owned_energy, vec)  # (E, 3)
+        grad = grad * edge_mask.unsqueeze(-1).to(grad.dtype)
+        vec = vec.detach()
+        energy = owned_energy.new_zeros(nf).index_add(0, frame, owned_energy)
+        return (
+            atom_energy.view(n, 1),
+            energy.view(nf, 1),
+            F.forces(grad, src, dst, n),
+            F.frame_virials(grad, vec, frame[dst], nf),
+            F.atomic_virials(grad, vec, src, dst, n),
+        )
+
+
+# --- sample systems ------------------------------------------------------------------------
+def sample_frames(
+    ntypes: int, sizes: tuple[int, ...], seed: int, density: float = 0.05
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Periodic frames ``(coord (nat, 3), cell (3, 3), atype (nat,))``: jittered grid points
+    in a cube holding ``density`` atoms per Å^3, types cycling through ``ntypes``."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for nat in sizes:
+        side = (nat / density) ** (1 / 3)
+        g = math.ceil(nat ** (1 / 3))
+        grid = np.stack(np.meshgrid(*[np.arange(g)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        cells = grid[rng.choice(len(grid), nat, replace=False)]
+        coord = (cells + 0.5 + rng.uniform(-0.15, 0.15, (nat, 3))) * (side / g)
+        frames.append((coord, np.eye(3) * side, np.arange(nat) % ntypes))
+    return frames
+
+
+def flat_graph(frames, rcut: float) -> tuple[Graph, torch.Tensor]:
+    """One graph over frames of any sizes (node ``offset_f + i``) and ``n_node (nf,)``."""
+    atype, src, dst, vec, offset = [], [], [], [], 0
+    for coord, cell, types in frames:
+        edges = build_edges(coord[None], cell[None], rcut)
+        atype.append(torch.as_tensor(types))
+        src.append(torch.as_tensor(edges.src) + offset)
+        dst.append(torch.as_tensor(edges.dst) + offset)
+        vec.append(torch.as_tensor(edges.vec))
+        offset += len(types)
+    graph = Graph(
+        atype=torch.cat(atype).long(),
+        src=torch.cat(src).long(),
+        dst=torch.cat(dst).long(),
+        edge_vec=torch.cat(vec).to(torch.float64),
+    )
+    return graph, torch.tensor([len(f[2]) for f in frames])
+
+
+# --- freezing ------------------------------------------------------------------------------
+def extra_inputs(model: EnergyModel) -> tuple[str, ...]:
+    """Optional contract inputs the model needs, in contract order."""
+    names = []
+    if model.fitting_net.numb_fparam:
+        names.append("fparam")
+    if model.fitting_net.numb_aparam:
+        names.append("aparam")
+    if model.descriptor.opts.add_chg_spin_ebd:
+        names.append("charge_spin")
+    return tuple(names)
+
+
+def lower_inputs(model: EnergyModel, frames, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Contract inputs for ``frames`` (random fparam / aparam / charge_spin when needed)."""
+    graph, n_node = flat_graph(frames, model.rcut)
+    gen = torch.Generator().manual_seed(seed)
+    n, nf = graph.atype.shape[0], n_node.shape[0]
+    shapes = {
+        "fparam": (nf, model.fitting_net.numb_fparam),
+        "aparam": (n, model.fitting_net.numb_aparam),
+        "charge_spin": (nf, 2),
+    }
+    extras = [
+        torch.rand(shapes[k], generator=gen, dtype=torch.float64) for k in extra_inputs(model)
+    ]
+    return (*graph_inputs(graph, n_node), *extras)
+
+
+def dynamic_shapes(extras: tuple[str, ...]) -> tuple[dict, ...]:
+    Dim = torch.export.Dim
+    nodes, edges, frames = Dim("n_node_total", min=1), Dim("n_edge", min=2), Dim("nframes", min=1)
+    shapes = {
+        "atype": {0: nodes},
+        "n_node": {0: frames},
+        "n_local": {0: frames},
+        "edge_index": {1: edges},
+        "edge_vec": {0: edges},
+        "edge_mask": {0: edges},
+        "destination_order": {0: edges},
+        "destination_row_ptr": {0: nodes + 1},
+        "source_order": {0: edges},
+        "source_row_ptr": {0: nodes + 1},
+        "fparam": {0: frames},
+        "aparam": {0: nodes},
+        "charge_spin": {0: frames},
+    }
+    return tuple(shapes[k] for k in (*GRAPH_INPUTS, *extras))
+
+
+@contextmanager
+def _deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def export_lower(model: EnergyModel) -> torch.export.ExportedProgram:
+    """Forward + edge-gradient graph of ``model`` with dynamic atoms, edges and frames."""
+    from torch.fx.experimental import _config as fx_config
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    extras = extra_inputs(model)
+    lower = GraphLower(model, extras).eval()
+    # Three frames of distinct sizes; every dynamic size gets its own symbol (no duck shaping),
+    # so a sample size that happens to equal a model width cannot be baked into the graph.
+    sample = lower_inputs(model, sample_frames(len(model.type_map), (5, 7, 9), seed=1))
+    with fx_config.patch(use_duck_shape=False):
+        traced = make_fx(lower, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*sample)
+        return torch.export.export(
+            traced, sample, dynamic_shapes=dynamic_shapes(extras), strict=False
+        )
+
+
+def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
+    """AOTInductor package at ``path`` (CPU)."""
+    options = {"aot_inductor.compile_wrapper_opt_level": "O0"}
+    with _deterministic():
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=os.fspath(path), inductor_configs=options
+        )
+
+
+ENERGY_OUTPUT_DEF = {
+    "name": "energy",
+    "shape": [1],
+    "reducible": True,
+    "r_differentiable": True,
+    "c_differentiable": True,
+    "atomic": True,
+    "category": 0,
+    "r_hessian": False,
+    "magnetic": False,
+    "intensive": False,
+}
+
+
+def metadata(model: EnergyModel, checkpoint: str, head: str | None) -> dict:
+    """``extra/metadata.json``: the fields DeePMD-kit's C++ reader needs, plus ``sezm``."""
+    opts, fit = model.descriptor.opts, model.fitting_net
+    sel = _sel(model.params.get("descriptor", {}).get("sel", 0))
+    default_fparam = fit.default_fparam_tensor
+    chg_spin = opts.default_chg_spin
+    return {
+        "type_map": list(model.type_map),
+        "ntypes": len(model.type_map),
+        "rcut": float(model.rcut),
+        "sel": sel,
+        "nnei": sum(sel),
+        "lower_input_kind": "graph",
+        "graph_edge_dtype": "float64",
+        "dim_fparam": int(fit.numb_fparam),
+        "dim_aparam": int(fit.numb_aparam),
+        "dim_chg_spin": 2 if opts.add_chg_spin_ebd else 0,
+        "has_chg_spin_ebd": bool(opts.add_chg_spin_ebd),
+        "has_default_chg_spin": chg_spin is not None,
+        "default_chg_spin": None if chg_spin is None else list(chg_spin),
+        "has_default_fparam": default_fparam is not None,
+        "default_fparam": None if default_fparam is None else default_fparam.tolist(),
+        "mixed_types": True,
+        "has_message_passing": opts.n_blocks > 0,
+        "has_comm_artifact": False,
+        "do_atomic_virial": True,
+        "pair_exclude_types": [],  # applied inside the package, with the descriptor exclusions
+        "output_keys": list(OUTPUT_KEYS),
+        "fitting_output_defs": [ENERGY_OUTPUT_DEF],
+        "sel_type": [],
+        "is_spin": False,
+        "sezm": {
+            "version": _sezm_version(),
+            "torch_version": torch.__version__,
+            "device": "cpu",
+            "dtype": str(opts.dtype).removeprefix("torch."),
+            "compute_dtype": str(opts.compute_dtype).removeprefix("torch."),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "deterministic_scatter": True,
+            "atom_virial": "each edge's -g (x) v split half/half between its two atoms",
+            "checkpoint": os.path.basename(checkpoint),
+            "head": head,
+        },
+    }
+
+
+def _sel(sel) -> list[int]:
+    """``descriptor.sel`` as a list (``[0]`` when it was never resolved, e.g. ``"auto"``)."""
+    if isinstance(sel, (list, tuple)):
+        return [int(s) for s in sel]
+    return [sel if isinstance(sel, int) else 0]
+
+
+def _sezm_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def append_extras(path: Path, meta: dict, model_def: dict) -> None:
+    """Add ``extra/metadata.json`` and ``extra/model_def_script.json`` to the package."""
+    with zipfile.ZipFile(path) as zf:
+        root = zf.namelist()[0].split("/")[0]
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(f"{root}/extra/metadata.json", json.dumps(meta, indent=1))
+        zf.writestr(f"{root}/extra/model_def_script.json", json.dumps(model_def, indent=1))
+
+
+# --- verification --------------------------------------------------------------------------
+def tolerances(dtype: torch.dtype) -> dict[str, tuple[float, float]]:
+    """``(atol, rtol)`` per output: ``|pt2 - eager| <= atol + rtol * max|eager|``."""
+    if dtype == torch.float64:
+        return dict.fromkeys(OUTPUT_KEYS, (1e-9, 1e-9))
+    energy = (1e-5, 1e-6)  # float32 rounding of O(100) eV atomic energies
+    derivative = (1e-6, 1e-4)
+    return {
+        "atom_energy": energy,
+        "energy": energy,
+        "force": derivative,
+        "virial": derivative,
+        "atom_virial": derivative,
+    }
+
+
+def eager_reference(model: EnergyModel, frames, inputs) -> dict[str, torch.Tensor]:
+    """``EnergyModel.forward`` frame by frame, in the flat output layout."""
+    extras = dict(zip(extra_inputs(model), inputs[len(GRAPH_INPUTS) :]))
+    outs, start = [], 0
+    for f, (coord, cell, types) in enumerate(frames):
+        g, _ = flat_graph([(coord, cell, types)], model.rcut)
+        nat = len(types)
+        g.atype = g.atype.view(1, nat)
+        g.fparam = extras["fparam"][f : f + 1] if "fparam" in extras else None
+        g.aparam = extras["aparam"][start : start + nat][None] if "aparam" in extras else None
+        g.charge_spin = extras["charge_spin"][f : f + 1] if "charge_spin" in extras else None
+        outs.append(model(g, atomic_virial=True))
+        start += nat
+    cat = {
+        k: torch.cat([o[k].detach().reshape(-1, *o[k].shape[2:]) for o in outs]) for k in outs[0]
+    }
+    return {
+        "atom_energy": cat["atom_energy"].view(-1, 1),
+        "energy": cat["energy"].view(-1, 1),
+        "force": cat["force"].view(-1, 3),
+        "virial": cat["virial"].view(-1, 9),
+        "atom_virial": cat["atom_virial"].view(-1, 9),
+    }
+
+
+def verify(path: Path, model: EnergyModel, seed: int = 2) -> dict[str, float]:
+    """Max |pt2 - eager| per output on two periodic frames (23 and 31 atoms)."""
+    frames = sample_frames(len(model.type_map), (23, 31), seed=seed)
+    inputs = lower_inputs(model, frames, seed=seed)
+    package = torch._inductor.aoti_load_package(os.fspath(path))
+    got = dict(zip(OUTPUT_KEYS, package(*inputs)))
+    ref = eager_reference(model, frames, inputs)
+    errors, bad = {}, []
+    for key, (atol, rtol) in tolerances(model.descriptor.opts.compute_dtype).items():
+        err = float((got[key] - ref[key]).abs().max())
+        scale = float(ref[key].abs().max())
+        errors[key] = err
+        if not err <= atol + rtol * scale:  # also catches NaN
+            bad.append(f"{key}: max|pt2 - eager| = {err:.3g} (max|eager| = {scale:.3g})")
+    if bad:
+        raise FreezeError(f"{path} does not reproduce eager evaluation: " + "; ".join(bad))
+    return errors
+
+
+# --- entry point ---------------------------------------------------------------------------
+@dataclass
+class FreezeReport:
+    path: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def load_energy_model(checkpoint: str | os.PathLike, head: str | None = None):
+    """The energy model of a DPA4 checkpoint (``FreezeError`` for anything else)."""
+    params = load_checkpoint(checkpoint, head).model_params
+    kind = params.get("type") or params.get("descriptor", {}).get("type", "")
+    if str(kind).lower() not in DPA4_TYPES:
+        raise FreezeError(f"{checkpoint}: model type {kind!r} is not DPA4; sezm freezes DPA4 only")
+    if params.get("spin"):
+        raise FreezeError(f"{checkpoint}: spin models cannot be frozen yet (no spin .pt2 contract)")
+    model, ckpt = load_model(checkpoint, head)
+    if not isinstance(model, EnergyModel):
+        raise FreezeError(
+            f"{checkpoint}: {type(model).__name__} cannot be frozen; the .pt2 contract of "
+            "DeePMD-kit's DeepPot covers energy models (energy, forces, virials) only"
+        )
+    return model, ckpt
+
+
+def freeze(
+    checkpoint: str | os.PathLike, output: str | os.PathLike, head: str | None = None
+) -> FreezeReport:
+    """Write ``output`` (suffix ``.pt2``) from ``checkpoint`` and verify it against eager."""
+    start = time.perf_counter()
+    model, ckpt = load_energy_model(checkpoint, head)
+    model = model.to("cpu").eval().requires_grad_(False)
+    path = Path(output)
+    if path.suffix != ".pt2":
+        path = path.with_name(path.name + ".pt2")
+    report = FreezeReport(path)
+
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        report.seconds[name] = now - t0
+        return now
+
+    t = time.perf_counter()
+    program = export_lower(model)
+    t = lap("export", t)
+    path.unlink(missing_ok=True)
+    compile_package(program, path)
+    t = lap("compile", t)
+    meta = metadata(model, os.fspath(checkpoint), head)
+    append_extras(path, meta, ckpt.model_params)
+    report.errors = verify(path, model)
+    lap("verify", t)
+    report.seconds["total"] = time.perf_counter() - start
+    return report

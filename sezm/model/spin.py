@@ -1,0 +1,273 @@
+"""Magnetic (spin) energy models: ``model.spin.scheme`` ``native`` or ``deepspin`` (default).
+
+Both take atomic spins ``s (nf, nloc, 3)`` on the graph and return, besides the energy model's
+outputs, the magnetic force ``force_mag (nf, nloc, 3)`` (zero off magnetic types) and
+``mask_mag (nf, nloc)`` (magnetic, real atoms).
+
+native    the descriptor reads ``s`` as an equivariant input (:class:`~sezm.nn.embedding.
+          SpinEmbedding` and the spin rows of the environment seed);
+          ``force_mag = -dE/ds`` from the same backward as the forces.
+deepspin  atom ``i`` gets a virtual partner ``i'`` of type ``t_i + ntypes`` at ``r_i + d_i``,
+          ``d_i = lambda_{t_i} s_i`` (``lambda = virtual_scale``, 0 on non-magnetic types,
+          whose partners are placeholders cut from every pair); the plain model runs on the
+          ``2 nloc`` atoms, virtual types excluded from the energy. Then
+          ``F_i = F_i^2 + F_i'^2``, ``force_mag_i = lambda_{t_i} F_i'^2``,
+          ``W = W^2 - sum_i F_i'^2 (x) d_i`` and ``W_i = W_i^2 + W_i'^2 - F_i'^2 (x) d_i``.
+          Neighbours (DeePMD-kit's virtual-atom list): the ``sum(sel)`` real neighbours ``j``
+          nearest to ``i`` within ``rcut`` (a hard cap); centres ``i`` and ``i'`` both see
+          ``{partner, j, j'}`` of that list, kept where ``1e-5 < |r| <= rcut``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .descriptor import Descriptor
+from .energy import EnergyModel, descriptor_options
+from .graph import Graph
+
+SCHEMES = ("native", "deepspin")
+
+
+def use_spin_flags(spin: dict, type_map: list[str]) -> list[bool]:
+    """``spin.use_spin`` (one bool per type, type indices or element symbols) as one bool per
+    type."""
+    flags = list(spin["use_spin"])
+    if not flags:
+        return [False] * len(type_map)
+    if all(isinstance(f, bool) for f in flags):
+        if len(flags) != len(type_map):
+            raise ValueError(f"spin.use_spin has {len(flags)} flags for {len(type_map)} types")
+        return flags
+    index = {name: i for i, name in enumerate(type_map)}
+    unknown = [f for f in flags if isinstance(f, str) and f not in index]
+    if unknown:
+        raise ValueError(f"spin.use_spin names {unknown}, which are not in type_map {type_map}")
+    chosen = {index[f] if isinstance(f, str) else int(f) for f in flags}
+    if any(not 0 <= t < len(type_map) for t in chosen):
+        raise ValueError(f"spin.use_spin type index out of range [0, {len(type_map)})")
+    return [t in chosen for t in range(len(type_map))]
+
+
+def virtual_scales(spin: dict, use_spin: list[bool]) -> list[float]:
+    """``virtual_scale`` per type (given per type, per magnetic type or once), 0 if
+    non-magnetic."""
+    scale = spin.get("virtual_scale")
+    if scale is None:
+        raise ValueError("the deepspin scheme needs spin.virtual_scale")
+    magnetic = [t for t, f in enumerate(use_spin) if f]
+    if isinstance(scale, (int, float)):
+        per_type = [float(scale)] * len(use_spin)
+    elif len(scale) == len(use_spin):
+        per_type = [float(x) for x in scale]
+    elif len(scale) == len(magnetic):
+        per_type = [0.0] * len(use_spin)
+        for t, x in zip(magnetic, scale):
+            per_type[t] = float(x)
+    else:
+        raise ValueError(
+            f"spin.virtual_scale has {len(scale)} values; give {len(use_spin)} (one per type) "
+            f"or {len(magnetic)} (one per magnetic type)"
+        )
+    return [x if f else 0.0 for x, f in zip(per_type, use_spin)]
+
+
+def spin_scheme(params: dict) -> str:
+    scheme = str(params["spin"].get("scheme", "deepspin")).lower()
+    if scheme not in SCHEMES:
+        raise ValueError(f"spin.scheme must be 'native' or 'deepspin', got {scheme!r}")
+    return scheme
+
+
+def build_spin_model(params: dict) -> EnergyModel:
+    """The spin model of a normalised model section with a ``spin`` block."""
+    fitting = params.get("fitting_net", {}).get("type", "dpa4_ener")
+    if fitting not in ("dpa4_ener", "sezm_ener"):
+        raise ValueError(f"spin models need a dpa4_ener fitting, not {fitting!r}")
+    if spin_scheme(params) == "native":
+        return NativeSpinModel(params)
+    return VirtualSpinModel(params)
+
+
+def _magnetic_mask(table: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
+    """``table[t]`` per atom, 0 on phantom atoms (``t < 0``); ``table (ntypes,)``."""
+    return torch.where(atype >= 0, table[atype.clamp(min=0)], torch.zeros_like(table[:1]))
+
+
+def _spins(graph: Graph) -> torch.Tensor:
+    if graph.spin is None:
+        raise ValueError("this is a spin model: give the atomic spins (spin=...)")
+    return graph.spin
+
+
+class NativeSpinModel(EnergyModel):
+    """Spin as a descriptor input; ``force_mag = -dE/ds``."""
+
+    has_spin = True
+
+    def __init__(self, params: dict) -> None:
+        super().__init__(params)
+        use_spin = self.descriptor.use_spin
+        self.register_buffer("spin_mask", torch.tensor(use_spin), persistent=False)
+
+    def _build_descriptor(self, params: dict) -> Descriptor:
+        return Descriptor(
+            descriptor_options(params), use_spin_flags(params["spin"], params["type_map"])
+        )
+
+    def forward(
+        self,
+        graph: Graph,
+        *,
+        virial: bool = True,
+        atomic_virial: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        edge_vec = graph.edge_vec.detach().requires_grad_(True)
+        spin = _spins(graph).detach().to(edge_vec.dtype).requires_grad_(True)
+        with torch.enable_grad():
+            atom_energy = self.atomic_energy(graph, edge_vec, spin)
+            grads = torch.autograd.grad(
+                atom_energy.sum(), (edge_vec, spin), create_graph=create_graph, allow_unused=True
+            )
+        grad, grad_spin = (
+            torch.zeros_like(x) if g is None else g for g, x in zip(grads, (edge_vec, spin))
+        )
+        out = self._outputs(graph, atom_energy, edge_vec, grad, virial, atomic_virial)
+        out["force_mag"] = -grad_spin
+        out["mask_mag"] = _magnetic_mask(self.spin_mask, graph.atype)
+        return out
+
+
+def virtual_model_params(params: dict) -> dict:
+    """The plain-model section of a deepspin model: type map ``T + [t_spin]``, placeholder pair
+    exclusions, virtual types excluded from the energy, ``sel = [2 sum(sel) + 1]``."""
+    p = copy.deepcopy(params)
+    real = list(p["type_map"])
+    nt = len(real)
+    use_spin = use_spin_flags(p["spin"], real)
+    desc = p.setdefault("descriptor", {})
+    desc["sel"] = [2 * real_sel(params) + 1]
+    placeholders = [nt + t for t in range(nt) if not use_spin[t]]
+    pairs = [[a, b] for a in placeholders for b in range(2 * nt)]
+    real_pairs = [list(x) for x in p.get("pair_exclude_types") or desc.get("exclude_types") or []]
+    p["pair_exclude_types"] = desc["exclude_types"] = pairs + real_pairs
+    atoms = set(range(nt, 2 * nt)) | {int(t) for t in p.get("atom_exclude_types", [])}
+    p["atom_exclude_types"] = sorted(atoms)
+    p["type_map"] = real + [t + "_spin" for t in real]
+    return p
+
+
+def real_sel(params: dict) -> int:
+    """``sum(descriptor.sel)``: the cap on real neighbours of the deepspin path."""
+    sel = params.get("descriptor", {}).get("sel", 120)
+    if isinstance(sel, str):
+        raise ValueError(f"the deepspin scheme needs a resolved descriptor.sel, not {sel!r}")
+    return int(sum(sel)) if isinstance(sel, (list, tuple)) else int(sel)
+
+
+class VirtualSpinModel(EnergyModel):
+    """DeePMD-kit's virtual-atom spin model ("deepspin") on top of the plain energy model."""
+
+    has_spin = True
+
+    def __init__(self, params: dict) -> None:
+        self.real_type_map = list(params["type_map"])
+        super().__init__(virtual_model_params(params))
+        self.type_map = self.real_type_map
+        self.real_nsel = real_sel(params)
+        scale = virtual_scales(params["spin"], use_spin_flags(params["spin"], self.type_map))
+        self.register_buffer(
+            "virtual_scale", torch.tensor(scale, dtype=torch.float64), persistent=False
+        )
+
+    def _zbl_types(self) -> list[str]:
+        return self.real_type_map  # virtual types are unknown to ZBL: no repulsion
+
+    @property
+    def stat_params(self) -> dict:
+        """The model section the output statistics see: real and virtual types, the latter
+        excluded (so their bias is 0)."""
+        return self.params
+
+    def forward(
+        self,
+        graph: Graph,
+        *,
+        virial: bool = True,
+        atomic_virial: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        nf, n = graph.atype.shape
+        scale = _magnetic_mask(self.virtual_scale, graph.atype)  # (nf, n)
+        disp = _spins(graph).to(torch.float64) * scale.unsqueeze(-1)  # (nf, n, 3)
+        out = super().forward(
+            self.virtual_graph(graph, disp),
+            virial=virial,
+            atomic_virial=atomic_virial,
+            create_graph=create_graph,
+        )
+        f_real, f_virt = out["force"].split(n, dim=1)  # (nf, n, 3) each
+        corr = -f_virt.unsqueeze(-1) * disp.to(f_virt.dtype).unsqueeze(-2)  # (nf, n, 3, 3)
+        res = {
+            "atom_energy": out["atom_energy"][:, :n],
+            "energy": out["energy"],
+            "force": f_real + f_virt,
+            "force_mag": f_virt * scale.unsqueeze(-1).to(f_virt.dtype),
+            "mask_mag": scale > 0,
+        }
+        if virial:
+            res["virial"] = out["virial"] + corr.sum(1).reshape(nf, 9)
+        if atomic_virial:
+            av = out["atom_virial"]
+            res["atom_virial"] = av[:, :n] + av[:, n:] + corr.reshape(nf, n, 9)
+        return res
+
+    def virtual_graph(self, graph: Graph, disp: torch.Tensor) -> Graph:
+        """The graph of real and virtual atoms: frame ``f`` holds ``[real 0..n-1, virtual
+        0..n-1]``; ``disp (nf, n, 3)`` are the virtual offsets ``d_i``."""
+        nf, n = graph.atype.shape
+        src, dst, vec = _capped_edges(graph, self.real_nsel)
+        d = disp.reshape(-1, 3)
+        real = torch.arange(nf * n, device=vec.device)
+        real = real + (real // n) * n  # flat atom -> real node of the doubled frame
+        atoms = torch.nonzero(graph.atype.reshape(-1) >= 0).squeeze(-1)
+        ra, va = real[atoms], real[atoms] + n
+        rs, rd = real[src], real[dst]
+        src2 = torch.cat([va, ra, rs, rs + n, rs, rs + n])
+        dst2 = torch.cat([ra, va, rd, rd, rd + n, rd + n])
+        vec2 = torch.cat(
+            [d[atoms], -d[atoms], vec, vec + d[src], vec - d[dst], vec + d[src] - d[dst]]
+        )
+        length = vec2.norm(dim=-1)
+        keep = (length <= self.rcut) & (vec2.square().sum(-1) > 1e-10)
+        atype = graph.atype
+        virtual_type = torch.where(atype >= 0, atype + len(self.real_type_map), atype)
+        aparam = graph.aparam
+        if aparam is not None:
+            aparam = torch.cat([aparam, torch.zeros_like(aparam)], dim=1)
+        return Graph(
+            atype=torch.cat([atype, virtual_type], dim=1),
+            src=src2[keep],
+            dst=dst2[keep],
+            edge_vec=vec2[keep],
+            fparam=graph.fparam,
+            aparam=aparam,
+            charge_spin=graph.charge_spin,
+        )
+
+
+def _capped_edges(graph: Graph, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Edges of ``graph`` limited to the ``cap`` nearest sources of each destination."""
+    src, dst, vec = graph.src, graph.dst, graph.edge_vec
+    if graph.edge_mask is not None:
+        src, dst, vec = src[graph.edge_mask], dst[graph.edge_mask], vec[graph.edge_mask]
+    order = torch.argsort(vec.norm(dim=-1), stable=True)
+    order = order[torch.argsort(dst[order], stable=True)]  # by centre, then by distance
+    counts = torch.bincount(dst, minlength=graph.atype.numel())
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order), device=dst.device) - first[dst[order]]
+    kept = order[rank < cap]
+    return src[kept], dst[kept], vec[kept]

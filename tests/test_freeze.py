@@ -1,0 +1,174 @@
+"""``sezm freeze``: the .pt2 package reproduces eager evaluation, carries the metadata DeePMD-kit's
+C++ reader needs, and (when LAMMPS with the DeePMD-kit plugin is available) runs in LAMMPS.
+
+One freeze of the tiny parity checkpoint (through the CLI) serves every test of this module.
+Set ``SEZM_LMP`` to a LAMMPS executable with the ``deepmd`` pair style (or put ``lmp`` on
+``PATH``) to run the LAMMPS comparison; it is skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from test_parity import PARITY, frames
+
+import sezm
+from sezm.cli import main
+from sezm.infer import freeze as fz
+from sezm.infer.pt2 import OUTPUT_KEYS, read_metadata
+
+TINY = PARITY / "tiny" / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    out = tmp_path_factory.mktemp("freeze") / "frozen_model"
+    main(["freeze", "-c", str(TINY), "-o", str(out)])
+    return out.with_name("frozen_model.pt2")
+
+
+def water(name: str = "water_pbc_0"):
+    for frame in frames("tiny"):
+        if frame[0] == name:
+            return frame[1:4]
+    raise KeyError(name)
+
+
+def test_metadata(frozen):
+    meta = read_metadata(frozen)
+    assert meta["lower_input_kind"] == "graph"
+    assert meta["graph_edge_dtype"] == "float64"
+    assert meta["type_map"] == ["O", "H"] and meta["ntypes"] == 2
+    assert meta["rcut"] == pytest.approx(6.0)
+    assert meta["output_keys"] == list(OUTPUT_KEYS)
+    assert meta["dim_fparam"] == meta["dim_aparam"] == meta["dim_chg_spin"] == 0
+    assert meta["has_message_passing"] and not meta["has_comm_artifact"]
+    assert meta["do_atomic_virial"] and meta["mixed_types"]
+    own = meta["sezm"]
+    assert own["torch_version"] == torch.__version__ and own["version"] == sezm.__version__
+    assert own["dtype"] == "float32" and own["deterministic_scatter"]
+    with zipfile.ZipFile(frozen) as zf:
+        names = zf.namelist()
+        script = [n for n in names if n.endswith("/extra/model_def_script.json")]
+        assert json.loads(zf.read(script[0]))["type"] == "dpa4"
+    assert any("/data/aotinductor/model/" in n and n.endswith(".so") for n in names)
+
+
+@pytest.mark.parametrize("name", ["water_triclinic", "small_cell"])
+def test_deep_pot_pt2_matches_eager(frozen, name):
+    coord, box, atype = water(name)
+    coord = np.concatenate([coord, coord + 0.01])  # two frames, one cell
+    box = box.reshape(9)
+    eager = sezm.DeepPot(TINY).eval(coord, box, atype, atomic=True)
+    frozen_pot = sezm.DeepPot(frozen)
+    assert frozen_pot.get_type_map() == ["O", "H"] and frozen_pot.get_rcut() == pytest.approx(6.0)
+    got = frozen_pot.eval(coord, box, atype, atomic=True)
+    nat = len(atype)
+    for key, a, b in zip(("energy", "force", "virial", "atom_energy", "atom_virial"), got, eager):
+        assert a.shape == b.shape, key
+        scale = 1e-4 * np.abs(b).max() + (1e-5 * nat if key == "energy" else 1e-5)
+        assert np.abs(a - b).max() <= scale, (key, np.abs(a - b).max())
+
+
+def test_owned_nodes_only_enter_energy(frozen):
+    """Ghost nodes (beyond ``n_local``) add nothing to the energy, forces act on them too."""
+    model, _ = fz.load_energy_model(TINY)
+    model.requires_grad_(False)
+    inputs = list(fz.lower_inputs(model, fz.sample_frames(2, (11, 13), seed=3)))
+    inputs[2] = inputs[1] - torch.tensor([3, 4])  # n_local
+    got = torch._inductor.aoti_load_package(str(frozen))(*inputs)
+    ref = fz.GraphLower(model, ()).eval()(*inputs)
+    for key, a, b in zip(OUTPUT_KEYS, got, ref):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), key
+    atom_energy, energy = got[0].view(-1), got[1].view(-1)
+    owned = [atom_energy[:8].sum(), atom_energy[11:20].sum()]
+    assert torch.allclose(energy, torch.stack(owned).to(energy.dtype), atol=1e-4)
+
+
+def test_rejects_property_model(tmp_path):
+    with pytest.raises(fz.FreezeError, match="energy models"):
+        fz.freeze(PARITY / "property" / "model.pt", tmp_path / "p")
+
+
+def test_rejects_non_dpa4(tmp_path):
+    params = {"type": "standard", "type_map": ["O"], "descriptor": {"type": "se_e2_a"}}
+    state = {
+        "_extra_state": {"model_params": params},
+        "model.Default.atomic_model.descriptor.x": torch.zeros(1),
+    }
+    path = tmp_path / "se_e2_a.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(fz.FreezeError, match="not DPA4"):
+        fz.freeze(path, tmp_path / "x")
+
+
+def test_verify_catches_a_wrong_package(frozen):
+    """The post-freeze check compares against eager: a different model must fail it."""
+    model, _ = fz.load_energy_model(PARITY / "pretrained" / "model.pt")
+    with pytest.raises(fz.FreezeError, match="does not reproduce"):
+        fz.verify(frozen, model.requires_grad_(False))
+
+
+# --- LAMMPS ------------------------------------------------------------------------------------
+LAMMPS_INPUT = """units metal
+boundary p p p
+atom_style atomic
+atom_modify map yes
+read_data water.data
+mass 1 16
+mass 2 2
+pair_style deepmd {model}
+pair_coeff * * O H
+thermo_style custom step pe
+thermo_modify format float %.15g
+dump 1 all custom 1 forces.dump id fx fy fz
+dump_modify 1 format float %.15g sort id
+run 0
+"""
+
+
+def lammps_executable() -> str | None:
+    return os.environ.get("SEZM_LMP") or shutil.which("lmp")
+
+
+def write_data(path, coord, box, atype) -> None:
+    """LAMMPS data file (atomic style) of one frame; ``box`` rows must be lower triangular."""
+    a, b, c = box
+    lines = ["sezm water", "", f"{len(atype)} atoms", "2 atom types", ""]
+    lines += [f"0.0 {a[0]:.12f} xlo xhi", f"0.0 {b[1]:.12f} ylo yhi", f"0.0 {c[2]:.12f} zlo zhi"]
+    lines += [f"{b[0]:.12f} {c[0]:.12f} {c[1]:.12f} xy xz yz", "", "Atoms # atomic", ""]
+    for i, (t, (x, y, z)) in enumerate(zip(atype, coord)):
+        lines.append(f"{i + 1} {t + 1} {x:.12f} {y:.12f} {z:.12f}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_lammps_matches_deep_pot(frozen, tmp_path):
+    lmp = lammps_executable()
+    if lmp is None:
+        pytest.skip("no LAMMPS (set SEZM_LMP or put lmp on PATH)")
+    coord, box, atype = water("water_triclinic")
+    coord, box = coord.reshape(-1, 3), box.reshape(3, 3)
+    write_data(tmp_path / "water.data", coord, box, atype)
+    (tmp_path / "in.lammps").write_text(LAMMPS_INPUT.format(model=frozen))
+    run = subprocess.run(
+        [lmp, "-in", "in.lammps"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    if "Unrecognized pair style 'deepmd'" in run.stdout + run.stderr:
+        pytest.skip(f"{lmp} has no deepmd pair style")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["Step", "PotEng"])
+    energy = float(lines[header + 1].split()[1])
+    dump = (tmp_path / "forces.dump").read_text().splitlines()
+    start = next(i for i, ln in enumerate(dump) if ln.startswith("ITEM: ATOMS")) + 1
+    force = np.array([[float(x) for x in ln.split()[1:]] for ln in dump[start:]])
+    e, f, _ = sezm.DeepPot(TINY).eval(coord[None], box.reshape(1, 9), atype)
+    assert abs(energy - e[0, 0]) <= 1e-5 * len(atype)
+    assert np.abs(force - f[0]).max() <= 1e-5 + 1e-4 * np.abs(f).max()
