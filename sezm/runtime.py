@@ -8,10 +8,13 @@ as the arithmetic. Keeping large blocks on the heap (``mallopt``) lets them be r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import sys
+
+import torch
 
 log = logging.getLogger("sezm")
 
@@ -39,3 +42,19 @@ def tune_allocator() -> bool:
     if _done:
         log.debug("allocator: large blocks kept on the heap (mallopt)")
     return _done
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """Run with ``torch.use_deterministic_algorithms(True)`` (then restore the setting).
+
+    Required while Inductor compiles a force pass on CPU: with the default atomic-add scatter,
+    the kernel reading the backward of a gather can be scheduled before the scatter that fills
+    it, and forces come out silently wrong. The deterministic lowering calls ``index_put_``.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)

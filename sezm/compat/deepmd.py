@@ -7,6 +7,7 @@ the same parameter names below the atomic model, so the mapping is a fixed set o
 
     model.<branch>.atomic_model.descriptor.*   <->  descriptor.*
     model.<branch>.atomic_model.fitting_net.*  <->  fitting_net.*
+    model.<branch>.atomic_model.dens_fitting_net.*  <->  dens_fitting_net.*  (``dens`` head)
     model.<branch>.atomic_model.{out_bias,out_std,dens_force_rmsd}  <->  same names
     model.<branch>.{min_nbor_dist, inter_potential.*}               <->  same names
 
@@ -117,10 +118,11 @@ def _select_branch(path: str, params: dict, head: str | None) -> tuple[str, dict
 
 
 _ATOMIC_BUFFERS = ("out_bias", "out_std", "dens_force_rmsd")
+_ATOMIC_MODULES = ("descriptor.", "fitting_net.", "dens_fitting_net.")
 
 
 def _to_sezm_name(key: str) -> str:
-    for sub in ("descriptor.", "fitting_net."):
+    for sub in _ATOMIC_MODULES:
         if key.startswith("atomic_model." + sub):
             return key[len("atomic_model.") :]
     if key.startswith("atomic_model.") and key[len("atomic_model.") :] in _ATOMIC_BUFFERS:
@@ -140,7 +142,7 @@ def to_deepmd_state(
     """sezm model state -> DeePMD-kit key names (without ``_extra_state``)."""
     out = {}
     for key, value in state.items():
-        atomic = key.startswith(("descriptor.", "fitting_net.")) or key in _ATOMIC_BUFFERS
+        atomic = key.startswith(_ATOMIC_MODULES) or key in _ATOMIC_BUFFERS
         name = "atomic_model." + key if atomic else key
         out[f"model.{branch}.{name}"] = value
     return out

@@ -33,14 +33,23 @@ def degree_of_rows(lmax: int) -> torch.Tensor:
     return torch.tensor([l for l in range(lmax + 1) for _ in range(2 * l + 1)], dtype=torch.long)
 
 
-def m_major_rows(lmax: int, mmax: int) -> torch.Tensor:
-    """Packed rows in m-major reduced order (long, ``(D_m,)``); lmax=2, mmax=1 -> [0,2,6,1,5,3,7]."""
+def m_major_row_list(lmax: int, mmax: int) -> list[int]:
+    """Packed rows in m-major reduced order as Python ints; lmax=2, mmax=1 -> [0,2,6,1,5,3,7].
+
+    Index plans built during a forward pass use this, not a tensor: under tracing (``sezm
+    freeze``) a tensor made there has no values to read back.
+    """
     _check_lm(lmax, mmax)
     rows = [packed_index(l, 0) for l in range(lmax + 1)]
     for m in range(1, mmax + 1):
         rows += [packed_index(l, -m) for l in range(m, lmax + 1)]
         rows += [packed_index(l, m) for l in range(m, lmax + 1)]
-    return torch.tensor(rows, dtype=torch.long)
+    return rows
+
+
+def m_major_rows(lmax: int, mmax: int) -> torch.Tensor:
+    """``m_major_row_list`` as a long tensor ``(D_m,)``."""
+    return torch.tensor(m_major_row_list(lmax, mmax), dtype=torch.long)
 
 
 def m_major_degrees(lmax: int, mmax: int) -> torch.Tensor:

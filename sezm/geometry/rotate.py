@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .layout import m_major_rows, packed_index, so3_dim
+from .layout import m_major_row_list, packed_index, so3_dim
 
 
 def block_offsets(lmax: int) -> list[int]:
@@ -35,7 +35,7 @@ class EdgeRotation:
         self.lmax, self.mmax = lmax, mmax
         self.sparse = lmax <= 1
         offsets = block_offsets(lmax)
-        self.rows = m_major_rows(lmax, mmax).tolist()  # packed row of each local row
+        self.rows = m_major_row_list(lmax, mmax)  # packed row of each local row
         degree = [math.isqrt(p) for p in range(so3_dim(lmax))]
 
         def entry(p_row: int, p_col: int) -> int:  # flat index of D[p_row, p_col]

@@ -9,6 +9,7 @@ import torch
 
 from ..geometry.frames import normalize_frames
 from ..model.build import load_model
+from ..model.dens import DensModel
 from ..model.graph import build_graph
 from ..model.property_model import PropertyModel
 from ..model.spin import VirtualSpinModel
@@ -99,6 +100,8 @@ class _DeepEval:
         """Per-atom descriptor ``(nf, nat, dim)`` (native-spin models also take ``spin``)."""
         if isinstance(self.model, VirtualSpinModel):
             raise NotImplementedError("the descriptor of a deepspin model includes virtual atoms")
+        if isinstance(self.model, DensModel):  # as DeePMD-kit: the ener mode only
+            raise NotImplementedError("a dens model has no descriptor evaluation")
         g = self._graph(coords, cells, atom_types, fparam, aparam, charge_spin, spin)
         with torch.no_grad(), self.settings.evaluation(self.device):
             desc, _ = self.model.descriptor(
@@ -135,6 +138,8 @@ class DeepPot(_DeepEval):
         nf, nat = g.atype.shape
 
         def arr(key, shape):
+            if key not in out:  # a dens model has no virials: NaN, as in DeePMD-kit
+                return np.full(shape, np.nan)
             return out[key].detach().double().cpu().numpy().reshape(shape)
 
         result = [arr("energy", (nf, 1)), arr("force", (nf, nat, 3)), arr("virial", (nf, 9))]

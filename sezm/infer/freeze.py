@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,8 @@ from ..model import forces as F
 from ..model.build import load_model
 from ..model.energy import EnergyModel
 from ..model.graph import Graph
-from .pt2 import GRAPH_INPUTS, OUTPUT_KEYS, graph_inputs
+from ..runtime import deterministic_algorithms
+from .pt2 import GRAPH_INPUTS, OUTPUT_KEYS, graph_inputs, outputs
 
 DPA4_TYPES = ("dpa4", "sezm")
 
@@ -69,7 +70,7 @@ class GraphLower(nn.Module):
         source_order: torch.Tensor,
         source_row_ptr: torch.Tensor,
         *extras: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> dict[str, torch.Tensor]:
         n, nf = atype.shape[0], n_node.shape[0]
         frame = torch.repeat_interleave(
             torch.arange(nf, device=atype.device), n_node, output_size=n
@@ -96,13 +97,13 @@ class GraphLower(nn.Module):
         grad = grad * edge_mask.unsqueeze(-1).to(grad.dtype)
         vec = vec.detach()
         energy = owned_energy.new_zeros(nf).index_add(0, frame, owned_energy)
-        return (
-            atom_energy.view(n, 1),
-            energy.view(nf, 1),
-            F.forces(grad, src, dst, n),
-            F.frame_virials(grad, vec, frame[dst], nf),
-            F.atomic_virials(grad, vec, src, dst, n),
-        )
+        return {  # the C++ reader takes them flat, in this order (= OUTPUT_KEYS)
+            "atom_energy": atom_energy.view(n, 1),
+            "energy": energy.view(nf, 1),
+            "force": F.forces(grad, src, dst, n),
+            "virial": F.frame_virials(grad, vec, frame[dst], nf),
+            "atom_virial": F.atomic_virials(grad, vec, src, dst, n),
+        }
 
 
 # --- sample systems ------------------------------------------------------------------------
@@ -192,16 +193,6 @@ def dynamic_shapes(extras: tuple[str, ...]) -> tuple[dict, ...]:
     return tuple(shapes[k] for k in (*GRAPH_INPUTS, *extras))
 
 
-@contextmanager
-def _deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 def export_lower(model: EnergyModel) -> torch.export.ExportedProgram:
     """Forward + edge-gradient graph of ``model`` with dynamic atoms, edges and frames."""
     from torch.fx.experimental import _config as fx_config
@@ -222,7 +213,7 @@ def export_lower(model: EnergyModel) -> torch.export.ExportedProgram:
 def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
     """AOTInductor package at ``path`` (CPU)."""
     options = {"aot_inductor.compile_wrapper_opt_level": "O0"}
-    with _deterministic():
+    with deterministic_algorithms():
         torch._inductor.aoti_compile_and_package(
             program, package_path=os.fspath(path), inductor_configs=options
         )
@@ -356,7 +347,7 @@ def verify(path: Path, model: EnergyModel, seed: int = 2) -> dict[str, float]:
     frames = sample_frames(len(model.type_map), (23, 31), seed=seed)
     inputs = lower_inputs(model, frames, seed=seed)
     package = torch._inductor.aoti_load_package(os.fspath(path))
-    got = dict(zip(OUTPUT_KEYS, package(*inputs)))
+    got = outputs(package(*inputs))
     ref = eager_reference(model, frames, inputs)
     errors, bad = {}, []
     for key, (atol, rtol) in tolerances(model.descriptor.opts.compute_dtype).items():
@@ -415,12 +406,15 @@ def freeze(
     t = time.perf_counter()
     program = export_lower(model)
     t = lap("export", t)
-    path.unlink(missing_ok=True)
-    compile_package(program, path)
-    t = lap("compile", t)
-    meta = metadata(model, os.fspath(checkpoint), head)
-    append_extras(path, meta, ckpt.model_params)
-    report.errors = verify(path, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        # Records under "model/", the archive name DeePMD-kit's readers look up.
+        package = Path(tmp) / "model.pt2"
+        compile_package(program, package)
+        t = lap("compile", t)
+        append_extras(package, metadata(model, os.fspath(checkpoint), head), ckpt.model_params)
+        report.errors = verify(package, model)
+        os.replace(package, path)  # only a verified package reaches the output path
     lap("verify", t)
     report.seconds["total"] = time.perf_counter() - start
     return report

@@ -11,7 +11,7 @@ batch of frames (DeePMD-kit's ``lower_input_kind = "graph"``), all tensors on on
     destination_order (E,), destination_row_ptr (N+1,), source_order (E,), source_row_ptr (N+1,)
     [fparam (nf, dim_fparam) f64] [aparam (N, dim_aparam) f64] [charge_spin (nf, 2) f64]
 
-and returns, in the order of ``OUTPUT_KEYS``: atom_energy (N, 1), energy (nf, 1), force (N, 3),
+and returns a dict, flattened in the order of ``OUTPUT_KEYS``: atom_energy (N, 1), energy (nf, 1), force (N, 3),
 virial (nf, 9), atom_virial (N, 9), all float64. Frame ``f`` owns its first ``n_local[f]``
 nodes; only owned nodes enter ``energy`` (and so the forces and virials). The CSR views are
 part of the contract (DeePMD-kit's C++ reader always passes them) but sezm does not read them.
@@ -52,6 +52,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
         if not names:
             raise ValueError(f"{path}: no extra/metadata.json; not a frozen DeePMD-kit/sezm model")
         return json.loads(zf.read(names[0]))
+
+
+def outputs(result) -> dict[str, torch.Tensor]:
+    """A package's results by name (Python returns the dict, older runtimes a flat sequence)."""
+    return dict(result) if isinstance(result, dict) else dict(zip(OUTPUT_KEYS, result))
 
 
 def graph_inputs(
@@ -131,6 +136,12 @@ class FrozenModel:
     def eval(self) -> FrozenModel:
         return self
 
+    @property
+    def descriptor(self):
+        raise TypeError(
+            f"{self.path} holds energies and forces only; descriptors need the checkpoint"
+        )
+
     def _extras(self, graph: Graph, nf: int, nloc: int) -> list[torch.Tensor]:
         meta, extras = self.metadata, []
         if meta["dim_fparam"]:
@@ -159,7 +170,7 @@ class FrozenModel:
         nf, nloc = graph.atype.shape
         n_node = torch.full((nf,), nloc, dtype=torch.long)
         inputs = [*graph_inputs(graph, n_node), *self._extras(graph, nf, nloc)]
-        out = dict(zip(OUTPUT_KEYS, self._package(*inputs)))
+        out = outputs(self._package(*inputs))
         return {
             "atom_energy": out["atom_energy"].view(nf, nloc),
             "energy": out["energy"].view(nf),

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..runtime import deterministic_algorithms
+
 log = logging.getLogger(__name__)
 
 _TRUE = ("1", "true", "yes", "on")
@@ -136,7 +138,15 @@ class InferenceSettings:
 
     def compiled(self, fn: Callable) -> Callable:
         """``fn`` under ``torch.compile`` (dynamic shapes: atom and edge counts vary)."""
-        return torch.compile(fn, dynamic=True) if self.compile else fn
+        if not self.compile:
+            return fn
+        compiled = torch.compile(fn, dynamic=True)
+
+        def run(*args, **kwargs):  # compiled (lazily, at the first call) deterministically
+            with deterministic_algorithms():
+                return compiled(*args, **kwargs)
+
+        return run
 
     @contextmanager
     def evaluation(self, device: torch.device) -> Iterator[None]:

@@ -8,27 +8,35 @@ import torch
 from torch import nn
 
 from ..compat.deepmd import Checkpoint, load_checkpoint, load_into
+from .dens import DensModel
 from .energy import EnergyModel
 from .property_model import PropertyModel
 from .spin import build_spin_model
 
 
-def build_model(params: dict) -> nn.Module:
-    """Energy or property model of a normalised model section."""
+def build_model(params: dict, dens: bool = False) -> nn.Module:
+    """Energy or property model of a normalised model section; ``dens``: the model of the
+    ``dens`` loss (an energy model with the direct-force / denoising heads)."""
     if params.get("spin"):
+        if dens:
+            raise ValueError("spin models train with the ener_spin loss, not dens")
         return build_spin_model(params)
     fitting = params.get("fitting_net", {}).get("type", "dpa4_ener")
     if fitting == "property":
+        if dens:
+            raise ValueError("the dens loss needs an energy fitting, not a property one")
         return PropertyModel(params)
     if fitting in ("dpa4_ener", "sezm_ener"):
-        return EnergyModel(params)
+        return DensModel(params) if dens else EnergyModel(params)
     raise ValueError(f"model.fitting_net.type {fitting!r} is not supported by DPA4")
 
 
 def load_model(path: str | os.PathLike, head: str | None = None) -> tuple[nn.Module, Checkpoint]:
     """Model with the weights of a DeePMD-kit 3.2 or sezm ``.pt`` checkpoint, in eval mode."""
     ckpt = load_checkpoint(path, head)
-    model = build_model(ckpt.model_params)
+    # DeePMD-kit evaluates a checkpoint holding a dens head in the dens mode.
+    dens = any(k.startswith("dens_fitting_net.") for k in ckpt.state)
+    model = build_model(ckpt.model_params, dens=dens)
     state = dict(ckpt.state)
     # Checkpoints written before the descriptor carried a version use the 1.0 semantics.
     version = float(

@@ -227,12 +227,15 @@ class Descriptor(nn.Module):
         edge_mask: torch.Tensor | None = None,
         charge_spin: torch.Tensor | None = None,
         spin: torch.Tensor | None = None,
+        force_embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Descriptor ``(nf, nloc, C)`` and final equivariant node state ``(nf*nloc, D, 1, C)``.
 
         ``atype (nf, nloc)``; edges over the flattened atoms ``frame * nloc + i``:
         ``src``/``dst (E,)``, ``edge_vec (E, 3) = r_src - r_dst``, ``edge_mask (E,)``;
-        ``spin (nf, nloc, 3)``: atomic spins of a native-spin descriptor (ignored otherwise).
+        ``spin (nf, nloc, 3)``: atomic spins of a native-spin descriptor (ignored otherwise);
+        ``force_embedding (nf*nloc, D0, 1, C)``: added to the initial state before the blocks
+        (the ``dens`` head's :class:`~sezm.model.dens.ForceEmbedding`).
         """
         opts = self.opts
         nf, nloc = atype.shape
@@ -267,6 +270,8 @@ class Descriptor(nn.Module):
             1
         )
         x = x.to(opts.dtype)
+        if force_embedding is not None:
+            x = x + force_embedding.to(x.dtype)
         if len(self.blocks):
             block_edges = edges.cast(opts.dtype)
             with self._block_autocast(x.device):

@@ -50,6 +50,11 @@ def bridging_radii(params: dict) -> tuple[float, float] | None:
     return float(params.get("bridging_r_inner", 0.5)), float(params.get("bridging_r_outer", 0.8))
 
 
+def fitting_options(params: dict) -> dict:
+    """The :class:`EnergyFitting` keyword arguments of a normalised model section."""
+    return {k: v for k, v in params.get("fitting_net", {}).items() if k in _FITTING_KEYS}
+
+
 def descriptor_options(params: dict) -> DescriptorOptions:
     """Descriptor options of a normalised model section (pair exclusions merged in)."""
     desc = dict(params.get("descriptor", {}))
@@ -70,9 +75,8 @@ class EnergyModel(nn.Module):
         self.type_map = list(params["type_map"])
         ntypes = len(self.type_map)
         self.descriptor = self._build_descriptor(params)
-        fit_cfg = {k: v for k, v in params.get("fitting_net", {}).items() if k in _FITTING_KEYS}
         self.fitting_net = EnergyFitting(
-            ntypes=ntypes, dim_descrpt=self.descriptor.dim_out, **fit_cfg
+            ntypes=ntypes, dim_descrpt=self.descriptor.dim_out, **fitting_options(params)
         )
         self.register_buffer("out_bias", torch.zeros(1, ntypes, 1, dtype=torch.float64))
         self.register_buffer("out_std", torch.ones(1, ntypes, 1, dtype=torch.float64))

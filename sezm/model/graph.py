@@ -22,6 +22,8 @@ class Graph:
     aparam: torch.Tensor | None = None  # (nf, nloc, numb_aparam)
     charge_spin: torch.Tensor | None = None  # (nf, 2)
     spin: torch.Tensor | None = None  # (nf, nloc, 3) atomic spins of spin models
+    force_input: torch.Tensor | None = None  # (nf, nloc, 3) dens: forces of corrupted atoms
+    noise_mask: torch.Tensor | None = None  # (nf, nloc) bool, dens: corrupted atoms
 
     @property
     def n_frames(self) -> int:

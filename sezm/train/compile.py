@@ -34,6 +34,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..model import forces as F
 from ..model.graph import Graph
+from ..runtime import deterministic_algorithms
 
 log = logging.getLogger("sezm.train")
 
@@ -121,7 +122,13 @@ class CompiledEnergyGradient:
             return traced
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch._dynamo.config.optimize_ddp = False  # not DDP's bucket-wise graph splitting
-        return torch.compile(traced, backend=self.backend, dynamic=True)
+        compiled = torch.compile(traced, backend=self.backend, dynamic=True)
+
+        def run(*args):  # lowered at the first call: keep scatters deterministic (runtime.py)
+            with deterministic_algorithms():
+                return compiled(*args)
+
+        return run
 
     def _trace_inputs(self, graph: Graph, present: tuple[str, ...]) -> list[torch.Tensor]:
         """A synthetic graph like ``graph`` with prime frame/atom/edge counts."""

@@ -21,6 +21,7 @@ profiler (``monitor.py``), precision and compile switches (``precision.py``, ``c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -34,8 +35,11 @@ import torch
 from torch import nn
 
 from ..compat.deepmd import load_checkpoint, load_into, read_model_params, to_deepmd_state
-from ..data import DataSystem, fields_for_model, model_stats, update_sel
+from ..data import DataSystem, StatFile, fields_for_model, model_stats, update_sel
+from ..data.dataset import Batch
 from ..model.build import build_model
+from ..model.dens import DensModel, force_rmsd
+from ..model.graph import Graph, build_graph
 from ..model.property_model import PropertyModel
 from ..nn.lora import apply_lora, has_lora, merged_state_dict, strip_lora
 from .checkpoint import CheckpointStore, atomic_save, keep_counts, model_state
@@ -51,7 +55,7 @@ from .distributed import (
 )
 from .ema import EMA
 from .finetune import FinetuneRule, change_out_bias, finetune_rules, transfer_weights
-from .losses import build_loss
+from .losses import DensBatch, DensLoss, build_loss
 from .lr import LearningRate
 from .monitor import Monitor
 from .multitask import MultiTaskCurve, case_indices, model_prob, multitask_state, share_params
@@ -139,7 +143,8 @@ class Trainer:
         """Models with their weights (or fresh statistics), shared modules and LoRA adapters."""
         for task in self.tasks.values():
             self._resolve_sel(task)
-            task.model = build_model(task.params).to(self.device)
+            dens = self._loss_config(task.name).get("type") == "dens"
+            task.model = build_model(task.params, dens=dens).to(self.device)
         models = {n: t.model for n, t in self.tasks.items()}
         self.model = nn.ModuleDict(models) if self.multi_task else models["Default"]
         self._ema_models = models if self.multi_task else self.model
@@ -208,7 +213,8 @@ class Trainer:
             train_infos=self.train_infos,
             ema_state=None if self.ema is None else self.ema.validation_state,
         )
-        if flows and (task is None or isinstance(task.model, PropertyModel) or not task.valid_data):
+        plain = task is not None and not isinstance(task.model, (PropertyModel, DensModel))
+        if flows and not (plain and task.valid_data):
             raise ValueError(
                 "validating.full_validation needs single-task energy training with "
                 "training.validation_data"
@@ -348,6 +354,8 @@ class Trainer:
                 value = getattr(stats, name)
                 if value is not None and getattr(fit, name, None) is not None:
                     getattr(fit, name).copy_(torch.as_tensor(value))
+            if isinstance(model, DensModel):
+                model.dens_force_rmsd.fill_(self._dens_force_rmsd(task))
         if observed:
             info = dict(task.params.get("info", {}))
             info["observed_type"] = list(stats.observed_type)
@@ -358,9 +366,30 @@ class Trainer:
             np.asarray(stats.out_bias).reshape(len(stats.out_bias[0]), -1).tolist(),
         )
 
+    def _dens_force_rmsd(self, task: Task) -> float:
+        """``dens_force_rmsd`` of the statistics frames; kept in the stat file as
+        ``rmsd_dforce`` (DeePMD-kit's item)."""
+        params, data = task.params, task.data_params
+        cache = None
+        if data.get("stat_file"):
+            mode = data.get("stat_file_mode", "update")
+            cache = StatFile(data["stat_file"], params["type_map"], mode)
+        stored = None if cache is None else cache.get("rmsd_dforce")
+        if stored is not None:
+            return float(np.asarray(stored).reshape(-1)[0])
+        samples = task.train_data.stat_frames(int(params.get("data_stat_nbatch", 10)), ["force"])
+        value = force_rmsd(samples, params.get("atom_exclude_types", []))
+        if cache is not None:
+            cache.put({"rmsd_dforce": np.array([value])})
+        log.info("dens force RMSD: %.6g eV/A", value)
+        return value
+
+    def _loss_config(self, name: str) -> dict:
+        cfg = self.config["loss_dict"][name] if self.multi_task else self.config.get("loss")
+        return cfg or {"type": "ener"}
+
     def _build_loss(self, task: Task):
-        cfg = self.config["loss_dict"][task.name] if self.multi_task else self.config.get("loss")
-        cfg = cfg or {"type": "ener"}
+        cfg = self._loss_config(task.name)
         start_lr = float(self.config["learning_rate"]["start_lr"])
         if isinstance(task.model, PropertyModel):
             fit = task.model.fitting_net
@@ -470,19 +499,41 @@ class Trainer:
     def _step_loss(self, task: Task, batch, lr: float, training: bool):
         """Loss and every loss metric (floats) of one batch; training forwards go through DDP
         under the training precision, evaluation ones under the inference settings."""
+        if isinstance(task.loss, DensLoss):
+            return self._dens_step_loss(task, batch, lr, training)
         graph, labels, find = batch
         model = task.model
-        if training:
-            with task.precision.training_forward():
-                pred = self.ddp_forward(task.name, graph, True)
-        else:
-            with task.precision.evaluation_forward():
-                pred = self.forward(task.name, graph, False)
+        pred = self._predict(task, graph, training)
         kwargs = {}
         if isinstance(model, PropertyModel):
             kwargs = {"out_bias": model.out_bias[0, 0], "out_std": model.out_std[0, 0]}
         natoms = graph.atype.shape[1]
         loss, metrics = task.loss(pred, labels, find, natoms, lr, mask=graph.atype >= 0, **kwargs)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+    def _predict(self, task: Task, graph: Graph, training: bool) -> dict[str, torch.Tensor]:
+        if training:
+            with task.precision.training_forward():
+                return self.ddp_forward(task.name, graph, True)
+        with task.precision.evaluation_forward():
+            return self.forward(task.name, graph, False)
+
+    def _dens_step_loss(self, task: Task, batch: Batch, lr: float, training: bool):
+        """:meth:`_step_loss` of the ``dens`` loss: corruption, model, loss."""
+        graph, dens = dens_inputs(task.loss, batch, task.model.rcut, training)
+        pred = self._predict(task, graph, training)
+        model = task.model
+        loss, metrics = task.loss(
+            pred,
+            batch.labels,
+            batch.find,
+            graph.atype.shape[1],
+            lr,
+            batch=dens,
+            energy_bias=model.energy_bias(graph.atype),
+            energy_std=model.out_std[0, 0, 0],
+            force_rmsd=model.dens_force_rmsd,
+        )
         return loss, {k: float(v) for k, v in metrics.items()}
 
     @contextlib.contextmanager
@@ -768,6 +819,31 @@ class Trainer:
         atomic_save({"model": state}, path)
         log.info("saved merged LoRA checkpoint %s", path)
         return path
+
+
+def dens_inputs(
+    loss: DensLoss, batch: Batch, rcut: float, training: bool
+) -> tuple[Graph, DensBatch]:
+    """A ``dens`` batch before the model (DeePMD-kit's order): the corruption drawn by
+    :meth:`DensLoss.corrupt`, the graph of the noisy coordinates (edges touching padding atoms
+    dropped), carrying the corrupted atoms and their force labels."""
+    graph, labels = batch.graph, batch.labels
+    atype = graph.atype
+    coord = torch.as_tensor(batch.coord, dtype=torch.float64, device=atype.device)
+    force = labels.get("force", torch.zeros_like(coord))
+    dens = loss.corrupt(coord, atype, force, training=training)
+    if dens.use_dens:
+        noisy = build_graph(
+            dens.coord.cpu().numpy(), batch.box, atype.cpu().numpy(), rcut,
+            device=atype.device, min_dist=0.0,
+        )  # fmt: skip
+        real = atype.reshape(-1) >= 0
+        keep = real[noisy.src] & real[noisy.dst]
+        graph = dataclasses.replace(
+            graph, src=noisy.src[keep], dst=noisy.dst[keep], edge_vec=noisy.edge_vec[keep]
+        )
+    graph = dataclasses.replace(graph, force_input=dens.force_input, noise_mask=dens.noise_mask)
+    return graph, dens
 
 
 def _shown(metrics: dict[str, float]) -> dict[str, float]:
