@@ -1,11 +1,14 @@
 """Evaluation speed and memory: sezm vs DeePMD-kit 3.2 on the same checkpoint and frame.
 
     python benchmarks/bench_eval.py --case tiny --case mini [--oracle /tmp/oracle/bin/python]
+    python benchmarks/bench_eval.py --case mini --replicate 1 8 27 64   # throughput, 192..12288 atoms
 
 Each engine runs in its own process (same thread count), evaluating energy + forces + virial
 of one 192-atom periodic water frame; the two are run alternately for ``--rounds`` rounds and
 the best time of each round is kept, so background load affects both alike. Reports the median
-over rounds, the ratio upstream / sezm, and peak resident memory of each process.
+over rounds, throughput in atoms/s, the ratio upstream / sezm, and peak resident memory of
+each process. ``--replicate`` repeats the cell n = k^3 times (192 n atoms) for the
+throughput curve; a size an engine cannot run (e.g. out of memory) is reported as failed.
 Without an oracle interpreter only sezm is timed.
 """
 
@@ -62,9 +65,21 @@ def run(python: str, engine: str, case: str, reps: int, threads: int, mult: int)
         capture_output=True,
         text=True,
         env=env,
-        check=True,
     )
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["killed"])[-1]
+        return {"failed": f"exit {out.returncode}: {tail[:120]}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _summary(name: str, runs: list[dict]) -> tuple[str, float | None]:
+    good = [r for r in runs if "failed" not in r]
+    if not good:
+        return f"{name} failed ({runs[0]['failed']})", None
+    best = statistics.median(r["best"] for r in good)
+    peak = max(r["peak_mb"] for r in good)
+    rate = good[0]["natoms"] / best
+    return f"{name} {best:.3f} s = {rate:,.0f} atoms/s (peak {peak:.0f} MB)", best
 
 
 def main() -> None:
@@ -74,27 +89,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--replicate", type=int, default=1, help="supercell multiplier (1, 8, 27, ...)")
+    ap.add_argument(
+        "--replicate", type=int, nargs="+", default=[1], help="supercell multipliers (1 8 27 ...)"
+    )
     args = ap.parse_args()
     have_oracle = Path(args.oracle).is_file()
     for case in args.case or ["tiny", "mini"]:
-        ours, theirs = [], []
-        for _ in range(args.rounds):
-            ours.append(run(sys.executable, "sezm", case, args.reps, args.threads, args.replicate))
-            if have_oracle:
-                theirs.append(
-                    run(args.oracle, "deepmd", case, args.reps, args.threads, args.replicate)
-                )
-        t_ours = statistics.median(r["best"] for r in ours)
-        line = (
-            f"{case:6s} natoms {ours[0]['natoms']:6d} threads {args.threads}: sezm {t_ours:.3f} s"
-        )
-        line += f" (peak {max(r['peak_mb'] for r in ours):.0f} MB)"
-        if theirs:
-            t_up = statistics.median(r["best"] for r in theirs)
-            line += f", deepmd-kit {t_up:.3f} s (peak {max(r['peak_mb'] for r in theirs):.0f} MB)"
-            line += f", speed-up x{t_up / t_ours:.2f}"
-        print(line, flush=True)
+        for mult in args.replicate:
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(run(sys.executable, "sezm", case, args.reps, args.threads, mult))
+                if have_oracle:
+                    theirs.append(run(args.oracle, "deepmd", case, args.reps, args.threads, mult))
+            natoms = 192 * mult
+            text, t_ours = _summary("sezm", ours)
+            line = f"{case:6s} natoms {natoms:6d} threads {args.threads}: {text}"
+            if theirs:
+                text, t_up = _summary("deepmd-kit", theirs)
+                line += f", {text}"
+                if t_ours and t_up:
+                    line += f", speed-up x{t_up / t_ours:.2f}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def cmd_freeze(args: argparse.Namespace) -> None:
     from .infer.freeze import FreezeError, freeze
 
     try:
-        report = freeze(args.checkpoint, args.output, head=args.head)
+        report = freeze(args.checkpoint, args.output, head=args.head, with_comm=args.with_comm)
     except FreezeError as err:
         raise SystemExit(f"freeze failed: {err}") from None
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     frz.add_argument("-c", "--checkpoint", default="model.ckpt.pt")
     frz.add_argument("-o", "--output", default="frozen_model", help="written with suffix .pt2")
     frz.add_argument("--head", "--model-branch", help="branch of a multi-task model")
+    frz.add_argument(
+        "--no-with-comm",
+        dest="with_comm",
+        action="store_false",
+        help="skip the multi-rank (MPI) package: about half the freeze time, single-rank LAMMPS only",
+    )
     frz.set_defaults(func=cmd_freeze)
 
     nstat = sub.add_parser(

@@ -289,3 +289,11 @@ def test_short_dens_training_run(tmp_path, monkeypatch) -> None:
     assert isinstance(dp.model, DensModel) and np.isfinite(f).all() and np.isnan(v).all()
     e_ref = np.load(WATER / "data_0" / "set.000" / "energy.npy")[0]
     assert abs(e.item() - e_ref) / 192 < 1.0  # the energy bias came from the data
+
+
+def test_freeze_refuses_dens_models(tmp_path):
+    from sezm.infer.freeze import FreezeError, freeze
+
+    with pytest.raises(FreezeError, match="dens"):
+        freeze(CASE / "model.pt", tmp_path / "frozen")
+    assert not list(tmp_path.iterdir())

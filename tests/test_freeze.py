@@ -1,9 +1,10 @@
 """``sezm freeze``: the .pt2 package reproduces eager evaluation, carries the metadata DeePMD-kit's
 C++ reader needs, and (when LAMMPS with the DeePMD-kit plugin is available) runs in LAMMPS.
 
-One freeze of the tiny parity checkpoint (through the CLI) serves every test of this module.
-Set ``SEZM_LMP`` to a LAMMPS executable with the ``deepmd`` pair style (or put ``lmp`` on
-``PATH``) to run the LAMMPS comparison; it is skipped otherwise.
+One freeze of the tiny parity checkpoint (through the CLI) serves every test of this module;
+it holds the multi-rank (with-comm) package too. Set ``SEZM_LMP`` to a LAMMPS executable with
+the ``deepmd`` pair style (or put ``lmp`` on ``PATH``) to run the LAMMPS comparisons, and
+``SEZM_MPIRUN`` (or ``mpirun`` on ``PATH``) for the two-rank one; they are skipped otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from test_parity import PARITY, frames
 
 import sezm
 from sezm.cli import main
+from sezm.infer import comm
 from sezm.infer import freeze as fz
 from sezm.infer.pt2 import OUTPUT_KEYS, outputs, read_metadata
 
@@ -49,7 +51,7 @@ def test_metadata(frozen):
     assert meta["rcut"] == pytest.approx(6.0)
     assert meta["output_keys"] == list(OUTPUT_KEYS)
     assert meta["dim_fparam"] == meta["dim_aparam"] == meta["dim_chg_spin"] == 0
-    assert meta["has_message_passing"] and not meta["has_comm_artifact"]
+    assert meta["has_message_passing"] and meta["has_comm_artifact"]
     assert meta["do_atomic_virial"] and meta["mixed_types"]
     own = meta["sezm"]
     assert own["torch_version"] == torch.__version__ and own["version"] == sezm.__version__
@@ -59,6 +61,29 @@ def test_metadata(frozen):
         script = [n for n in names if n.endswith("/extra/model_def_script.json")]
         assert json.loads(zf.read(script[0]))["type"] == "dpa4"
     assert any("/data/aotinductor/model/" in n and n.endswith(".so") for n in names)
+    # DeePMD-kit's C++ reader finds the with-comm package by this suffix
+    assert [n for n in names if n.endswith("/extra/forward_lower_with_comm.pt2")] == [
+        "model/" + fz.COMM_ENTRY
+    ]
+
+
+def test_with_comm_package_matches_eager(frozen, tmp_path):
+    """The multi-rank package on one rank's view of a water frame (owned atoms + ghost images,
+    exchanged within this process) reproduces eager evaluation of the frame."""
+    comm.register_border_ops()
+    nested = tmp_path / "with_comm.pt2"
+    with zipfile.ZipFile(frozen) as zf:
+        nested.write_bytes(zf.read("model/" + fz.COMM_ENTRY))
+    package = torch._inductor.aoti_load_package(str(nested))
+    model, _ = fz.load_energy_model(TINY)
+    model.requires_grad_(False)
+    coord, box, atype = water("water_triclinic")
+    frame = (coord.reshape(-1, 3), box.reshape(3, 3), atype)
+    inputs, halo = fz.halo_inputs(model, frame)
+    assert len(halo.owner) > len(atype)  # more ghosts than owned atoms
+    got = fz.owned_outputs(outputs(package(*inputs)), halo)
+    ref = fz.eager_reference(model, [frame], fz.lower_inputs(model, [frame]))
+    fz.compare(nested, model, got, ref)
 
 
 @pytest.mark.parametrize("name", ["water_triclinic", "small_cell"])
@@ -121,6 +146,7 @@ LAMMPS_INPUT = """units metal
 boundary p p p
 atom_style atomic
 atom_modify map yes
+{processors}
 read_data water.data
 mass 1 16
 mass 2 2
@@ -138,6 +164,10 @@ def lammps_executable() -> str | None:
     return os.environ.get("SEZM_LMP") or shutil.which("lmp")
 
 
+def mpirun_executable() -> str | None:
+    return os.environ.get("SEZM_MPIRUN") or shutil.which("mpirun")
+
+
 def write_data(path, coord, box, atype) -> None:
     """LAMMPS data file (atomic style) of one frame; ``box`` rows must be lower triangular."""
     a, b, c = box
@@ -149,16 +179,24 @@ def write_data(path, coord, box, atype) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_lammps_matches_deep_pot(frozen, tmp_path):
+def run_lammps(frozen, tmp_path, name: str, ranks: int = 1, processors: str = ""):
+    """Energy and forces of LAMMPS (``run 0``) on a tiny-model frame, and DeepPot's."""
     lmp = lammps_executable()
     if lmp is None:
         pytest.skip("no LAMMPS (set SEZM_LMP or put lmp on PATH)")
-    coord, box, atype = water("water_triclinic")
+    command = [lmp, "-in", "in.lammps"]
+    if ranks > 1:
+        mpirun = mpirun_executable()
+        if mpirun is None:
+            pytest.skip("no mpirun (set SEZM_MPIRUN or put mpirun on PATH)")
+        command = [mpirun, "-np", str(ranks), *command]
+    coord, box, atype = water(name)
     coord, box = coord.reshape(-1, 3), box.reshape(3, 3)
     write_data(tmp_path / "water.data", coord, box, atype)
-    (tmp_path / "in.lammps").write_text(LAMMPS_INPUT.format(model=frozen))
+    (tmp_path / "in.lammps").write_text(LAMMPS_INPUT.format(model=frozen, processors=processors))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [lmp, "-in", "in.lammps"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
     )
     if "Unrecognized pair style 'deepmd'" in run.stdout + run.stderr:
         pytest.skip(f"{lmp} has no deepmd pair style")
@@ -170,5 +208,23 @@ def test_lammps_matches_deep_pot(frozen, tmp_path):
     start = next(i for i, ln in enumerate(dump) if ln.startswith("ITEM: ATOMS")) + 1
     force = np.array([[float(x) for x in ln.split()[1:]] for ln in dump[start:]])
     e, f, _ = sezm.DeepPot(TINY).eval(coord[None], box.reshape(1, 9), atype)
-    assert abs(energy - e[0, 0]) <= 1e-5 * len(atype)
-    assert np.abs(force - f[0]).max() <= 1e-5 + 1e-4 * np.abs(f).max()
+    return energy, force, e[0, 0], f[0]
+
+
+def test_lammps_matches_deep_pot(frozen, tmp_path):
+    energy, force, e, f = run_lammps(frozen, tmp_path, "water_triclinic")
+    assert abs(energy - e) <= 1e-5 * len(f)
+    assert np.abs(force - f).max() <= 1e-5 + 1e-4 * np.abs(f).max()
+
+
+@pytest.mark.parametrize(
+    ("name", "processors"),
+    [("water_triclinic", "processors 2 1 1"), ("small_cell", "processors 1 2 1")],
+)
+def test_lammps_two_ranks_match_deep_pot(frozen, tmp_path, name, processors):
+    """``mpirun -np 2``: the C++ reader runs the with-comm package on each rank; ghost
+    features cross ranks through DeePMD-kit's border_op (small_cell: a cell narrower than
+    the cutoff, so ghosts are forwarded through several swaps)."""
+    energy, force, e, f = run_lammps(frozen, tmp_path, name, ranks=2, processors=processors)
+    assert abs(energy - e) <= 1e-5 * len(f)
+    assert np.abs(force - f).max() <= 1e-5 + 1e-4 * np.abs(f).max()

@@ -160,10 +160,10 @@ def edge_vectors(
     src = torch.as_tensor(edges.src, device=device)
     dst = torch.as_tensor(edges.dst, device=device)
     if cell is None:
-        return coord_flat[src] - coord_flat[dst]
+        return coord_flat.index_select(0, src) - coord_flat.index_select(0, dst)
     if frame_of_edge is None:
         raise ValueError("frame_of_edge is required when a cell is given")
     frame = torch.as_tensor(frame_of_edge, device=device, dtype=torch.int64)
     shift = torch.as_tensor(edges.shift, device=device).to(coord_flat.dtype)  # [E, 3]
     shift_cart = torch.einsum("ea,eab->eb", shift, cell[frame])  # [E, 3]
-    return coord_flat[src] + shift_cart - coord_flat[dst]
+    return coord_flat.index_select(0, src) + shift_cart - coord_flat.index_select(0, dst)

@@ -76,11 +76,15 @@ class EdgeRotation:
         xs = x.unbind(1)
         return torch.stack([_dot(ops, xs, terms) for terms in self.to_local_terms], dim=1)
 
-    def to_global(self, ops: tuple, y: torch.Tensor) -> torch.Tensor:
-        """``y (E, D_m, C)`` edge frame -> ``(E, D, C)`` global, truncated degrees rescaled."""
+    def to_global(
+        self, ops: tuple, y: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``y (E, D_m, C)`` edge frame -> ``(E, D, C)`` global, truncated degrees rescaled,
+        times ``weight (E, 1)`` if given (applied to the matrices, the cheaper side)."""
         if not self.sparse:
-            return torch.bmm(ops[1], y)
-        coeffs = ops
+            matrix = ops[1] if weight is None else ops[1] * weight.view(-1, 1, 1)
+            return torch.bmm(matrix, y)
+        coeffs = ops if weight is None else tuple(c * weight for c in ops)
         ys = y.unbind(1)
         rows = []
         for gain, terms in self.to_global_terms:

@@ -159,14 +159,24 @@ class WignerD(nn.Module):
 
     ``D(q) @ x`` expresses global-frame coefficients ``x`` in the frame rotated by ``q``;
     ``D(q).T`` rotates back. ``blocks(q)`` gives only the non-zero entries.
+
+    ``D^1`` is linear in the quadratic monomials ``q q^T``; each higher block is linear in the
+    entries of ``D^1 (x) D^{l-1}``: ``vec D^l = (vec D^1 (x) vec D^{l-1}) M_l`` with
+    ``M_l[(i,k,j,l), (a,b)] = C_l[(i,j), a] C_l[(k,l), b]`` -- one outer product and one
+    matmul per degree.
     """
 
     def __init__(self, lmax: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.lmax = int(lmax)
         self.dim = so3_dim(self.lmax)
-        for l, cmap in enumerate(coupling_maps(self.lmax), start=1):
-            self.register_buffer(f"map_{l}", torch.from_numpy(cmap).to(dtype), persistent=False)
+        maps = coupling_maps(self.lmax)
+        self.register_buffer("map_1", torch.from_numpy(maps[0]).to(dtype), persistent=False)
+        for l, cmap in enumerate(maps[1:], start=2):
+            n_prev, n = 2 * l - 1, 2 * l + 1
+            c = cmap.reshape(3, n_prev, n)
+            full = np.einsum("ija,klb->ikjlab", c, c).reshape(9 * n_prev * n_prev, n * n)
+            self.register_buffer(f"map_{l}", torch.from_numpy(full).to(dtype), persistent=False)
 
     def blocks(self, q: torch.Tensor) -> torch.Tensor:
         """Non-zero entries ``(E, sum_l (2l+1)^2)``: each degree block row-major, l ascending."""
@@ -174,18 +184,11 @@ class WignerD(nn.Module):
         values = [torch.ones(n_edge, 1, dtype=q.dtype, device=q.device)]
         if self.lmax >= 1:
             d1 = (q.unsqueeze(2) * q.unsqueeze(1)).reshape(n_edge, 16) @ self.map_1.to(q.dtype)
-            values.append(d1)
+            values.append(d1)  # (E, 9)
             prev = d1
-            r1 = d1.view(n_edge, 3, 1, 3, 1)
             for l in range(2, self.lmax + 1):
-                n_prev, n = 2 * l - 1, 2 * l + 1
-                c = getattr(self, f"map_{l}").to(q.dtype)  # (3 n_prev, n)
-                kron = (r1 * prev.view(n_edge, 1, n_prev, 1, n_prev)).reshape(
-                    n_edge, 3 * n_prev, -1
-                )
-                half = (kron.reshape(-1, 3 * n_prev) @ c).view(n_edge, 3 * n_prev, n)  # K C
-                prev = (half.transpose(1, 2).reshape(-1, 3 * n_prev) @ c).view(n_edge, n, n)
-                prev = prev.transpose(1, 2).reshape(n_edge, n * n)  # C^T K C
+                outer = (d1.unsqueeze(2) * prev.unsqueeze(1)).reshape(n_edge, -1)  # (E, 9 n'^2)
+                prev = outer @ getattr(self, f"map_{l}").to(q.dtype)  # (E, (2l+1)^2)
                 values.append(prev)
         return torch.cat(values, dim=1)
 

@@ -28,7 +28,8 @@ class _DeepEval:
             return
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.checkpoint = load_model(model_file, head)
-        self.model.to(self.device)
+        # no weight gradients at inference: autograd then keeps fewer tensors for the force pass
+        self.model.to(self.device).requires_grad_(False)
         self.settings.apply(self.model, self.device)
         self.type_map = list(self.model.type_map)
 

@@ -12,6 +12,9 @@ Pipeline (the input/output contract is in ``pt2.py``, the schema choice in ``doc
    result in this graph (torch 2.11-2.13, CPU), which silently corrupts the forces.
 4. The package is reloaded and compared with eager evaluation on two frames of different
    sizes; a difference beyond floating-point rounding raises ``FreezeError``.
+5. Message-passing models get a second package for multi-rank LAMMPS (``GraphLowerWithComm``,
+   DeePMD-kit's with-comm ABI), checked the same way on a periodic frame split into owned
+   atoms and ghost images, and stored inside the first (``COMM_ENTRY``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from ..compat.deepmd import load_checkpoint
 from ..geometry.neighbors import build_edges
 from ..model import forces as F
 from ..model.build import load_model
-from ..model.energy import EnergyModel
+from ..model.dens import DensModel
+from ..model.energy import EnergyModel, bridging_radii
 from ..model.graph import Graph
 from ..runtime import deterministic_algorithms
+from .comm import COMM_INPUTS, GhostExchange, Halo, halo, register_border_ops
 from .pt2 import GRAPH_INPUTS, OUTPUT_KEYS, graph_inputs, outputs
 
 DPA4_TYPES = ("dpa4", "sezm")
@@ -106,6 +111,24 @@ class GraphLower(nn.Module):
         }
 
 
+class GraphLowerWithComm(GraphLower):
+    """``GraphLower`` for one MPI rank of a LAMMPS run (DeePMD-kit's with-comm graph ABI).
+
+    Inputs: the ``GraphLower`` inputs of one frame on the rank's extended node set (owned
+    atoms first, ``n_local`` of them, then ghosts; edges end on owned atoms), followed by the
+    8 comm tensors ``COMM_INPUTS``. Ghost node features come from their owners through
+    ``border_op`` (``comm.GhostExchange``); the backward pass sends ghost gradients back, so
+    the forces on owned and ghost nodes are those of the total energy of all ranks.
+    """
+
+    def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        lower, comm = inputs[: -len(COMM_INPUTS)], inputs[-len(COMM_INPUTS) :]
+        atype, n_local = lower[0], lower[2]
+        owned = torch.arange(atype.shape[0], device=atype.device) < n_local[0]
+        with GhostExchange(self.model.descriptor, comm, owned):
+            return super().forward(*lower)
+
+
 # --- sample systems ------------------------------------------------------------------------
 def sample_frames(
     ntypes: int, sizes: tuple[int, ...], seed: int, density: float = 0.05
@@ -172,13 +195,38 @@ def lower_inputs(model: EnergyModel, frames, seed: int = 0) -> tuple[torch.Tenso
     return (*graph_inputs(graph, n_node), *extras)
 
 
-def dynamic_shapes(extras: tuple[str, ...]) -> tuple[dict, ...]:
+def halo_inputs(model: EnergyModel, frame, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], Halo]:
+    """``GraphLowerWithComm`` inputs for one periodic frame (random extras as ``lower_inputs``;
+    ghost rows of ``aparam`` are zero, as DeePMD-kit's C++ reader passes them)."""
+    coord, cell, types = frame
+    h = halo(coord, cell, types, model.rcut)
+    n, nloc = len(h.atype), h.nloc
+    graph = Graph(
+        atype=torch.as_tensor(h.atype).long(),
+        src=torch.as_tensor(h.src).long(),
+        dst=torch.as_tensor(h.dst).long(),
+        edge_vec=torch.as_tensor(h.vec, dtype=torch.float64),
+    )
+    local = lower_inputs(model, [frame], seed)
+    extras = dict(zip(extra_inputs(model), local[len(GRAPH_INPUTS) :]))
+    if "aparam" in extras:
+        aparam = extras["aparam"]
+        extras["aparam"] = torch.cat([aparam, aparam.new_zeros(n - nloc, aparam.shape[1])])
+    base = graph_inputs(graph, torch.tensor([n]), torch.tensor([nloc]))
+    return (*base, *extras.values(), *h.plan.tensors), h
+
+
+def dynamic_shapes(extras: tuple[str, ...], with_comm: bool = False) -> tuple[dict | None, ...]:
+    """Dynamic atoms and edges; frames dynamic too, except with comm (one frame, and the
+    number of swaps dynamic)."""
     Dim = torch.export.Dim
-    nodes, edges, frames = Dim("n_node_total", min=1), Dim("n_edge", min=2), Dim("nframes", min=1)
+    nodes, edges = Dim("n_node_total", min=1), Dim("n_edge", min=2)
+    frames = None if with_comm else Dim("nframes", min=1)
+    per_frame = None if with_comm else {0: frames}
     shapes = {
         "atype": {0: nodes},
-        "n_node": {0: frames},
-        "n_local": {0: frames},
+        "n_node": per_frame,
+        "n_local": per_frame,
         "edge_index": {1: edges},
         "edge_vec": {0: edges},
         "edge_mask": {0: edges},
@@ -186,28 +234,46 @@ def dynamic_shapes(extras: tuple[str, ...]) -> tuple[dict, ...]:
         "destination_row_ptr": {0: nodes + 1},
         "source_order": {0: edges},
         "source_row_ptr": {0: nodes + 1},
-        "fparam": {0: frames},
+        "fparam": per_frame,
         "aparam": {0: nodes},
-        "charge_spin": {0: frames},
+        "charge_spin": per_frame,
     }
-    return tuple(shapes[k] for k in (*GRAPH_INPUTS, *extras))
+    specs = tuple(shapes[k] for k in (*GRAPH_INPUTS, *extras))
+    if not with_comm:
+        return specs
+    swaps = Dim("nswap", min=1)
+    per_swap = {0: swaps}
+    # send_list, send_proc, recv_proc, send_num, recv_num, communicator, nlocal, nghost
+    return (*specs, per_swap, per_swap, per_swap, per_swap, per_swap, None, None, None)
+
+
+def _export(lower: nn.Module, sample, shapes) -> torch.export.ExportedProgram:
+    from torch.fx.experimental import _config as fx_config
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # Every dynamic size gets its own symbol (no duck shaping), so a sample size that happens
+    # to equal a model width cannot be baked into the graph.
+    with fx_config.patch(use_duck_shape=False):
+        traced = make_fx(lower, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*sample)
+        return torch.export.export(traced, sample, dynamic_shapes=shapes, strict=False)
 
 
 def export_lower(model: EnergyModel) -> torch.export.ExportedProgram:
     """Forward + edge-gradient graph of ``model`` with dynamic atoms, edges and frames."""
-    from torch.fx.experimental import _config as fx_config
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     extras = extra_inputs(model)
     lower = GraphLower(model, extras).eval()
-    # Three frames of distinct sizes; every dynamic size gets its own symbol (no duck shaping),
-    # so a sample size that happens to equal a model width cannot be baked into the graph.
+    # Three frames of distinct sizes.
     sample = lower_inputs(model, sample_frames(len(model.type_map), (5, 7, 9), seed=1))
-    with fx_config.patch(use_duck_shape=False):
-        traced = make_fx(lower, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*sample)
-        return torch.export.export(
-            traced, sample, dynamic_shapes=dynamic_shapes(extras), strict=False
-        )
+    return _export(lower, sample, dynamic_shapes(extras))
+
+
+def export_lower_with_comm(model: EnergyModel) -> torch.export.ExportedProgram:
+    """``GraphLowerWithComm`` with dynamic atoms, edges and swaps (one frame)."""
+    register_border_ops()
+    extras = extra_inputs(model)
+    lower = GraphLowerWithComm(model, extras).eval()
+    sample, _ = halo_inputs(model, sample_frames(len(model.type_map), (9,), seed=1)[0], seed=1)
+    return _export(lower, sample, dynamic_shapes(extras, with_comm=True))
 
 
 def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
@@ -257,7 +323,7 @@ def metadata(model: EnergyModel, checkpoint: str, head: str | None) -> dict:
         "default_fparam": None if default_fparam is None else default_fparam.tolist(),
         "mixed_types": True,
         "has_message_passing": opts.n_blocks > 0,
-        "has_comm_artifact": False,
+        "has_comm_artifact": False,  # set by freeze() when it adds the with-comm package
         "do_atomic_virial": True,
         "pair_exclude_types": [],  # applied inside the package, with the descriptor exclusions
         "output_keys": list(OUTPUT_KEYS),
@@ -292,13 +358,23 @@ def _sezm_version() -> str:
     return __version__
 
 
-def append_extras(path: Path, meta: dict, model_def: dict) -> None:
-    """Add ``extra/metadata.json`` and ``extra/model_def_script.json`` to the package."""
+# DeePMD-kit's C++ reader loads the zip entry whose name ends in
+# "/extra/forward_lower_with_comm.pt2". It is not put under "model/extra/": torch's Python loader
+# reads every file there as UTF-8 text (torch 2.11 and 2.13), so a nested package there breaks
+# aoti_load_package (sezm.DeepPot, DeePMD-kit's Python DeepPot).
+COMM_ENTRY = "sezm/extra/forward_lower_with_comm.pt2"
+
+
+def append_extras(path: Path, meta: dict, model_def: dict, with_comm: Path | None = None) -> None:
+    """Add ``extra/metadata.json``, ``extra/model_def_script.json`` and the with-comm package
+    (if any) to the package."""
     with zipfile.ZipFile(path) as zf:
         root = zf.namelist()[0].split("/")[0]
     with zipfile.ZipFile(path, "a") as zf:
         zf.writestr(f"{root}/extra/metadata.json", json.dumps(meta, indent=1))
         zf.writestr(f"{root}/extra/model_def_script.json", json.dumps(model_def, indent=1))
+        if with_comm is not None:
+            zf.write(with_comm, f"{root}/{COMM_ENTRY}")
 
 
 # --- verification --------------------------------------------------------------------------
@@ -348,7 +424,47 @@ def verify(path: Path, model: EnergyModel, seed: int = 2) -> dict[str, float]:
     inputs = lower_inputs(model, frames, seed=seed)
     package = torch._inductor.aoti_load_package(os.fspath(path))
     got = outputs(package(*inputs))
-    ref = eager_reference(model, frames, inputs)
+    return compare(path, model, got, eager_reference(model, frames, inputs))
+
+
+def owned_outputs(got: dict[str, torch.Tensor], h: Halo) -> dict[str, torch.Tensor]:
+    """With-comm outputs of a one-process halo as the eager layout: ghost forces and atomic
+    virials folded onto their owners (LAMMPS's reverse communication), owned energies."""
+    return {
+        "atom_energy": got["atom_energy"][: h.nloc],
+        "energy": got["energy"],
+        "force": h.fold(got["force"]),
+        "virial": got["virial"],
+        "atom_virial": h.fold(got["atom_virial"]),
+    }
+
+
+def halo_test_frame(model: EnergyModel, seed: int):
+    """A periodic frame of 23 atoms; with ZBL bridging, two pairs of atoms sit across the cell
+    faces inside the bridging zone, so the source gate of ghost images matters."""
+    coord, cell, types = sample_frames(len(model.type_map), (23,), seed=seed)[0]
+    radii = bridging_radii(model.params)
+    if radii is not None:
+        coord, side, r = coord.copy(), cell[0, 0], sum(radii) / 2
+        coord[0], coord[1] = (0.1, 1.0, 1.0), (side + 0.1 - r, 1.0, 1.0)
+        coord[2], coord[3] = (3.0, 0.1, side - 0.5), (3.0, side + 0.1 - r, side - 0.5)
+    return coord, cell, types
+
+
+def verify_with_comm(path: Path, model: EnergyModel, seed: int = 3) -> dict[str, float]:
+    """Max |pt2 - eager| of the with-comm package on a periodic frame of 23 atoms, given as
+    owned atoms plus ghost images exchanged by ``border_op`` within this process."""
+    register_border_ops()
+    frame = halo_test_frame(model, seed)
+    inputs, h = halo_inputs(model, frame, seed=seed)
+    package = torch._inductor.aoti_load_package(os.fspath(path))
+    got = owned_outputs(outputs(package(*inputs)), h)
+    ref = eager_reference(model, [frame], lower_inputs(model, [frame], seed=seed))
+    return compare(path, model, got, ref)
+
+
+def compare(path, model: EnergyModel, got: dict, ref: dict) -> dict[str, float]:
+    """Max |got - ref| per output; ``FreezeError`` beyond ``tolerances``."""
     errors, bad = {}, []
     for key, (atol, rtol) in tolerances(model.descriptor.opts.compute_dtype).items():
         err = float((got[key] - ref[key]).abs().max())
@@ -366,7 +482,7 @@ def verify(path: Path, model: EnergyModel, seed: int = 2) -> dict[str, float]:
 class FreezeReport:
     path: Path
     seconds: dict[str, float] = field(default_factory=dict)
-    errors: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)  # with-comm ones as "with_comm.<key>"
 
 
 def load_energy_model(checkpoint: str | os.PathLike, head: str | None = None):
@@ -378,6 +494,11 @@ def load_energy_model(checkpoint: str | os.PathLike, head: str | None = None):
     if params.get("spin"):
         raise FreezeError(f"{checkpoint}: spin models cannot be frozen yet (no spin .pt2 contract)")
     model, ckpt = load_model(checkpoint, head)
+    if isinstance(model, DensModel):
+        raise FreezeError(
+            f"{checkpoint}: the model holds a dens (denoising / direct-force) head; DeePMD-kit's "
+            ".pt2 contract has no dens mode, so it cannot be frozen"
+        )
     if not isinstance(model, EnergyModel):
         raise FreezeError(
             f"{checkpoint}: {type(model).__name__} cannot be frozen; the .pt2 contract of "
@@ -387,9 +508,16 @@ def load_energy_model(checkpoint: str | os.PathLike, head: str | None = None):
 
 
 def freeze(
-    checkpoint: str | os.PathLike, output: str | os.PathLike, head: str | None = None
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    head: str | None = None,
+    with_comm: bool = True,
 ) -> FreezeReport:
-    """Write ``output`` (suffix ``.pt2``) from ``checkpoint`` and verify it against eager."""
+    """Write ``output`` (suffix ``.pt2``) from ``checkpoint`` and verify it against eager.
+
+    ``with_comm``: also build the multi-rank (with-comm) package of a message-passing model
+    (``n_blocks > 0``), which LAMMPS needs on more than one MPI rank; it doubles the time.
+    """
     start = time.perf_counter()
     model, ckpt = load_energy_model(checkpoint, head)
     model = model.to("cpu").eval().requires_grad_(False)
@@ -407,13 +535,26 @@ def freeze(
     program = export_lower(model)
     t = lap("export", t)
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta = metadata(model, os.fspath(checkpoint), head)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         # Records under "model/", the archive name DeePMD-kit's readers look up.
         package = Path(tmp) / "model.pt2"
         compile_package(program, package)
         t = lap("compile", t)
-        append_extras(package, metadata(model, os.fspath(checkpoint), head), ckpt.model_params)
-        report.errors = verify(package, model)
+        comm_package = None
+        if with_comm and model.descriptor.opts.n_blocks > 0:
+            comm_program = export_lower_with_comm(model)
+            t = lap("export_comm", t)
+            comm_package = Path(tmp) / "with_comm" / "model.pt2"
+            comm_package.parent.mkdir()
+            compile_package(comm_program, comm_package)
+            t = lap("compile_comm", t)
+            errors = verify_with_comm(comm_package, model)
+            report.errors.update({f"with_comm.{k}": v for k, v in errors.items()})
+            t = lap("verify_comm", t)
+            meta["has_comm_artifact"] = True
+        append_extras(package, meta, ckpt.model_params, comm_package)
+        report.errors = {**verify(package, model), **report.errors}
         os.replace(package, path)  # only a verified package reaches the output path
     lap("verify", t)
     report.seconds["total"] = time.perf_counter() - start

@@ -15,7 +15,9 @@ and returns a dict, flattened in the order of ``OUTPUT_KEYS``: atom_energy (N, 1
 virial (nf, 9), atom_virial (N, 9), all float64. Frame ``f`` owns its first ``n_local[f]``
 nodes; only owned nodes enter ``energy`` (and so the forces and virials). The CSR views are
 part of the contract (DeePMD-kit's C++ reader always passes them) but sezm does not read them.
-The package carries ``extra/metadata.json`` (see ``freeze.metadata``).
+The package carries ``extra/metadata.json`` (see ``freeze.metadata``); a message-passing model
+also carries the multi-rank package that LAMMPS runs on several MPI ranks (same inputs on one
+rank's owned + ghost nodes, plus DeePMD-kit's 8 comm tensors; ``freeze.GraphLowerWithComm``).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ class GatedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         axis = 1 if self.layout == "ndfc" else 2  # the degree axis
-        x0 = x.narrow(axis, 0, 1)
+        # (split, not two narrows: its backward is one concatenation, not two zero-filled copies)
+        x0, x_rest = x.split([1, x.shape[axis] - 1], dim=axis)
         if gate is None:
             y0, source = self.scalar_act(x0), x0
         else:
@@ -76,4 +77,4 @@ class GatedActivation(nn.Module):
             gates = gates.transpose(1, 2)
         elif self.layout == "fndc":
             gates = gates.transpose(0, 1)
-        return torch.cat([y0, x.narrow(axis, 1, x.shape[axis] - 1) * gates], dim=axis)
+        return torch.cat([y0, x_rest * gates], dim=axis)

@@ -45,6 +45,6 @@ def envelope_gated_softmax(
     with torch.no_grad():
         shift = null.expand(n_nodes, -1).clone()
         shift = shift.scatter_reduce(0, dst.view(-1, 1).expand_as(scores), scores, "amax")
-    edge_exp = torch.exp(scores - shift[dst])
+    edge_exp = torch.exp(scores - shift.index_select(0, dst))
     denom = torch.exp(null - shift).index_add(0, dst, edge_exp)
-    return (edge_exp / denom[dst]).view(n_edge, n_focus, n_head)
+    return (edge_exp / denom.index_select(0, dst)).view(n_edge, n_focus, n_head)

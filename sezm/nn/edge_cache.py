@@ -7,7 +7,6 @@ vector is replaced by ``(0, 0, 1)`` (finite everywhere) and every weight is zero
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -49,9 +48,12 @@ class EdgeCache:
         """Packed ``x (E, D, C)`` in the edge frames, ``|m| <= mmax``: ``(E, D_m, C)``."""
         return _rotation(lmax, mmax).to_local(self._operands(lmax, mmax), x)
 
-    def to_global(self, y: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
-        """Edge-frame ``y (E, D_m, C)`` back to packed global coefficients ``(E, D, C)``."""
-        return _rotation(lmax, mmax).to_global(self._operands(lmax, mmax), y)
+    def to_global(
+        self, y: torch.Tensor, lmax: int, mmax: int, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Edge-frame ``y (E, D_m, C)`` back to packed global coefficients ``(E, D, C)``,
+        times a per-edge ``weight (E, 1)`` if given."""
+        return _rotation(lmax, mmax).to_global(self._operands(lmax, mmax), y, weight)
 
     def cast(self, dtype: torch.dtype) -> EdgeCache:
         """Copy with float tensors in ``dtype`` (for float64 / float16 blocks)."""
@@ -66,9 +68,14 @@ class EdgeCache:
         return EdgeCache(self.src, self.dst, self.n_nodes, **conv, wigner=wigner, src_gate=gate)
 
 
-@functools.cache
+_ROTATIONS: dict[tuple[int, int], EdgeRotation] = {}
+
+
 def _rotation(lmax: int, mmax: int) -> EdgeRotation:
-    return EdgeRotation(lmax, mmax)
+    """Shared rotation plan per ``(lmax, mmax)`` (a plain dict: torch.compile traces through it)."""
+    if (lmax, mmax) not in _ROTATIONS:
+        _ROTATIONS[(lmax, mmax)] = EdgeRotation(lmax, mmax)
+    return _ROTATIONS[(lmax, mmax)]
 
 
 def source_freeze_gate(

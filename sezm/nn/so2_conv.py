@@ -173,9 +173,9 @@ class SO2MixingStack:
         """Make the first layer's l=0 bias vanish with the edge: ``bias * (rho_0 env - 1)`` added."""
         if linear.out_channels != factor.shape[-1]:
             factor = torch.cat([factor, factor], dim=-1)
-        bias = linear.bias0.view(y.shape[0], 1, -1)
-        y0 = y[:, :, 0] + bias * (factor - 1.0)
-        return torch.cat([y0.unsqueeze(2), y[:, :, 1:]], dim=2)
+        bias = linear.bias0.view(y.shape[0], 1, 1, -1)
+        y0, y_rest = y.split([1, y.shape[2] - 1], dim=2)
+        return torch.cat([y0 + bias * (factor.unsqueeze(2) - 1.0), y_rest], dim=2)
 
 
 class SO2Convolution(nn.Module):
@@ -326,23 +326,42 @@ class SO2Convolution(nn.Module):
     def forward(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
         """``x (N, D, C)``, ``radial (E, L+1, C)`` (fused with edge types) -> ``(N, D, C)``."""
         x = self.pre_focus_mix(x.unsqueeze(2)).squeeze(2)  # (N, D, Cw)
+        alpha, edge_weight = self._folded_edge_weight(x, edges, radial)
         if self.edge_cartesian:
             message, rad = self._cartesian_message(x, edges, radial)
         elif self.needs_local_frame:
-            message, rad = self._so2_message(x, edges, radial)
+            message, rad = self._so2_message(x, edges, radial, edge_weight)
         else:
             message, rad = self._radial_message(x, edges, radial)
         if self.n_heads and self.attn_focus_mix is not None:
             message = self.attn_focus_mix(message.unsqueeze(2)).squeeze(2)
         if self.n_heads == 0:
-            out = self._scatter(x, edges, message)
+            out = self._scatter(x, edges, message, weighted=edge_weight is not None)
         else:
-            out = self._attend(x, edges, message, rad)
+            out = self._attend(x, edges, message, rad, alpha, weighted=edge_weight is not None)
         if self.message_node_grid_product is not None:
             out = out + self.message_node_grid_product(out, x)
         if self.node_cartesian_tp is not None:
             out = self.node_cartesian_tp(out, x)
         return self.post_focus_mix(out.unsqueeze(2)).squeeze(2)
+
+    def _folded_edge_weight(self, x, edges: EdgeCache, radial):
+        """Aggregation weight of each edge when it is one scalar per edge ``(E, 1)``.
+
+        The scalar then rides on the small rotate-back matrices instead of scaling the
+        ``(E, D, Cw)`` messages; everything between rotation and sum (focus mix, value
+        projection) is linear without bias, so the result is unchanged. Returns
+        ``(alpha, weight)``: the attention weights if computed here, and the weight or None.
+        """
+        if not self.needs_local_frame or self.edge_cartesian or self.compute_dtype != self.dtype:
+            return None, None
+        if self.n_heads == 0:
+            weight = edges.env if edges.src_gate is None else edges.env * edges.src_gate
+            return None, weight
+        if self.attn_focus * self.n_heads != 1:
+            return None, None
+        alpha = self._attention_weights(x, edges, self._widen(radial[:, 0]))
+        return alpha, alpha.view(-1, 1)
 
     def _focus_weights(self, gate_src: torch.Tensor) -> torch.Tensor:
         """Label-smoothed softmax over focus streams ``(E, F)`` from l=0 scalars ``(E, F, C_f)``."""
@@ -373,25 +392,25 @@ class SO2Convolution(nn.Module):
     def _radial_message(self, x, edges: EdgeCache, radial):
         """No local-frame op needed: ``m_e = x'_src * rho_e[l]`` (per-degree scaling commutes with rotation)."""
         rad = self._widen(radial)  # (E, L+1, Cw)
-        x_src = x[edges.src]
+        x_src = x.index_select(0, edges.src)
         message = x_src * rad.index_select(1, self.degree_index_full)
         return self._compete_global(message, x_src[:, 0] * rad[:, 0]), rad
 
     def _cartesian_message(self, x, edges: EdgeCache, radial):
         rad = self._widen(radial)
-        x_src = x[edges.src]
+        x_src = x.index_select(0, edges.src)
         message = self.edge_cartesian_tp(x_src, edges.vec, rad)
         return self._compete_global(message, x_src[:, 0] * rad[:, 0]), rad
 
-    def _so2_message(self, x, edges: EdgeCache, radial):
-        x_local = edges.to_local(x[edges.src], self.lmax, self.mmax)  # (E, D_m, Cw)
+    def _so2_message(self, x, edges: EdgeCache, radial, edge_weight=None):
+        x_local = edges.to_local(x.index_select(0, edges.src), self.lmax, self.mmax)  # (E, D_m, Cw)
         rad = self._widen(radial.index_select(1, self.degree_index_m))  # (E, D_m, Cw)
         if self.radial_degree_mixer is None:
             x_local = x_local * rad
         else:
             x_local = self.radial_degree_mixer(x_local, rad)
         if self.node_wise_grid_product is not None:
-            x_dst_local = edges.to_local(x[edges.dst], self.lmax, self.mmax)
+            x_dst_local = edges.to_local(x.index_select(0, edges.dst), self.lmax, self.mmax)
             x_local = x_local + self.node_wise_grid_product(x_local, x_dst_local)
         e, dm, _ = x_local.shape
         nf, cf = self.n_focus, self.focus_dim
@@ -404,28 +423,28 @@ class SO2Convolution(nn.Module):
             alpha = self._focus_weights(gate_src)  # (E, F)
             x_local = x_local * alpha.t().to(x_local.dtype)[:, :, None, None]
         x_local = x_local.permute(1, 2, 0, 3).reshape(e, dm, nf * cf)
-        return edges.to_global(x_local, self.lmax, self.mmax), rad  # (E, D, Cw)
+        message = edges.to_global(x_local, self.lmax, self.mmax, edge_weight)  # (E, D, Cw)
+        return message, rad
 
-    def _scatter(self, x, edges: EdgeCache, message) -> torch.Tensor:
-        """``out_i = inv_sqrt_deg_i * sum_{e -> i} env_e gate_e m_e``."""
-        weight = edges.env if edges.src_gate is None else edges.env * edges.src_gate
-        summed = edges.sum_at_dst((message * weight.unsqueeze(-1)).to(self.compute_dtype))
+    def _scatter(self, x, edges: EdgeCache, message, weighted: bool = False) -> torch.Tensor:
+        """``out_i = inv_sqrt_deg_i * sum_{e -> i} env_e gate_e m_e`` (``weighted``: already applied)."""
+        if not weighted:
+            weight = edges.env if edges.src_gate is None else edges.env * edges.src_gate
+            message = message * weight.unsqueeze(-1)
+        summed = edges.sum_at_dst(message.to(self.compute_dtype))
         return (summed * edges.inv_sqrt_deg).to(self.dtype)
 
-    def _attend(self, x, edges: EdgeCache, message, rad) -> torch.Tensor:
-        n, d = x.shape[0], x.shape[1]
-        e = message.shape[0]
+    def _attention_weights(self, x, edges: EdgeCache, rad0) -> torch.Tensor:
+        """Envelope-gated attention ``(E, Fa, H)`` from node scalars and ``rad0 (E, Cw)``."""
+        n, e = x.shape[0], edges.src.shape[0]
         fa, ca, h = self.attn_focus, self.attn_width, self.n_heads
         cd = self.compute_dtype
-        x0 = x[:, 0].reshape(n, fa, ca).to(cd)
-        qk = self.attn_qk_norm(x0)
-        q = self.attn_q_proj(qk)[edges.dst].view(e, fa, h, -1)
-        k = self.attn_k_proj(qk)[edges.src].view(e, fa, h, -1)
-        bias = torch.einsum(
-            "efi,ifo->efo", rad[:, 0].reshape(e, fa, ca).to(cd), self.adamw_attn_logit_w
-        )
+        qk = self.attn_qk_norm(x[:, 0].reshape(n, fa, ca).to(cd))
+        q = self.attn_q_proj(qk).index_select(0, edges.dst).view(e, fa, h, -1)
+        k = self.attn_k_proj(qk).index_select(0, edges.src).view(e, fa, h, -1)
+        bias = torch.einsum("efi,ifo->efo", rad0.reshape(e, fa, ca).to(cd), self.adamw_attn_logit_w)
         logits = (q * k).sum(-1) / math.sqrt(ca // h) + bias  # (E, Fa, H)
-        alpha = envelope_gated_softmax(
+        return envelope_gated_softmax(
             logits,
             edges.env.to(cd),
             edges.dst,
@@ -434,12 +453,26 @@ class SO2Convolution(nn.Module):
             self.eps,
             None if edges.src_gate is None else edges.src_gate.to(cd),
         )
+
+    def _attend(
+        self, x, edges: EdgeCache, message, rad, alpha=None, weighted: bool = False
+    ) -> torch.Tensor:
+        """Attention-weighted sum with output gates; ``weighted``: ``alpha`` already applied."""
+        n, d = x.shape[0], x.shape[1]
+        e = message.shape[0]
+        fa, ca, h = self.attn_focus, self.attn_width, self.n_heads
+        cd = self.compute_dtype
+        if alpha is None:
+            alpha = self._attention_weights(x, edges, rad[:, 0])
         value = message.reshape(e, d, fa, ca).to(cd)
         if self.attn_v_proj is not None:
             value = self.attn_v_proj(value)
         # (flattened to 4-D: broadcasting over 5-D views with unit axes is far slower on CPU)
-        weighted = value.reshape(e, d, fa * h, -1) * alpha.view(e, 1, fa * h, 1)
-        summed = edges.sum_at_dst(weighted)  # (N, D, Fa*H, C_h)
+        value = value.reshape(e, d, fa * h, -1)
+        if not weighted:
+            value = value * alpha.view(e, 1, fa * h, 1)
+        summed = edges.sum_at_dst(value)  # (N, D, Fa*H, C_h)
+        x0 = x[:, 0].reshape(n, fa, ca).to(cd)
         gate = torch.sigmoid(
             torch.einsum("nfi,ifo->nfo", self.attn_output_gate_norm(x0), self.adamw_attn_gate_w)
         )

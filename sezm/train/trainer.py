@@ -42,6 +42,7 @@ from ..model.dens import DensModel, force_rmsd
 from ..model.graph import Graph, build_graph
 from ..model.property_model import PropertyModel
 from ..nn.lora import apply_lora, has_lora, merged_state_dict, strip_lora
+from ..runtime import tune_allocator
 from .checkpoint import CheckpointStore, atomic_save, keep_counts, model_state
 from .compile import CompiledEnergyGradient, TrainingForward, supports_compile
 from .distributed import (
@@ -117,6 +118,7 @@ class Trainer:
         device: str | None = None,
         shared_links: dict[str, list[dict]] | None = None,
     ) -> None:
+        tune_allocator()  # edge-sized temporaries reuse heap blocks instead of fresh pages
         self.resume = resume or Resume()
         self.finetune_rules: dict[str, FinetuneRule] = {}
         self.dist = Distributed.current()
