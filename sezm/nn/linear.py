@@ -43,7 +43,9 @@ class ChannelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight
+        # one GEMM over all leading axes (matmul of a non-contiguous N-D view with a matrix
+        # falls back to a batched matmul with the weight repeated per batch)
+        y = (x.reshape(-1, x.shape[-1]) @ self.weight).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
