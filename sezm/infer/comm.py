@@ -39,7 +39,6 @@ import dataclasses
 
 import numpy as np
 import torch
-from torch.nn import functional as nnf
 
 from ..geometry.neighbors import build_edges
 
@@ -215,7 +214,7 @@ class GhostExchange:
       Block 0 is skipped when the initial state is built from the atom type alone.
     * the bridging source gate ``eta_j = prod_{e: src_e = j} w(r_e)``: per-node partial sums
       (log w, zero count) go to their owners with ``border_op_backward``, the completed sums
-      come back with ``border_op`` (through the descriptor's ``ghost_exchange`` hook).
+      come back with ``border_op`` (``complete_node_sums``, called by the edge cache).
 
     Only owned rows are sent (ghost rows are zeroed first), so gradients never flow into stale
     ghost values, whichever version of ``libdeepmd_op_pt.so`` runs the package.
@@ -254,27 +253,10 @@ class GhostExchange:
         x, *rest = args
         return (self.refresh(x), *rest)
 
-    def edge_cache(self, cache, edge_vec: torch.Tensor, keep: torch.Tensor):
-        """``cache`` with the bridging source gate completed across ranks (else unchanged)."""
-        if cache.src_gate is None:
-            return cache
-        d = self.descriptor
-        dtype = cache.env.dtype
-        # the clamped edge length and switch of build_edge_cache / source_freeze_gate
-        keep_f = keep.to(dtype).unsqueeze(-1)
-        vec = edge_vec.to(dtype) * keep_f + nnf.pad(1.0 - keep_f, (2, 0))
-        length = torch.sqrt(vec.square().sum(-1, keepdim=True) + d.opts.eps * d.opts.eps)
-        length = d.inner_clamp(length)
-        w = (d.bridging_switch(length) * keep_f + (1.0 - keep_f)).squeeze(-1)  # (E,)
-        is_zero = w <= 0
-        log_w = torch.log(torch.where(is_zero, torch.ones_like(w), w))
-        partial = w.new_zeros(cache.n_nodes, 2).index_add(
-            0, cache.src, torch.stack([log_w, is_zero.to(dtype)], dim=-1)
-        )
-        total = self.refresh(border_op_backward(self.comm, partial.contiguous()))
-        log_eta, n_zero = total[:, 0], total[:, 1]
-        eta = torch.where(n_zero > 0.5, torch.zeros_like(log_eta), torch.exp(log_eta))
-        return dataclasses.replace(cache, src_gate=eta[cache.src].unsqueeze(-1))
+    def complete_node_sums(self, partial: torch.Tensor) -> torch.Tensor:
+        """Per-node sums over local edges ``(N, k)`` -> totals over all ranks' edges, on owned
+        and ghost rows: partial sums go to their owners, the totals come back."""
+        return self.refresh(border_op_backward(self.comm, partial.contiguous()))
 
 
 @dataclasses.dataclass

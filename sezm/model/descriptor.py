@@ -160,8 +160,8 @@ class Descriptor(nn.Module):
             keep[a, b] = False
         self.register_buffer("pair_keep", keep, persistent=False)
         self.legacy_radial = False  # set for version-1.0 checkpoints
-        # Multi-rank freezing only (sezm.infer.comm.GhostExchange): completes per-node sums
-        # over edges that other ranks hold. None everywhere else.
+        # Multi-rank freezing only (sezm.infer.comm.GhostExchange): completes per-node edge
+        # sums (the bridging gate) over edges that other ranks hold. None everywhere else.
         self.ghost_exchange = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -305,7 +305,8 @@ class Descriptor(nn.Module):
     def _edges(self, src, dst, edge_vec, keep, n_nodes) -> EdgeCache:
         opts = self.opts
         floor = opts.eps if self.legacy_radial else 0.25
-        cache = build_edge_cache(
+        exchange = self.ghost_exchange
+        return build_edge_cache(
             src=src,
             dst=dst,
             edge_vec=edge_vec,
@@ -321,10 +322,8 @@ class Descriptor(nn.Module):
             inner_clamp=self.inner_clamp,
             bridging_switch=self.bridging_switch,
             random_roll=opts.random_gamma and self.training,
+            complete_node_sums=None if exchange is None else exchange.complete_node_sums,
         )
-        if self.ghost_exchange is not None:
-            cache = self.ghost_exchange.edge_cache(cache, edge_vec, keep)
-        return cache
 
     def _film(self, t: torch.Tensor, edges: EdgeCache, types: torch.Tensor, spin=None):
         """``x0 = t (1 + e^a tanh(s)) + e^b tanh(h)`` with ``[s | h]`` from the environment seed."""

@@ -7,6 +7,7 @@ vector is replaced by ``(0, 0, 1)`` (finite everywhere) and every weight is zero
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,24 +79,30 @@ def _rotation(lmax: int, mmax: int) -> EdgeRotation:
     return _ROTATIONS[(lmax, mmax)]
 
 
-def source_freeze_gate(
+def source_gate_sums(
     length: torch.Tensor,
     keep: torch.Tensor,
     src: torch.Tensor,
     n_nodes: int,
     switch: BridgingSwitch,
 ) -> torch.Tensor:
-    """Per-edge ``gate_e = eta[src_e]`` with ``eta_j = prod_{e: src_e = j} w(r_e)``.
+    """Per-node ``[sum log w, number of zero factors]`` ``(N, 2)`` over the edges leaving it.
 
-    ``w = 0`` inside ``r_inner``, so a node with any neighbour in the frozen zone sends no
-    information onwards. The product is a sum of logs over non-zero factors plus a zero count
-    (differentiable, trace-friendly); padding edges count as ``w = 1``.
+    The bridging source gate is ``eta_j = prod_{e: src_e = j} w(r_e)`` with ``w = 0`` inside
+    ``r_inner``: a node with any neighbour in the frozen zone sends no information onwards. The
+    product is kept as a sum of logs over non-zero factors plus a zero count (differentiable,
+    trace-friendly; sums can be completed across MPI ranks); padding edges count as ``w = 1``.
     """
     w = (switch(length) * keep + (1.0 - keep)).squeeze(-1)  # (E,)
     is_zero = w <= 0
     log_w = torch.log(torch.where(is_zero, torch.ones_like(w), w))
-    log_eta = w.new_zeros(n_nodes).index_add(0, src, log_w)
-    n_zero = w.new_zeros(n_nodes).index_add(0, src, is_zero.to(w.dtype))
+    terms = torch.stack([log_w, is_zero.to(w.dtype)], dim=-1)  # (E, 2)
+    return w.new_zeros(n_nodes, 2).index_add(0, src, terms)
+
+
+def source_gate(sums: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Per-edge gate ``eta[src_e]`` ``(E, 1)`` from the per-node sums of :func:`source_gate_sums`."""
+    log_eta, n_zero = sums.unbind(-1)
     eta = torch.where(n_zero > 0.5, torch.zeros_like(log_eta), torch.exp(log_eta))
     return eta[src].unsqueeze(-1)
 
@@ -117,8 +124,13 @@ def build_edge_cache(
     inner_clamp: InnerClamp | None = None,
     bridging_switch: BridgingSwitch | None = None,
     random_roll: bool = False,
+    complete_node_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EdgeCache:
-    """Geometry, envelopes, radial basis and Wigner-D for all edges, in ``dtype``."""
+    """Geometry, envelopes, radial basis and Wigner-D for all edges, in ``dtype``.
+
+    ``complete_node_sums`` (multi-rank freezing only) completes per-node sums over edges that
+    other ranks hold; without it every edge of a node is local.
+    """
     keep_f = keep.to(dtype).unsqueeze(-1)  # (E, 1)
     vec = edge_vec.to(dtype) * keep_f
     vec = vec + torch.nn.functional.pad(1.0 - keep_f, (2, 0))  # padding edges -> (0, 0, 1)
@@ -135,7 +147,10 @@ def build_edge_cache(
     deg = env.new_zeros(n_nodes).index_add(0, dst, env.squeeze(-1).square())
     gate = None
     if bridging_switch is not None:
-        gate = source_freeze_gate(length, keep_f, src, n_nodes, bridging_switch)
+        sums = source_gate_sums(length, keep_f, src, n_nodes, bridging_switch)
+        if complete_node_sums is not None:
+            sums = complete_node_sums(sums)
+        gate = source_gate(sums, src)
     return EdgeCache(
         src=src,
         dst=dst,
