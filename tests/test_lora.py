@@ -36,10 +36,11 @@ def group(case: dict, name: str) -> dict[str, torch.Tensor]:
 
 
 def adapter(kind: str, cfg: dict):
-    common = dict(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"])
-    common.update(n_focus=cfg["n_focus"], dtype=torch.float64, mlp_bias=cfg["mlp_bias"])
+    widths = cfg["in_channels"], cfg["out_channels"]
+    common = dict(n_focus=cfg["n_focus"], dtype=torch.float64, mlp_bias=cfg["mlp_bias"])
     if kind == "so3":
-        return LoRASO3(SO3Linear(cfg["lmax"], **common), cfg["rank"], cfg["alpha"])
+        return LoRASO3(SO3Linear(cfg["lmax"], *widths, **common), cfg["rank"], cfg["alpha"])
+    common.update(in_channels=widths[0], out_channels=widths[1])
     return LoRASO2(
         SO2Linear(lmax=cfg["lmax"], mmax=cfg["mmax"], **common), cfg["rank"], cfg["alpha"]
     )
@@ -61,13 +62,18 @@ def test_adapter_matches_upstream(case: str) -> None:
     assert fold_lora(module.state_dict()).keys() == want.keys()
     plain = SO3Linear if case.startswith("so3") else SO2Linear
     base = next(c for c in type(module).__mro__ if c is plain)
-    kwargs = dict(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"])
-    kwargs.update(n_focus=cfg["n_focus"], dtype=torch.float64, mlp_bias=cfg["mlp_bias"])
-    plain_module = (
-        base(cfg["lmax"], **kwargs)
-        if base is SO3Linear
-        else base(lmax=cfg["lmax"], mmax=cfg["mmax"], **kwargs)
-    )
+    widths = cfg["in_channels"], cfg["out_channels"]
+    kwargs = dict(n_focus=cfg["n_focus"], dtype=torch.float64, mlp_bias=cfg["mlp_bias"])
+    if base is SO3Linear:
+        plain_module = base(cfg["lmax"], *widths, **kwargs)
+    else:
+        plain_module = base(
+            lmax=cfg["lmax"],
+            mmax=cfg["mmax"],
+            in_channels=widths[0],
+            out_channels=widths[1],
+            **kwargs,
+        )
     plain_module.load_state_dict(merged, strict=True)
     assert torch.equal(plain_module(x), out.detach())  # merged forward == adapter forward
 

@@ -21,17 +21,11 @@ def normalize(q: torch.Tensor, eps: float) -> torch.Tensor:
 
 def multiply(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
     """Hamilton product ``q1 * q2`` of ``(..., 4)`` quaternions."""
-    w1, x1, y1, z1 = q1.unbind(-1)
-    w2, x2, y2, z2 = q2.unbind(-1)
-    return torch.stack(
-        [
-            w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
-            w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
-            w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
-            w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
-        ],
-        dim=-1,
-    )
+    s1, v1 = q1[..., :1], q1[..., 1:]
+    s2, v2 = q2[..., :1], q2[..., 1:]
+    scalar = s1 * s2 - (v1 * v2).sum(-1, keepdim=True)  # s1 s2 - v1 . v2
+    vector = s1 * v2 + s2 * v1 + torch.linalg.cross(v1, v2, dim=-1)
+    return torch.cat([scalar, vector], dim=-1)
 
 
 def rotation_matrix(q: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,11 @@ class GatedActivation(nn.Module):
     def __init__(
         self,
         *,
+        dtype: torch.dtype,
         lmax: int,
         mmax: int | None = None,
         channels: int,
         n_focus: int = 1,
-        dtype: torch.dtype,
         activation_function: str = "silu",
         mlp_bias: bool = False,
         layout: str = "nfdc",

@@ -49,11 +49,11 @@ class DepthAttnRes(nn.Module):
     def __init__(
         self,
         *,
+        dtype: torch.dtype,
         channels: int,
         input_dependent: bool = True,
         eps: float = 1e-7,
         bias: bool = True,
-        dtype: torch.dtype,
         seed=None,
         layout: str = "packed",
     ) -> None:

@@ -85,19 +85,24 @@ def edge_tensors(r_hat: torch.Tensor) -> torch.Tensor:
     return torch.stack([skew(r_hat) / math.sqrt(2.0), sym / math.sqrt(2.0 / 3.0)], dim=1)
 
 
+def _stack_defaults(stack: dict) -> dict:
+    """Defaults of the public Cartesian products for :class:`_CartesianStack`'s settings."""
+    return {"n_focus": 1, "activation_function": "silu", "mlp_bias": False, "seed": None, **stack}
+
+
 class _CartesianStack(nn.Module):
     """Residual layers ``h <- h + gate_k(product(linear_k(h)))`` on ``(B, D, F, C)``."""
 
     def __init__(
         self,
         *,
+        dtype: torch.dtype,
+        n_layers: int,
+        activation_function: str,
         lmax: int,
         focus_dim: int,
         n_focus: int,
-        n_layers: int,
-        activation_function: str,
         mlp_bias: bool,
-        dtype: torch.dtype,
         seed,
     ) -> None:
         super().__init__()
@@ -152,29 +157,9 @@ class EdgeCartesianTensorProduct(_CartesianStack):
     ``y -> f0/sqrt3 y + f1 K_A y + f2 K_S y``, per channel.
     """
 
-    def __init__(
-        self,
-        *,
-        lmax: int,
-        focus_dim: int,
-        n_focus: int = 1,
-        n_layers: int = 0,
-        activation_function: str = "silu",
-        mlp_bias: bool = False,
-        eps: float = 1e-7,
-        dtype: torch.dtype,
-        seed=None,
-    ) -> None:
-        super().__init__(
-            lmax=lmax,
-            focus_dim=focus_dim,
-            n_focus=n_focus,
-            n_layers=n_layers,
-            activation_function=activation_function,
-            mlp_bias=mlp_bias,
-            dtype=dtype,
-            seed=seed,
-        )
+    def __init__(self, *, eps: float = 1e-7, n_layers: int = 0, **stack) -> None:
+        """``stack``: the :class:`_CartesianStack` settings (``n_focus`` defaults to 1)."""
+        super().__init__(n_layers=n_layers, **_stack_defaults(stack))
         self.eps = eps
         proj = torch.einsum("pij,dik->pdkj", self.basis, self.basis)  # K_G = proj : G
         self.register_buffer("right_mult_proj", proj, persistent=False)
@@ -213,29 +198,9 @@ class NodeCartesianTensorProduct(_CartesianStack):
     irreducible part then keeps a definite parity).
     """
 
-    def __init__(
-        self,
-        *,
-        lmax: int,
-        focus_dim: int,
-        n_focus: int = 1,
-        n_layers: int = 1,
-        symmetric: bool = False,
-        activation_function: str = "silu",
-        mlp_bias: bool = False,
-        dtype: torch.dtype,
-        seed=None,
-    ) -> None:
-        super().__init__(
-            lmax=lmax,
-            focus_dim=focus_dim,
-            n_focus=n_focus,
-            n_layers=n_layers,
-            activation_function=activation_function,
-            mlp_bias=mlp_bias,
-            dtype=dtype,
-            seed=seed,
-        )
+    def __init__(self, *, symmetric: bool = False, n_layers: int = 1, **stack) -> None:
+        """``stack``: the :class:`_CartesianStack` settings (``n_focus`` defaults to 1)."""
+        super().__init__(n_layers=n_layers, **_stack_defaults(stack))
         self.symmetric = symmetric
 
     def forward(self, message: torch.Tensor, node: torch.Tensor) -> torch.Tensor:

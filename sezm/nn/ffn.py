@@ -30,19 +30,19 @@ class EquivariantFFN(nn.Module):
     def __init__(
         self,
         *,
-        lmax: int,
+        dtype: torch.dtype,
         channels: int,
         hidden_channels: int,
-        kmax: int = 1,
-        grid_mlp: bool = False,
-        grid_branch: int = 0,
-        dtype: torch.dtype,
-        s2_activation: bool = False,
-        ffn_so3_grid: bool = False,
-        lebedev_quadrature: bool = False,
+        lmax: int,
+        mlp_bias: bool = False,
         activation_function: str = "silu",
         glu_activation: bool = True,
-        mlp_bias: bool = False,
+        ffn_so3_grid: bool = False,
+        kmax: int = 1,
+        s2_activation: bool = False,
+        lebedev_quadrature: bool = False,
+        grid_mlp: bool = False,
+        grid_branch: int = 0,
         seed=None,
     ) -> None:
         super().__init__()
@@ -95,12 +95,9 @@ class EquivariantFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, D, F, C) -> (N, D, F, C)``."""
-        h = self.so3_linear_1(x)
-        if self.use_grid:
-            h = self.act(h)
-        elif self.glu_activation:
-            value, gate = h.chunk(2, dim=-1)
-            h = self.act(value, gate=gate)
+        hidden = self.so3_linear_1(x)
+        if self.glu_activation and not self.use_grid:  # gated: [value | gate] halves
+            hidden = self.act(*hidden.chunk(2, dim=-1))
         else:
-            h = self.act(h)
-        return self.so3_linear_2(h)
+            hidden = self.act(hidden)
+        return self.so3_linear_2(hidden)

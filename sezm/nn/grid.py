@@ -181,9 +181,9 @@ class S2GridProjector(GridProjector):
     def __init__(
         self,
         *,
+        dtype: torch.dtype,
         lmax: int,
         mmax: int | None = None,
-        dtype: torch.dtype,
         grid_resolution_list: list[int] | None = None,
         coefficient_layout: str = "packed",
         grid_method: str = "e3nn",
@@ -222,10 +222,10 @@ class SO3GridProjector(GridProjector):
     def __init__(
         self,
         *,
+        dtype: torch.dtype,
         lmax: int,
         mmax: int | None = None,
         kmax: int = 1,
-        dtype: torch.dtype,
         lebedev_precision: int | None = None,
         coefficient_layout: str = "packed",
     ) -> None:

@@ -249,106 +249,70 @@ class GridNet(nn.Module):
 
 
 class S2GridNet(GridNet):
-    """Grid net on an S2 grid (Lebedev or e3nn product grid); ``K = 1``."""
+    """Grid net on an S2 grid (Lebedev or e3nn product grid); ``K = 1``.
+
+    Takes the projector's settings; everything else (``channels``, ``mode``, ``op_type``,
+    ``layout``, ...) is :class:`GridNet`'s.
+    """
 
     def __init__(
         self,
         *,
+        dtype: torch.dtype,
         lmax: int,
         mmax: int | None = None,
-        channels: int,
-        n_focus: int = 1,
-        mode: str,
-        op_type: str,
-        dtype: torch.dtype,
-        layout: str,
         grid_resolution_list: list[int] | None = None,
         coefficient_layout: str = "packed",
         grid_method: str = "e3nn",
-        grid_branches: int = 1,
-        residual_scale_init: float | None = None,
-        mlp_bias: bool = False,
-        seed=None,
+        **net,
     ) -> None:
         projector = S2GridProjector(
+            dtype=dtype,
             lmax=lmax,
             mmax=mmax,
-            dtype=dtype,
-            grid_resolution_list=grid_resolution_list,
-            coefficient_layout=coefficient_layout,
             grid_method=grid_method,
+            coefficient_layout=coefficient_layout,
+            grid_resolution_list=grid_resolution_list,
         )
-        super().__init__(
-            projector=projector,
-            channels=channels,
-            n_focus=n_focus,
-            mode=mode,
-            op_type=op_type,
-            dtype=dtype,
-            layout=layout,
-            mlp_bias=mlp_bias,
-            grid_branches=grid_branches,
-            residual_scale_init=residual_scale_init,
-            seed=seed,
-        )
+        super().__init__(projector=projector, dtype=dtype, **net)
 
 
 class SO3GridNet(GridNet):
     """Grid net on the SO(3) grid with ``K = 2 kmax + 1`` frames; cross mode lifts the operands
-    with :class:`FrameExpand` and contracts the result with :class:`FrameContract`."""
+    with :class:`FrameExpand` and contracts the result with :class:`FrameContract`.
+
+    Takes the projector's settings; the rest goes to :class:`GridNet`.
+    """
 
     def __init__(
         self,
         *,
+        dtype: torch.dtype,
         lmax: int,
         mmax: int | None = None,
         kmax: int = 1,
-        channels: int,
-        n_focus: int = 1,
-        mode: str,
-        op_type: str,
-        dtype: torch.dtype,
-        layout: str,
         lebedev_precision: int | None = None,
         coefficient_layout: str = "packed",
-        grid_branches: int = 1,
-        residual_scale_init: float | None = None,
-        mlp_bias: bool = False,
-        seed=None,
+        **net,
     ) -> None:
         projector = SO3GridProjector(
-            lmax=lmax,
-            mmax=mmax,
-            kmax=kmax,
             dtype=dtype,
-            lebedev_precision=lebedev_precision,
+            lmax=lmax,
+            kmax=kmax,
+            mmax=mmax,
             coefficient_layout=coefficient_layout,
+            lebedev_precision=lebedev_precision,
         )
-        frames = {}
-        if mode == "cross":
-            shape = dict(
+        if net["mode"] == "cross":  # lift to K frames and back, one map per degree
+            seed = net.get("seed")
+            frame_args = dict(
+                dtype=dtype,
                 lmax=lmax,
                 mmax=projector.mmax,
-                coefficient_layout=coefficient_layout,
+                channels=net["channels"],
                 n_frames=projector.n_frames,
-                channels=channels,
-                dtype=dtype,
+                coefficient_layout=coefficient_layout,
             )
-            frames = dict(
-                frame_expand=FrameExpand(**shape, seed=child_seed(seed, 4)),
-                frame_contract=FrameContract(**shape, seed=child_seed(seed, 5)),
-            )
-        super().__init__(
-            projector=projector,
-            channels=channels,
-            n_focus=n_focus,
-            mode=mode,
-            op_type=op_type,
-            dtype=dtype,
-            layout=layout,
-            mlp_bias=mlp_bias,
-            grid_branches=grid_branches,
-            residual_scale_init=residual_scale_init,
-            seed=seed,
-            **frames,
-        )
+            net["frame_expand"] = FrameExpand(**frame_args, seed=child_seed(seed, 4))
+            net["frame_contract"] = FrameContract(**frame_args, seed=child_seed(seed, 5))
+        super().__init__(projector=projector, dtype=dtype, **net)

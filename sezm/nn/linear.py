@@ -29,8 +29,8 @@ class ChannelLinear(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
+        c_in: int,
+        c_out: int,
         *,
         dtype: torch.dtype,
         bias: bool = True,
@@ -38,9 +38,9 @@ class ChannelLinear(nn.Module):
         init_std: float | None = None,
     ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, dtype=dtype))
-        _init_weight(self.weight, in_channels, seed, init_std)
-        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype)) if bias else None
+        self.weight = nn.Parameter(torch.empty(c_in, c_out, dtype=dtype))
+        _init_weight(self.weight, c_in, seed, init_std)
+        self.bias = nn.Parameter(torch.zeros(c_out, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one GEMM over all leading axes (matmul of a non-contiguous N-D view with a matrix
@@ -57,8 +57,8 @@ class FocusLinear(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
+        c_in: int,
+        c_out: int,
         n_focus: int,
         *,
         dtype: torch.dtype,
@@ -67,10 +67,10 @@ class FocusLinear(nn.Module):
         init_std: float | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.n_focus = in_channels, out_channels, n_focus
-        self.weight = nn.Parameter(torch.empty(in_channels, n_focus * out_channels, dtype=dtype))
-        _init_weight(self.weight, in_channels, seed, init_std)
-        self.bias = nn.Parameter(torch.zeros(n_focus * out_channels, dtype=dtype)) if bias else None
+        self.in_channels, self.out_channels, self.n_focus = c_in, c_out, n_focus
+        self.weight = nn.Parameter(torch.empty(c_in, n_focus * c_out, dtype=dtype))
+        _init_weight(self.weight, c_in, seed, init_std)
+        self.bias = nn.Parameter(torch.zeros(n_focus * c_out, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.view(self.in_channels, self.n_focus, self.out_channels)
@@ -97,29 +97,24 @@ class SO3Linear(nn.Module):
     def __init__(
         self,
         lmax: int,
-        in_channels: int,
-        out_channels: int,
+        c_in: int,
+        c_out: int,
         *,
-        n_focus: int = 1,
         dtype: torch.dtype,
+        n_focus: int = 1,
         mlp_bias: bool = False,
         seed=None,
         init_std: float | None = None,
     ) -> None:
         super().__init__()
-        self.lmax, self.in_channels = lmax, in_channels
-        self.out_channels, self.n_focus = out_channels, n_focus
-        self.weight = nn.Parameter(
-            torch.empty(lmax + 1, in_channels, n_focus * out_channels, dtype=dtype)
-        )
+        self.lmax, self.in_channels, self.out_channels, self.n_focus = lmax, c_in, c_out, n_focus
+        self.weight = nn.Parameter(torch.empty(lmax + 1, c_in, n_focus * c_out, dtype=dtype))
         if init_std is None:
             for l in range(lmax + 1):
                 trunc_normal_fan_(self.weight[l], child_seed(seed, 1000 + l))
         else:
-            _init_weight(self.weight, in_channels, seed, init_std)
-        self.bias = (
-            nn.Parameter(torch.zeros(n_focus * out_channels, dtype=dtype)) if mlp_bias else None
-        )
+            _init_weight(self.weight, c_in, seed, init_std)
+        self.bias = nn.Parameter(torch.zeros(n_focus * c_out, dtype=dtype)) if mlp_bias else None
         self.register_buffer("expand_index", degree_of_rows(lmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

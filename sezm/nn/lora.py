@@ -44,33 +44,23 @@ TRAINABLE_MODULES = (
     "descriptor.final_full_attn_res",
     "descriptor.final_block_attn_res",
 )
-TRAINABLE_BLOCK_MODULES = (
-    "full_attn_res_so2",
-    "full_attn_res_ffns",
-    "block_attn_res_so2",
-    "block_attn_res_ffns",
-    "so2_conv.attn_q_proj",
-    "so2_conv.attn_k_proj",
-    "so2_conv.attn_qk_norm",
-    "so2_conv.attn_output_gate_norm",
-    "so2_conv.focus_compete_norm",
-    "so2_conv.radial_hidden_proj",
-    "so2_conv.so2_layer_attn_res",
-)
+# per interaction block: depth attention of the block, and small parts of its convolution
+TRAINABLE_BLOCK_MODULES = tuple(
+    f"{kind}_attn_res_{part}" for kind in ("full", "block") for part in ("so2", "ffns")
+) + tuple(
+    f"so2_conv.{name}"
+    for name in (
+        "attn_q_proj", "attn_k_proj", "attn_qk_norm", "attn_output_gate_norm",
+        "focus_compete_norm", "radial_hidden_proj", "so2_layer_attn_res",
+    )
+)  # fmt: skip
+# small parameters trained directly under LoRA: norm scales, layer scales, FiLM strengths,
+# attention and focus-competition weights
 TRAINABLE_LEAVES = frozenset(
-    {
-        "adam_scale",
-        "adam_so2_layer_scales",
-        "adam_ffn_layer_scales",
-        "film_scale_strength_log",
-        "film_shift_strength_log",
-        "adamw_attn_logit_w",
-        "adamw_attn_z_bias_raw",
-        "adamw_attn_gate_w",
-        "adamw_focus_compete_w",
-        "adamw_pseudo_query",
-        "focus_compete_bias",
-    }
+    [f"adam_{n}" for n in ("scale", "so2_layer_scales", "ffn_layer_scales")]
+    + [f"film_{n}_strength_log" for n in ("scale", "shift")]
+    + [f"adamw_attn_{n}" for n in ("logit_w", "z_bias_raw", "gate_w")]
+    + ["adamw_focus_compete_w", "adamw_pseudo_query", "focus_compete_bias"]
 )
 FROZEN_LEAVES = frozenset({"adam_type_embedding", "adam_freqs"})
 

@@ -95,15 +95,15 @@ class ReducedEquivariantRMSNorm(nn.Module):
         lmax: int,
         mmax: int,
         channels: int,
-        degree_index_m: torch.Tensor,
+        row_degrees: torch.Tensor,
         *,
-        n_focus: int = 1,
         eps: float,
         dtype: torch.dtype,
+        n_focus: int = 1,
     ) -> None:
         super().__init__()
         self.eps = eps
-        self.register_buffer("degree_index_m", degree_index_m.to(torch.long))
+        self.register_buffer("degree_index_m", row_degrees.to(torch.long))
         kept = 2 * torch.clamp(self.degree_index_m, max=mmax) + 1
         weight = 1.0 / (kept.to(torch.float64) * (lmax + 1) * channels)
         self.register_buffer("balance_weight", weight.to(dtype))
