@@ -228,3 +228,17 @@ def test_lammps_two_ranks_match_deep_pot(frozen, tmp_path, name, processors):
     energy, force, e, f = run_lammps(frozen, tmp_path, name, ranks=2, processors=processors)
     assert abs(energy - e) <= 1e-5 * len(f)
     assert np.abs(force - f).max() <= 1e-5 + 1e-4 * np.abs(f).max()
+
+
+@pytest.mark.parametrize(("flag", "with_comm"), [([], True), (["--no-with-comm"], False)])
+def test_cli_with_comm_switch(monkeypatch, tmp_path, flag, with_comm):
+    """The multi-rank package is built by default; ``--no-with-comm`` skips it."""
+    seen = {}
+
+    def fake_freeze(checkpoint, output, head=None, with_comm=True):
+        seen.update(checkpoint=checkpoint, with_comm=with_comm)
+        return fz.FreezeReport(path=tmp_path / "x.pt2", seconds={"total": 0.0})
+
+    monkeypatch.setattr(fz, "freeze", fake_freeze)
+    main(["freeze", "-c", str(TINY), "-o", str(tmp_path / "x"), *flag])
+    assert seen == {"checkpoint": str(TINY), "with_comm": with_comm}
