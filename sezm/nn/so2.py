@@ -207,7 +207,9 @@ class RadialDegreeMixer(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, radial: torch.Tensor) -> torch.Tensor:
-        """``x``, ``radial``: ``(E, D_m, C)`` (radial rows in the same layout) -> ``(E, D_m, C)``."""
+        """``x (E, D_m, C)`` -> ``(E, D_m, C)``; the kernel comes from the first ``L + 1`` rows of
+        ``radial``: per-degree rows ``(E, L+1, C)``, or the m-major layout (whose m = 0 rows
+        are the degrees in order)."""
         e = x.shape[0]
         n0 = self.lmax + 1
         compact = radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ self.weight  # (E, K * w)

@@ -404,10 +404,11 @@ class SO2Convolution(nn.Module):
 
     def _so2_message(self, x, edges: EdgeCache, radial, edge_weight=None):
         x_local = edges.to_local(x.index_select(0, edges.src), self.lmax, self.mmax)  # (E, D_m, Cw)
-        rad = self._widen(radial.index_select(1, self.degree_index_m))  # (E, D_m, Cw)
         if self.radial_degree_mixer is None:
+            rad = self._widen(radial.index_select(1, self.degree_index_m))  # (E, D_m, Cw)
             x_local = x_local * rad
-        else:
+        else:  # the mixer reads only the m = 0 rows, which are the degrees l = 0..L in order
+            rad = self._widen(radial)  # (E, L+1, Cw)
             x_local = self.radial_degree_mixer(x_local, rad)
         if self.node_wise_grid_product is not None:
             x_dst_local = edges.to_local(x.index_select(0, edges.dst), self.lmax, self.mmax)
