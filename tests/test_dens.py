@@ -37,14 +37,6 @@ WATER = DATA / "systems" / "water"
 NORM_KEYS = ("force", "force_norm", "clean_force_norm", "denoising_force_norm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @cache
 def reference() -> tuple[dict, dict, dict]:
     expected = dict(np.load(CASE / "expected.npz"))

@@ -34,15 +34,6 @@ F64 = torch.float64
 TIGHT, FLOAT32_TABLES = 1e-10, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @cache
 def load(name: str) -> dict[str, dict]:
     cases: dict[str, dict] = {}

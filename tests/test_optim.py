@@ -41,15 +41,6 @@ STEP_CASES = sorted(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: intra-op threads only add synchronisation overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def normalized(numb_steps: int = 10, **sections) -> dict:
     raw = {
         "model": {"type_map": ["O"], "descriptor": {}},

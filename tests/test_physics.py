@@ -104,15 +104,6 @@ def make_model(descriptor: dict, model: dict | None = None, seed: int = 0):
     return net.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contention on shared CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @cache
 def model_of(combo: str):
     return make_model(*COMBOS[combo])

@@ -27,14 +27,6 @@ PARITY = Path(__file__).parent / "data" / "parity"
 SCHEMES = ("native", "deepspin")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def parity_frames(case: str):
     data = np.load(PARITY / case / "expected.npz")
     for name in sorted({k.split("/")[0] for k in data.files}):

@@ -33,6 +33,12 @@ class EdgeCache:
     src_gate: torch.Tensor | None = None  # (E, 1) bridging source-freeze gate
     _projections: dict = field(default_factory=dict)
 
+    @property
+    def message_weight(self) -> torch.Tensor:
+        """``(E, 1)`` envelope times the bridging source gate (if any): how much an edge's
+        message counts in a plain envelope-weighted sum."""
+        return self.env if self.src_gate is None else self.env * self.src_gate
+
     def sum_at_dst(self, values: torch.Tensor) -> torch.Tensor:
         """Scatter-add per-edge values ``(E, ...)`` onto destinations -> ``(N, ...)``."""
         out = values.new_zeros((self.n_nodes, *values.shape[1:]))

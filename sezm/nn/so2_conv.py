@@ -336,7 +336,7 @@ class SO2Convolution(nn.Module):
         if self.n_heads and self.attn_focus_mix is not None:
             message = self.attn_focus_mix(message.unsqueeze(2)).squeeze(2)
         if self.n_heads == 0:
-            out = self._scatter(x, edges, message, weighted=edge_weight is not None)
+            out = self._scatter(edges, message, weighted=edge_weight is not None)
         else:
             out = self._attend(x, edges, message, rad, alpha, weighted=edge_weight is not None)
         if self.message_node_grid_product is not None:
@@ -356,8 +356,7 @@ class SO2Convolution(nn.Module):
         if not self.needs_local_frame or self.edge_cartesian or self.compute_dtype != self.dtype:
             return None, None
         if self.n_heads == 0:
-            weight = edges.env if edges.src_gate is None else edges.env * edges.src_gate
-            return None, weight
+            return None, edges.message_weight
         if self.attn_focus * self.n_heads != 1:
             return None, None
         alpha = self._attention_weights(x, edges, self._widen(radial[:, 0]))
@@ -427,11 +426,10 @@ class SO2Convolution(nn.Module):
         message = edges.to_global(x_local, self.lmax, self.mmax, edge_weight)  # (E, D, Cw)
         return message, rad
 
-    def _scatter(self, x, edges: EdgeCache, message, weighted: bool = False) -> torch.Tensor:
+    def _scatter(self, edges: EdgeCache, message, weighted: bool = False) -> torch.Tensor:
         """``out_i = inv_sqrt_deg_i * sum_{e -> i} env_e gate_e m_e`` (``weighted``: already applied)."""
         if not weighted:
-            weight = edges.env if edges.src_gate is None else edges.env * edges.src_gate
-            message = message * weight.unsqueeze(-1)
+            message = message * edges.message_weight.unsqueeze(-1)
         summed = edges.sum_at_dst(message.to(self.compute_dtype))
         return (summed * edges.inv_sqrt_deg).to(self.dtype)
 
