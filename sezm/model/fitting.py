@@ -245,9 +245,8 @@ class GLUNet(nn.Module):
         if film is not None:
             targets = [film[1], *neuron]
             self.case_film = CaseFiLM(*film, targets, act, dtype, child_seed(seed, len(neuron)))
-        self.output_layer = Dense(
-            widths[-1], n_out, bias=bias_out, dtype=dtype, seed=child_seed(seed, len(neuron) + 1)
-        )
+        out_seed = child_seed(seed, len(neuron) + int(film is not None))
+        self.output_layer = Dense(widths[-1], n_out, bias=bias_out, dtype=dtype, seed=out_seed)
 
     def hidden(self, x: torch.Tensor, case_embd: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden activation ``(..., neuron[-1])``; the input if there is no hidden layer."""
@@ -322,7 +321,7 @@ class EnergyFitting(FittingBase):
             dtype=dtype,
             bias_out=bias_out,
             film=(dim_case_embd, dim_descrpt) if film else None,
-            seed=seed,
+            seed=child_seed(seed, 0),  # the first (and, types mixed, only) network
         )
         self.filter_layers = nn.ModuleDict({"networks": nn.ModuleList([net])})
         trainable = all(trainable) if isinstance(trainable, Sequence) else trainable

@@ -23,7 +23,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from ..nn.common import Dense, child_seed, normal_
+from ..nn.common import Dense, child_seed, make_generator, normal_
 from .fitting import FittingBase, auto_neuron, fitting_dtype
 
 __all__ = ["PropertyFitting", "ResidualDense", "property_output"]
@@ -35,14 +35,15 @@ class ResidualDense(Dense):
     def __init__(
         self, n_in: int, n_out: int, act: str, dtype: torch.dtype, resnet_dt: bool, seed=None
     ) -> None:
-        super().__init__(n_in, n_out, activation_function=act, dtype=dtype, seed=seed)
+        super().__init__(n_in, n_out, activation_function=act, dtype=dtype, init="zeros")
         self.residual = n_out in (n_in, 2 * n_in)
         self.idt = None
         if resnet_dt and self.residual:
             self.idt = nn.Parameter(torch.zeros(n_out, dtype=dtype))
-            normal_(self.idt, 0.001, child_seed(seed, 2))
-            with torch.no_grad():
-                self.idt += 0.1
+        gen = make_generator(seed)  # matrix, bias, then idt ~ N(0.1, 0.001^2)
+        self.init_normal(gen)
+        if self.idt is not None:
+            normal_(self.idt, 0.001, gen, mean=0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -118,7 +119,10 @@ class PropertyFitting(FittingBase):
         self.property_name, self.task_dim = property_name, task_dim
         self.intensive, self.distinguish_types = intensive, distinguish_types
         self.neuron = auto_neuron(neuron, self.dim_in)
-        net = _MLP(self.dim_in, task_dim, self.neuron, activation_function, dtype, resnet_dt, seed)
+        net = _MLP(
+            self.dim_in, task_dim, self.neuron, activation_function, dtype, resnet_dt,
+            child_seed(seed, 0),  # the first (and, types mixed, only) network
+        )  # fmt: skip
         nets = nn.ModuleList([net])
         self.filter_layers = nn.ModuleDict({"networks": nets, "_networks": nets})
         trainable = all(trainable) if isinstance(trainable, Sequence) else trainable

@@ -75,48 +75,81 @@ def activation(name: str | None) -> nn.Module:
     raise ValueError(f"unknown activation function {name!r}")
 
 
+# Seeds. A module's ``seed`` is ``None`` (draw from the global RNG), an int, or a list of ints
+# built by :func:`child_seed`; a list is folded into one 64-bit integer by the integer hash of
+# NumPy's ``SeedSequence`` (the variant DeePMD-kit uses), so that a model section and its seeds
+# give DeePMD-kit's initial weights draw for draw.
+_U64 = (1 << 64) - 1
+_HASH_MULT = 0x43B0D7E5  # SeedSequence's INIT_A: xor-ed in and multiplied by
+_MIX_LEFT, _MIX_RIGHT = 0xCA01F9DD, 0x4973F715  # SeedSequence's MIX_MULT_L / MIX_MULT_R
+_MIX_SHIFT = 16
+
+
+def _avalanche(x: int) -> int:
+    x &= _U64
+    return x ^ (x >> _MIX_SHIFT)
+
+
+def fold_seed(entropy: list[int]) -> int:
+    """One 64-bit seed from a list of ints: each word hashed as ``(w xor K) * K``, then combined
+    left to right as ``L * acc - R * word`` (mod 2**64), every step followed by an xor-shift."""
+    words = [_avalanche((int(w) ^ _HASH_MULT) * _HASH_MULT) for w in entropy]
+    acc = words[0]
+    for word in words[1:]:
+        acc = _avalanche(_MIX_LEFT * acc - _MIX_RIGHT * word)
+    return acc
+
+
 def make_generator(seed: int | list[int] | None) -> torch.Generator | None:
-    """CPU generator seeded from an int or a list of ints (``None`` -> global RNG)."""
+    """CPU generator of a module seed (``None`` -> the global RNG)."""
     if seed is None:
         return None
-    if isinstance(seed, (list, tuple)):
-        value = 0
-        for s in seed:
-            value = (value * 1_000_003 + int(s)) % (2**63 - 1)
-        seed = value
-    return torch.Generator().manual_seed(int(seed))
+    value = fold_seed(list(seed)) if isinstance(seed, (list, tuple)) else int(seed)
+    return torch.Generator().manual_seed(value)
 
 
 def child_seed(seed: int | list[int] | None, index: int) -> list[int] | None:
-    """Independent deterministic seed for a sub-module."""
+    """Seed of the ``index``-th sub-module: the index put in front of the parent's words."""
     if seed is None:
         return None
-    base = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)]
-    return [*base, int(index)]
+    parent = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)]
+    return [int(index), *parent]
+
+
+# Initialisers. Each draws straight into the weight, in the weight's dtype, from a generator of
+# its own seed (or the one passed in): the draws, and so the weights, depend on the dtype.
+
+
+def _draw(seed_or_gen) -> torch.Generator | None:
+    if isinstance(seed_or_gen, torch.Generator):
+        return seed_or_gen
+    return make_generator(seed_or_gen)
 
 
 def trunc_normal_fan_(weight: torch.Tensor, seed, scale: float = 1.0) -> None:
-    """Truncated normal (±3σ) with ``σ = scale / sqrt(fan_in + fan_out)`` on a 2-D view."""
-    fan_in, fan_out = weight.shape[-2], weight.shape[-1]
-    std = scale / math.sqrt(fan_in + fan_out)
+    """Truncated normal (±3σ) with ``σ = scale / sqrt(fan_in + fan_out)`` on a 2-D view.
+
+    Drawn by inverting the normal CDF on ``u ~ U(2Φ(-3) - 1, 2Φ(3) - 1)``: ``σ √2 erfinv(u)``,
+    clamped to ±3σ. One uniform per entry, whatever the torch version (torch >= 2.13's own
+    ``trunc_normal_`` rejection-samples, which would change every initial weight).
+    """
+    std = scale / math.sqrt(weight.shape[-2] + weight.shape[-1])
+    lo, hi = (2.0 * (1.0 + math.erf(z / math.sqrt(2.0))) / 2.0 - 1.0 for z in (-3.0, 3.0))
     with torch.no_grad():
-        values = torch.empty(weight.shape, dtype=torch.float64)
-        nn.init.trunc_normal_(
-            values, std=std, a=-3 * std, b=3 * std, generator=make_generator(seed)
-        )
-        weight.copy_(values)
+        weight.uniform_(lo, hi, generator=_draw(seed))
+        weight.erfinv_().mul_(std * math.sqrt(2.0)).clamp_(min=-3 * std, max=3 * std)
 
 
-def normal_(weight: torch.Tensor, std: float, seed) -> None:
+def normal_(weight: torch.Tensor, std: float, seed, mean: float = 0.0) -> None:
+    """``N(mean, std^2)``; ``seed`` may be a generator to continue drawing from."""
     with torch.no_grad():
-        values = torch.randn(weight.shape, dtype=torch.float64, generator=make_generator(seed))
-        weight.copy_(values * std)
+        weight.normal_(mean, std, generator=_draw(seed))
 
 
 def uniform_(weight: torch.Tensor, bound: float, seed) -> None:
+    """``U(-bound, bound)``."""
     with torch.no_grad():
-        values = torch.rand(weight.shape, dtype=torch.float64, generator=make_generator(seed))
-        weight.copy_((2 * values - 1) * bound)
+        weight.uniform_(-bound, bound, generator=_draw(seed))
 
 
 class Dense(nn.Module):
@@ -141,11 +174,16 @@ class Dense(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out, dtype=dtype)) if bias else None
         self.act = activation(activation_function)
         if init == "normal":
-            normal_(self.matrix, 1.0 / math.sqrt(n_in + n_out), seed)
-            if self.bias is not None:
-                normal_(self.bias, 1.0, child_seed(seed, 1))
+            self.init_normal(make_generator(seed))
         elif init != "zeros":
             raise ValueError(f"unknown init {init!r}")
+
+    def init_normal(self, gen: torch.Generator | None) -> None:
+        """From one generator: the matrix ``N(0, 1/(n_in + n_out))``, then the bias ``N(0, 1)``."""
+        n_in, n_out = self.matrix.shape
+        normal_(self.matrix, 1.0 / math.sqrt(n_in + n_out), gen)
+        if self.bias is not None:
+            normal_(self.bias, 1.0, gen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype

@@ -42,13 +42,14 @@ class RadialBasis(nn.Module):
     ) -> None:
         super().__init__()
         self.rcut, self.exponent, self.basis_type = rcut, exponent, basis_type
+        # computed in the parameter's dtype, as the reference does, so float32 values agree
         if basis_type == "bessel":
-            init = torch.arange(1, n_radial + 1, dtype=torch.float64) * (math.pi / rcut)
+            init = torch.arange(1, n_radial + 1, dtype=dtype) * (math.pi / rcut)
         elif basis_type == "gaussian":
-            init = torch.linspace(0.0, rcut, n_radial, dtype=torch.float64)
+            init = torch.linspace(0.0, rcut, n_radial, dtype=dtype)
         else:
             raise ValueError(f"basis_type must be 'bessel' or 'gaussian', got {basis_type!r}")
-        self.adam_freqs = nn.Parameter(init.to(dtype).view(1, n_radial))
+        self.adam_freqs = nn.Parameter(init.view(1, n_radial))
         width = rcut / max(n_radial - 1, 1)
         self.gaussian_coeff = -0.5 / (width * width)
 

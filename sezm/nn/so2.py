@@ -91,7 +91,7 @@ class SO2Linear(nn.Module):
             wv = w.view(n_l * in_channels, n_focus, -1)
             for f in range(n_focus):
                 trunc_normal_fan_(wv[:, f], child_seed(seed, 2000 + 100 * m + f))
-            self.weight_m.append(nn.Parameter(w / math.sqrt(2.0)))
+            self.weight_m.append(nn.Parameter(w * (1.0 / math.sqrt(2.0))))
 
     def _per_focus(self, weight: torch.Tensor) -> torch.Tensor:
         """``(in, F * out) -> (F, in, out)``."""
