@@ -148,6 +148,21 @@ def to_deepmd_state(
     return out
 
 
+def from_deepmd_state(
+    state: dict[str, torch.Tensor], branch: str = "Default"
+) -> dict[str, torch.Tensor]:
+    """DeePMD-kit model state (``model.<branch>.*`` keys) -> sezm key names; other branches and
+    non-tensor entries (``_extra_state``) are left out."""
+    prefix = f"model.{branch}."
+    return _rename(
+        {
+            k[len(prefix) :]: v
+            for k, v in state.items()
+            if k.startswith(prefix) and torch.is_tensor(v) and not k.endswith("_extra_state")
+        }
+    )
+
+
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with an error that lists missing and unexpected keys by name.
 
