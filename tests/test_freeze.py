@@ -56,6 +56,7 @@ def test_metadata(frozen):
     own = meta["sezm"]
     assert own["torch_version"] == torch.__version__ and own["version"] == sezm.__version__
     assert own["dtype"] == "float32" and own["deterministic_scatter"]
+    assert own["inference_settings"]["fused_kernels"] == "none"
     with zipfile.ZipFile(frozen) as zf:
         names = zf.namelist()
         script = [n for n in names if n.endswith("/extra/model_def_script.json")]
@@ -242,3 +243,21 @@ def test_cli_with_comm_switch(monkeypatch, tmp_path, flag, with_comm):
     monkeypatch.setattr(fz, "freeze", fake_freeze)
     main(["freeze", "-c", str(TINY), "-o", str(tmp_path / "x"), *flag])
     assert seen == {"checkpoint": str(TINY), "with_comm": with_comm}
+
+
+def test_inference_switches_are_recorded_at_freeze(monkeypatch):
+    """DP_TF32_INFER / DP_TRITON_INFER set before freezing are read and recorded with what the
+    CPU-exported package runs (full float32, no fused kernels)."""
+    from sezm.infer.settings import InferenceSettings
+
+    monkeypatch.setenv("DP_TF32_INFER", "2")
+    monkeypatch.setenv("DP_TRITON_INFER", "1")
+    model, _ = fz.load_energy_model(TINY)
+    meta = fz.metadata(model, str(TINY), None, InferenceSettings.from_env())
+    recorded = meta["sezm"]["inference_settings"]
+    assert recorded["DP_TF32_INFER"] == 2 and recorded["DP_TRITON_INFER"] == 1
+    assert recorded["float32_matmul_precision"] == "highest"
+    assert recorded["fused_kernels"] == "none"
+    monkeypatch.setenv("DP_TF32_INFER", "7")
+    with pytest.raises(ValueError, match="DP_TF32_INFER"):
+        InferenceSettings.from_env()

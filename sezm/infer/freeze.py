@@ -20,6 +20,7 @@ Pipeline (the input/output contract is in ``pt2.py``, the schema choice in ``doc
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -42,6 +43,9 @@ from ..model.graph import Graph
 from ..runtime import deterministic_algorithms
 from .comm import COMM_INPUTS, GhostExchange, Halo, halo, register_border_ops
 from .pt2 import GRAPH_INPUTS, OUTPUT_KEYS, graph_inputs, outputs
+from .settings import InferenceSettings
+
+log = logging.getLogger(__name__)
 
 DPA4_TYPES = ("dpa4", "sezm")
 
@@ -299,7 +303,26 @@ ENERGY_OUTPUT_DEF = {
 }
 
 
-def metadata(model: EnergyModel, checkpoint: str, head: str | None) -> dict:
+def captured_settings(settings: InferenceSettings) -> dict:
+    """What the export captures of the inference switches: the values asked for
+    (``DP_TF32_INFER``, ``DP_TRITON_INFER`` at freeze time) and what the package runs. The
+    package is exported on the CPU, where TF32 does not exist and no fused kernels run, so it
+    always runs full float32 matmuls on the PyTorch path; the record says so."""
+    return {
+        "DP_TF32_INFER": settings.tf32,
+        "DP_TRITON_INFER": settings.triton,
+        "float32_matmul_precision": "highest",
+        "fused_kernels": "none",
+        "exported_on": "cpu",
+    }
+
+
+def metadata(
+    model: EnergyModel,
+    checkpoint: str,
+    head: str | None,
+    settings: InferenceSettings | None = None,
+) -> dict:
     """``extra/metadata.json``: the fields DeePMD-kit's C++ reader needs, plus ``sezm``."""
     opts, fit = model.descriptor.opts, model.fitting_net
     sel = _sel(model.params.get("descriptor", {}).get("sel", 0))
@@ -341,6 +364,7 @@ def metadata(model: EnergyModel, checkpoint: str, head: str | None) -> dict:
             "atom_virial": "each edge's -g (x) v split half/half between its two atoms",
             "checkpoint": os.path.basename(checkpoint),
             "head": head,
+            "inference_settings": captured_settings(settings or InferenceSettings()),
         },
     }
 
@@ -519,6 +543,9 @@ def freeze(
     (``n_blocks > 0``), which LAMMPS needs on more than one MPI rank; it doubles the time.
     """
     start = time.perf_counter()
+    settings = InferenceSettings.from_env()  # captured into the package, as DeePMD-kit does
+    for line in settings.describe(torch.device("cpu")):
+        log.info("freeze: %s", line)
     model, ckpt = load_energy_model(checkpoint, head)
     model = model.to("cpu").eval().requires_grad_(False)
     path = Path(output)
@@ -535,7 +562,7 @@ def freeze(
     program = export_lower(model)
     t = lap("export", t)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = metadata(model, os.fspath(checkpoint), head)
+    meta = metadata(model, os.fspath(checkpoint), head, settings)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         # Records under "model/", the archive name DeePMD-kit's readers look up.
         package = Path(tmp) / "model.pt2"

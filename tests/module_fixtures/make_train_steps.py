@@ -6,8 +6,9 @@ Run with the oracle venv (DeePMD-kit 3.2): ``/tmp/oracle/bin/python <this file>`
 * ``system/``: water ``data_0`` of the test systems (4 frames, 192 atoms) with virial and
   atomic-energy labels added (a fixed random draw), so that every ``ener`` term is active;
 * ``steps.npz``: per case ``<case>/config`` (the full input, JSON, with the system path
-  relative to this folder), ``init/<key>`` (DeePMD-kit's initial state, the same for every case:
-  the weights are the seeded ones, ``out_bias``/``out_std`` come from the data statistics),
+  relative to this folder), ``init/<key>`` (DeePMD-kit's initial state, the same for every case of
+  the base model: the weights are the seeded ones, ``out_bias``/``out_std`` come from the data
+  statistics; a case with its own model, the property one, has ``<case>/init/<key>``),
   per step ``s`` of ``STEPS`` ``<case>/<s>/frame`` (the frame trained on), ``/lr``, ``/loss``,
   ``/metric/<name>``; ``<case>/grad/<param>`` the first step's gradients after clipping, as
   the optimizer sees them (cases in ``GRAD_CASES``, one per loss and clipping setting);
@@ -37,7 +38,9 @@ from torch.nn.utils import clip_grad_norm_
 TESTS = Path(__file__).resolve().parents[1]
 OUT = TESTS / "data" / "train_steps"
 STEPS = 3
-GRAD_CASES = ("adam_mse", "muon_mae_norm", "muon_mse_atom_ener", "muon_no_wd_no_clip")
+GRAD_CASES = (
+    "adam_mse", "muon_mae_norm", "muon_mse_atom_ener", "muon_no_wd_no_clip", "property_adam",
+)  # fmt: skip
 
 MODEL = {
     "type": "dpa4",
@@ -81,6 +84,15 @@ LOSS_MAE = {
     "limit_pref_v": 5,
 }
 MUON = {"type": "HybridMuon", "weight_decay": 0.001}
+PROPERTY_MODEL = {
+    "type": "dpa4",
+    "type_map": ["H", "C", "N", "O"],
+    "descriptor": {**MODEL["descriptor"], "n_focus": 2, "message_node_so3": True},
+    "fitting_net": {
+        "type": "property", "property_name": "band_prop", "task_dim": 3, "intensive": True,
+        "neuron": [0], "precision": "float32", "seed": 7,
+    },
+}  # fmt: skip
 CASES = {
     "adam_mse": {"optimizer": {"type": "Adam"}, "loss": LOSS_MSE},
     "adamw_mse": {"optimizer": {"type": "AdamW", "weight_decay": 0.01}, "loss": LOSS_MSE},
@@ -96,6 +108,11 @@ CASES = {
     "muon_lr_adjust": {"optimizer": {**MUON, "lr_adjust": 10.0}, "loss": LOSS_MSE},
     "muon_no_wd_no_clip": {
         "optimizer": {**MUON, "weight_decay": 0.0}, "loss": LOSS_MSE, "clip": 0.0,
+    },
+    "property_adam": {
+        "model": PROPERTY_MODEL, "optimizer": {"type": "Adam"},
+        "loss": {"type": "property", "metric": ["mae", "rmse"], "loss_func": "smooth_mae", "beta": 1.0},
+        "systems": ["../systems/property/data_0"],
     },
     "muon_ema_wsd": {
         "optimizer": MUON, "loss": LOSS_MAE, "ema": True,
@@ -170,12 +187,12 @@ def config_of(case: dict) -> dict:
         "learning_rate", {"type": "exp", "start_lr": 1e-3, "stop_lr": 1e-5, "decay_steps": 1}
     )
     return {
-        "model": copy.deepcopy(MODEL),
+        "model": copy.deepcopy(case.get("model", MODEL)),
         "learning_rate": lr,
         "loss": case["loss"],
         "optimizer": case["optimizer"],
         "training": {
-            "training_data": {"systems": ["system"], "batch_size": 1},
+            "training_data": {"systems": case.get("systems", ["system"]), "batch_size": 1},
             "numb_steps": STEPS, "seed": 1, "disp_freq": 100, "save_freq": 100,
             "gradient_max_norm": case.get("clip", 5.0), "enable_ema": bool(case.get("ema")),
             "ema_decay": 0.9,
@@ -188,9 +205,10 @@ def record(name: str, case: dict) -> dict[str, np.ndarray]:
     trainer = get_trainer(normalize(copy.deepcopy(config)))
     wrapper, out = trainer.wrapper, {}
     out[f"{name}/config"] = np.array(json.dumps(config))
+    init = f"{name}/init" if "model" in case else "init"  # the base model's start is shared
     for key, value in wrapper.state_dict().items():
         if torch.is_tensor(value) and value.dtype.is_floating_point:
-            out[f"init/{key}"] = value.detach().numpy().copy()
+            out[f"{init}/{key}"] = value.detach().numpy().copy()
     for step in range(STEPS):
         lr = trainer.scheduler.get_last_lr()[0]
         trainer.optimizer.zero_grad(set_to_none=True)
