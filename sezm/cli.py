@@ -1,14 +1,28 @@
-"""Command line: ``sezm train | test | embed | neighbor-stat``."""
+"""Command line: ``sezm train | test | embed | freeze | neighbor-stat`` (and ``--version``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 log = logging.getLogger("sezm")
+
+DEFAULT_DEVICE = "default: cuda if available, else cpu"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless its help text already states it or the
+    option has none (its help then says what happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _setup_logging(level: str) -> None:
@@ -41,13 +55,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace, write_files: bool) -> None:
-    from .config import expand_shared_params, is_multi_task, normalize_input
+    from .config import (
+        check_trainable,
+        expand_shared_params,
+        is_multi_task,
+        normalize_input,
+        override_numb_steps,
+    )
     from .train.trainer import Resume, Trainer, write_out_json
 
     raw = _read_input(args.input)
+    if args.numb_steps is not None:  # before the checks: they see the steps that will run
+        raw = override_numb_steps(raw, args.numb_steps)
+        log.info("training/numb_steps = %d (from --numb-steps)", args.numb_steps)
     config = normalize_input(raw, source=args.input)
-    if args.numb_steps is not None:
-        config["training"]["numb_steps"] = args.numb_steps
+    check_trainable(config, source=args.input)
     links = expand_shared_params(raw["model"])[1] if is_multi_task(raw) else None
     resume = Resume(
         init_model=_with_pt(args.init_model),
@@ -59,7 +81,7 @@ def _train(args: argparse.Namespace, write_files: bool) -> None:
     )
     trainer = Trainer(config, resume, device=args.device, shared_links=links)
     if write_files:
-        write_out_json(trainer.config, args.output)
+        write_out_json(trainer.resolved_config, args.output)
     trainer.run()
 
 
@@ -77,6 +99,7 @@ def cmd_neighbor_stat(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     from .infer.test import run_test
 
+    log.info("testing model %s on the systems under %s", args.model, args.system)
     run_test(
         args.model,
         args.system,
@@ -95,12 +118,17 @@ def cmd_embed(args: argparse.Namespace) -> None:
         systems = [line.strip() for line in lines if line.strip()]
     else:
         systems = expand_systems(args.system)
-    embed(args.model, systems, args.output, dtype=args.dtype, head=args.head, device=args.device)
+    log.info("embedding %d system(s) with model %s into %s", len(systems), args.model, args.output)
+    try:
+        embed(args.model, systems, args.output, dtype=args.dtype, head=args.head, device=args.device)
+    except NotImplementedError as err:  # a .pt2: no descriptor output in its contract
+        raise SystemExit(f"embed failed: {err}") from None
 
 
 def cmd_freeze(args: argparse.Namespace) -> None:
     from .infer.freeze import FreezeError, freeze
 
+    log.info("freezing %s into %s.pt2", args.checkpoint, args.output)
     try:
         report = freeze(args.checkpoint, args.output, head=args.head, with_comm=args.with_comm)
     except FreezeError as err:
@@ -112,24 +140,56 @@ def cmd_freeze(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sezm", description="DPA4 / SeZM interatomic potentials")
+    from .runtime import version_text
+
+    parser = argparse.ArgumentParser(
+        prog="sezm",
+        description="DPA4 / SeZM interatomic potentials",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe messages shown",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_test(sub)
+    _add_embed(sub)
+    _add_freeze(sub)
+    _add_neighbor_stat(sub)
+    return parser
 
-    train = sub.add_parser(
+
+def _command(sub, name: str, text: str, func) -> argparse.ArgumentParser:
+    command = sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+    command.set_defaults(func=func)
+    return command
+
+
+def _add_train(sub) -> None:
+    train = _command(
+        sub,
         "train",
-        help="train a model from a DeePMD-kit input.json "
+        "train a model from a DeePMD-kit input.json "
         "(several processes: torchrun --nproc_per_node=N -m sezm train ...)",
+        cmd_train,
     )
     train.add_argument("input", help="input.json (DeePMD-kit format, model.type dpa4)")
     start = train.add_mutually_exclusive_group()
-    start.add_argument("-i", "--init-model", help="start from the weights of this checkpoint")
     start.add_argument(
-        "-r", "--restart", help="resume this checkpoint exactly (step, optimizer, RNG)"
+        "-i", "--init-model", help="start from the weights of this checkpoint (default: fresh)"
     )
-    start.add_argument("-t", "--finetune", help="fine-tune from this pretrained checkpoint")
+    start.add_argument(
+        "-r",
+        "--restart",
+        help="resume this checkpoint exactly: step, optimizer, RNG (default: fresh)",
+    )
+    start.add_argument(
+        "-t", "--finetune", help="fine-tune from this pretrained checkpoint (default: fresh)"
+    )
     train.add_argument(
         "--model-branch",
         default="",
@@ -147,59 +207,105 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not scan the data for sel/min distance",
     )
-    train.add_argument("--numb-steps", type=int, help="override training.numb_steps")
-    train.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    train.add_argument(
+        "--numb-steps",
+        type=int,
+        help="train this many steps (default: training.numb_steps of the input)",
+    )
+    train.add_argument("--device", help=f"torch device ({DEFAULT_DEVICE})")
     train.add_argument(
         "-o", "--output", default="out.json", help="where to write the expanded input"
     )
-    train.set_defaults(func=cmd_train)
 
-    test = sub.add_parser("test", help="errors of a model on labelled systems (like `dp test`)")
-    test.add_argument("-m", "--model", default="model.ckpt.pt")
+
+def _add_test(sub) -> None:
+    test = _command(sub, "test", "errors of a model on labelled systems (like `dp test`)", cmd_test)
+    test.add_argument(
+        "-m", "--model", default="model.ckpt.pt", help="checkpoint (.pt) or frozen model (.pt2)"
+    )
     test.add_argument("-s", "--system", default=".", help="system directory (searched recursively)")
     test.add_argument("-n", "--numb-test", type=int, default=0, help="frames per system (0 = all)")
-    test.add_argument("-d", "--detail-file", help="prefix of per-frame detail files")
-    test.add_argument("--head", help="branch of a multi-task model")
-    test.set_defaults(func=cmd_test)
+    test.add_argument(
+        "-d", "--detail-file", help="prefix of per-frame detail files (default: none written)"
+    )
+    test.add_argument("--head", help="branch of a multi-task model (default: the only one)")
 
-    emb = sub.add_parser("embed", help="descriptor and fitting features to HDF5 (`dp embed`)")
-    emb.add_argument("-m", "--model", default="model.ckpt.pt")
+
+def _add_embed(sub) -> None:
+    emb = _command(sub, "embed", "descriptor and fitting features to HDF5 (`dp embed`)", cmd_embed)
+    emb.add_argument(
+        "-m", "--model", default="model.ckpt.pt", help="checkpoint (.pt) or frozen model (.pt2)"
+    )
     source = emb.add_mutually_exclusive_group()
     source.add_argument("-s", "--system", default=".", help="system directory (recursive)")
-    source.add_argument("-f", "--datafile", help="file listing system directories, one a line")
-    emb.add_argument("-o", "--output", default="embedding.hdf5")
-    emb.add_argument("--dtype", default="fp32", choices=["fp32", "fp64", "native"])
-    emb.add_argument("--head", "--model-branch", help="branch of a multi-task model")
-    emb.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    emb.set_defaults(func=cmd_embed)
-
-    frz = sub.add_parser(
-        "freeze", help="compile a checkpoint into a .pt2 for LAMMPS / DeePMD-kit C++ and DeepPot"
+    source.add_argument(
+        "-f", "--datafile", help="file listing system directories, one a line (default: -s)"
     )
-    frz.add_argument("-c", "--checkpoint", default="model.ckpt.pt")
-    frz.add_argument("-o", "--output", default="frozen_model", help="written with suffix .pt2")
-    frz.add_argument("--head", "--model-branch", help="branch of a multi-task model")
+    emb.add_argument("-o", "--output", default="embedding.hdf5", help="HDF5 file written")
+    emb.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "fp64", "native"],
+        help="precision of the stored features (native: the model's own)",
+    )
+    emb.add_argument(
+        "--head", "--model-branch", help="branch of a multi-task model (default: the only one)"
+    )
+    emb.add_argument("--device", help=f"torch device ({DEFAULT_DEVICE})")
+
+
+def _add_freeze(sub) -> None:
+    frz = _command(
+        sub,
+        "freeze",
+        "compile a checkpoint into a .pt2 for LAMMPS / DeePMD-kit C++ and DeepPot",
+        cmd_freeze,
+    )
+    frz.add_argument("-c", "--checkpoint", default="model.ckpt.pt", help="checkpoint to freeze")
+    frz.add_argument(
+        "-o", "--output", default="frozen_model", help="output path, written with suffix .pt2"
+    )
+    frz.add_argument(
+        "--head", "--model-branch", help="branch of a multi-task model (default: the only one)"
+    )
     frz.add_argument(
         "--no-with-comm",
         dest="with_comm",
         action="store_false",
-        help="skip the multi-rank (MPI) package: about half the freeze time, single-rank LAMMPS only",
+        help="skip the multi-rank (MPI) package: about half the freeze time, single-rank LAMMPS "
+        "only (default: the package is included)",
     )
-    frz.set_defaults(func=cmd_freeze)
 
-    nstat = sub.add_parser(
-        "neighbor-stat", help="neighbour counts and minimal distance of a dataset"
+
+def _add_neighbor_stat(sub) -> None:
+    nstat = _command(
+        sub,
+        "neighbor-stat",
+        "neighbour counts and minimal distance of a dataset",
+        cmd_neighbor_stat,
     )
-    nstat.add_argument("-s", "--system", default=".")
-    nstat.add_argument("-r", "--rcut", type=float, default=6.0)
-    nstat.add_argument("-t", "--type-map", nargs="+")
-    nstat.set_defaults(func=cmd_neighbor_stat)
-    return parser
+    nstat.add_argument("-s", "--system", default=".", help="system directory (recursive)")
+    nstat.add_argument("-r", "--rcut", type=float, default=6.0, help="cutoff radius (Å)")
+    nstat.add_argument(
+        "-t",
+        "--type-map",
+        nargs="+",
+        help="element names in type order (default: from the systems' type_map.raw)",
+    )
+
+
+def _log_runtime(args: argparse.Namespace) -> None:
+    """Versions and device as the first log line (once: rank 0 under torchrun)."""
+    from .runtime import describe_runtime
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info(describe_runtime(getattr(args, "device", None)))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    _log_runtime(args)
     args.func(args)
 
 

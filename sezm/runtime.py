@@ -1,4 +1,4 @@
-"""Process-level tuning for CPU runs.
+"""Process-level settings: what runs (the first line of every log) and tuning for CPU runs.
 
 A forward/backward pass allocates and frees many edge-sized tensors (tens of MB). With glibc's
 default thresholds each large block is ``mmap``-ed fresh and first-touch page faults cost as much
@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import platform
 import sys
 
 import torch
@@ -20,6 +21,37 @@ log = logging.getLogger("sezm")
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _done = False
+
+
+def version_text() -> str:
+    """``sezm <version> (torch <version>, CUDA <version> | CPU-only build, python <version>)``."""
+    from . import __version__
+
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    return (
+        f"sezm {__version__} (torch {torch.__version__}, {cuda}, "
+        f"python {platform.python_version()})"
+    )
+
+
+def describe_device(requested: str | None = None) -> str:
+    """The device a command runs on: ``requested``, else the GPU when there is one, else the
+    CPU; with the GPU's name or the CPU thread count."""
+    try:
+        device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # not a device name: the command itself reports it
+        return str(requested)
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return f"{device} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def describe_runtime(requested_device: str | None = None) -> str:
+    """The first line of every log: versions and device."""
+    return f"{version_text()}; device {describe_device(requested_device)}"
 
 
 def tune_allocator() -> bool:

@@ -19,10 +19,12 @@ from sezm.config import (
     ConfigError,
     ConfigWarning,
     check_learning_rate,
+    check_trainable,
     expand_shared_params,
     input_schema,
     normalize_input,
     normalize_model,
+    override_numb_steps,
 )
 
 DATA = Path(__file__).parent / "data" / "config"
@@ -443,3 +445,73 @@ def test_learning_rate_rules():
     raw = minimal_input()
     raw["learning_rate"] = {"type": "wsd", "start_lr": 1e-3, "stop_lr_ratio": -1.0}
     assert "`learning_rate/stop_lr_ratio`" in reject(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# absent sections: DeePMD-kit's defaults, or an error naming every key without one
+
+
+def test_absent_sections_take_the_documented_defaults():
+    """Only the model, the learning rate and the run length given: the rest is filled."""
+    data = normalize_input(minimal_input())
+    assert set(data) == {"model", "learning_rate", "optimizer", "loss", "training", "validating"}
+    assert data["optimizer"]["type"] == "Adam" and data["loss"]["type"] == "ener"
+    upstream = INPUT_REFS["minimal_doc"]["normalized"]
+    assert data["training"] == upstream["training"]
+    assert data["learning_rate"] == upstream["learning_rate"]
+
+
+def test_keys_without_a_default_are_named_together():
+    """DeePMD-kit has no default learning rate, run length or training systems (its trainer
+    stops on a bare KeyError); all missing ones are named in one message."""
+    raw = {"model": copy.deepcopy(MINIMAL_MODEL), "training": {}}
+    message = reject(raw)  # no run length: normalization refuses it, as DeePMD-kit's does
+    assert message.startswith("input.json: `training/numb_steps`: required key is missing")
+    assert "--numb-steps" in message
+    assert (
+        '`learning_rate/start_lr` (DeePMD-kit has no default learning rate; e.g. "learning_rate": {"start_lr": 0.001})'
+        in message
+    )
+    assert "`training/training_data/systems`" in message
+    raw = minimal_input()
+    del raw["learning_rate"]
+    data = normalize_input(raw)  # DeePMD-kit's schema accepts it, its trainer does not
+    with pytest.raises(ConfigError) as info:
+        check_trainable(data, source="input.json")
+    assert str(info.value).startswith("input.json: `learning_rate/start_lr`: required key is")
+    assert "also missing" not in str(info.value)
+    del data["training"]["training_data"]
+    with pytest.raises(ConfigError, match="also missing: `training/training_data/systems`"):
+        check_trainable(data)
+    check_trainable(normalize_input(minimal_input()))
+    assert "`training`: required key is missing" in reject({"model": MINIMAL_MODEL})
+
+
+def test_override_numb_steps_replaces_the_run_length():
+    raw = minimal_input()
+    raw["training"] = {"training_data": {"systems": ["data"]}, "stop_batch": 7}
+    data = normalize_input(override_numb_steps(raw, 3))
+    assert data["training"]["numb_steps"] == 3
+    assert raw["training"]["stop_batch"] == 7  # the input itself is not modified
+    raw["training"] = {"training_data": {"systems": ["data"]}, "numb_epoch": 2.5}
+    data = normalize_input(override_numb_steps(raw, 3))
+    assert data["training"]["numb_steps"] == 3 and "numb_epoch" not in data["training"]
+    del raw["training"]["training_data"]  # the override does not hide other missing keys
+    with pytest.raises(ConfigError, match="`training/training_data/systems`"):
+        check_trainable(normalize_input(override_numb_steps(raw, 3)))
+
+
+def test_warmup_longer_than_the_run_names_both_keys():
+    """The property example warms up for 5000 steps: a short run of it is refused with the
+    values, as DeePMD-kit refuses it (there only once training starts)."""
+    raw = json.loads((DATA / "examples" / "property_input_dpa4.json").read_text())
+    quiet_normalize(raw)  # the example itself is fine
+    message = reject(override_numb_steps(raw, 100))
+    assert message.startswith("input.json: `learning_rate/warmup_steps`: the warm-up (5000 steps)")
+    assert "`training/numb_steps` (100)" in message
+    raw = minimal_input()
+    raw["learning_rate"]["warmup_ratio"] = 1.0
+    message = reject(raw)
+    assert "`learning_rate/warmup_ratio`" in message and "1.0 of 10 steps = 10 steps" in message
+    raw["learning_rate"]["warmup_ratio"] = 0.9
+    normalize_input(raw)

@@ -306,6 +306,30 @@ def test_min_pair_dist_skips_frames(caplog):
         assert set(frames) <= set(data.kept[index].tolist())
 
 
+def test_min_pair_dist_removing_every_frame_is_explained():
+    """The dens example's min_pair_dist 1.0 removes every water frame (O-H bonds are shorter):
+    the error names the system, the threshold, the closest pair and a value that keeps
+    frames."""
+    with pytest.raises(DataError) as info:
+        DataSystem(WATER[0], ["O", "H"], min_pair_dist=1.0)
+    message = str(info.value)
+    assert f"all 4 frames of {WATER[0]} have an atom pair closer than min_pair_dist 1 Å" in message
+    assert f"the closest is {REF_WATER['min_nbor_dist']:.3g} Å" in message
+    keep = float(message.split("to at most ")[1].split(" Å")[0])
+    kept = DataSystem(WATER[0], ["O", "H"], min_pair_dist=keep)
+    assert 0 < len(kept.kept[0]) < 4
+
+
+def test_min_pair_dist_removing_one_system_warns(caplog):
+    with caplog.at_level(logging.INFO, logger="sezm.data.dataset"):
+        data = DataSystem(WATER, ["O", "H"], min_pair_dist=0.93, seed=0)
+    assert data.skipped == [3, 5] and data.probs.tolist() == [1.0, 0.0]
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING).getMessage()
+    assert f"all 5 frames of {WATER[1]}" in warning and "never drawn" in warning
+    assert "the closest is 0.917 Å" in warning and "min_pair_dist <= 0.927 Å" in warning
+    assert f"{WATER[0]}: 3 of 4 frames skipped" in caplog.text
+
+
 def test_training_batch(tmp_path):
     model = {"type_map": ["H", "C", "O"], "fitting_net": {"numb_fparam": 2, "numb_aparam": 1}}
     data = DataSystem(NOPBC, model["type_map"], fields=fields_for_model(model), seed=3)

@@ -3,6 +3,11 @@
 ``tests/data/embed/<case>.h5`` is the output of DeePMD-kit 3.2 ``dp --pt embed`` for the
 ``tiny`` and ``mini`` parity checkpoints on ``tests/data/systems/water/data_0`` (periodic) and
 ``tests/data/embed/water_nopbc`` (open boundaries); see ``make_upstream_embed.py`` there.
+``tests/data/embed/property.h5`` is that of the ``property`` parity checkpoint (intensive,
+``task_dim`` 3) on ``tests/data/systems/property/data_{0,1}``, written from the repository root:
+
+    printf 'tests/data/systems/property/data_0\ntests/data/systems/property/data_1\n' > l.txt
+    dp --pt embed -m tests/data/parity/property/model.pt -f l.txt -o tests/data/embed/property.h5
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import sezm
 from sezm.cli import main
@@ -25,6 +31,7 @@ REF = TESTS / "data" / "embed"
 # relative paths, as the reference was written from the repository root
 WATER = "tests/data/systems/water/data_0"
 NOPBC = "tests/data/embed/water_nopbc"
+PROPERTY = ["tests/data/systems/property/data_0", "tests/data/systems/property/data_1"]
 ROOT = TESTS.parent
 
 
@@ -46,10 +53,13 @@ def assert_same_layout(ours: h5py.File, ref: h5py.File) -> None:
             assert [getattr(got, a) for a in layout] == [getattr(want, a) for a in layout], key
 
 
-@pytest.mark.parametrize("case", ["tiny", "mini"])
-def test_matches_upstream(case, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("case", "systems"),
+    [("tiny", [WATER, NOPBC]), ("mini", [WATER, NOPBC]), ("property", PROPERTY)],
+)
+def test_matches_upstream(case, systems, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    out = embed(PARITY / case / "model.pt", [WATER, NOPBC], tmp_path / "e.h5", device="cpu")
+    out = embed(PARITY / case / "model.pt", systems, tmp_path / "e.h5", device="cpu")
     with h5py.File(out) as ours, h5py.File(REF / f"{case}.h5") as ref:
         assert_same_layout(ours, ref)
         for name in ref:
@@ -103,6 +113,30 @@ def test_structural_feature_is_bias_free_energy(tiny, tmp_path):
         )
 
 
+def test_property_features_give_the_property(tmp_path):
+    """Property head: ``h_i`` through the output layer, biases and output statistics gives the
+    model's atomic property; ``S`` is the plain atom sum (the property is intensive)."""
+    prop = Embedder(PARITY / "property" / "model.pt", device="cpu")
+    model, system = prop.dp.model, ROOT / PROPERTY[0]
+    out = prop.write([system], tmp_path / "p.h5", dtype="fp64")
+    data = sezm.data.System(system, prop.dp.type_map).frames([0, 1])
+    total, atomic = sezm.DeepProperty(PARITY / "property" / "model.pt", device="cpu").eval(
+        data["coord"], None, data["atype"], atomic=True
+    )
+    with h5py.File(out) as f:
+        h = torch.from_numpy(f["data_0/atomic_feature"][:2])
+        s = f["data_0/structural_feature"][:2]
+    t = torch.from_numpy(data["atype"])
+    fit = model.fitting_net
+    with torch.no_grad():
+        y = fit.net.layers[-1](h.to(fit.dtype)).double() + fit.bias_atom_e[t]
+        p = (y * model.out_std[0][t] + model.out_bias[0][t]).numpy()
+    assert model.fitting_net.intensive
+    np.testing.assert_allclose(p, atomic, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p.mean(1), total, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s, h.numpy().sum(1), rtol=1e-6, atol=1e-5)  # summed in fp32
+
+
 def test_group_names(tiny, tmp_path):
     used: set[str] = set()
     assert [group_name(p, used) for p in ["a/water", "b/water/", "water", "x"]] == [
@@ -142,8 +176,6 @@ def test_cli(tmp_path, monkeypatch):
 def test_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         tiny.write([ROOT / WATER], tmp_path / "e.h5", dtype="fp16")
-    with pytest.raises(NotImplementedError, match="energy models"):
-        Embedder(PARITY / "property" / "model.pt", device="cpu")
 
 
 @pytest.mark.skipif(not os.environ.get("SEZM_SLOW_TESTS"), reason="set SEZM_SLOW_TESTS=1")

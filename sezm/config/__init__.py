@@ -5,8 +5,14 @@ DeePMD-kit DPA4 inputs are valid sezm inputs and normalize to the same dicts.
 """
 
 from .errors import ConfigError, ConfigWarning
-from .normalize import expand_shared_params, is_multi_task, normalize_input, normalize_model
-from .rules import DEFAULT_STOP_LR, check_learning_rate
+from .normalize import (
+    expand_shared_params,
+    is_multi_task,
+    normalize_input,
+    normalize_model,
+    override_numb_steps,
+)
+from .rules import DEFAULT_STOP_LR, check_learning_rate, check_trainable
 from .schema_model import model_section, multitask_model_section
 from .schema_training import input_schema
 
@@ -15,6 +21,7 @@ __all__ = [
     "ConfigError",
     "ConfigWarning",
     "check_learning_rate",
+    "check_trainable",
     "expand_shared_params",
     "input_schema",
     "is_multi_task",
@@ -22,4 +29,5 @@ __all__ = [
     "multitask_model_section",
     "normalize_input",
     "normalize_model",
+    "override_numb_steps",
 ]

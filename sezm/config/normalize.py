@@ -13,6 +13,12 @@ Deliberate differences from DeePMD-kit's normalization, all on absent sections:
   ``property`` for a property fitting), per branch in multi-task inputs;
 * ``optimizer`` defaults to Adam with its defaults (upstream's input upgrade does the same);
 * ``validating`` is expanded with its defaults (upstream leaves an absent one as ``{}``).
+
+A warm-up as long as the run is refused here, with the values of both keys (DeePMD-kit refuses
+it when training starts). Keys that training needs and DeePMD-kit has no default for
+(``learning_rate/start_lr``, ``training_data/systems``; its trainer stops on a raw
+``KeyError``) are checked before training by :func:`~sezm.config.rules.check_trainable`; the
+error of a missing run length already names them.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from .rules import (
     check_full_validation,
     check_learning_rate,
     check_no_multitask_lora,
+    check_run_length,
     check_training,
+    check_warmup,
 )
 from .schema_model import model_section, multitask_model_section
 from .schema_training import input_schema
@@ -58,6 +66,21 @@ def normalize_model(raw_model: dict[str, Any], source: str | None = None) -> dic
         return _normalize_model(raw_model)
     except ConfigError as err:
         raise err.with_source(source) from None
+
+
+def override_numb_steps(raw: dict[str, Any], numb_steps: int) -> dict[str, Any]:
+    """``raw`` (not normalized) with ``training/numb_steps`` set to ``numb_steps`` in place of
+    any run length it gives (``numb_steps``, ``numb_epoch`` and their aliases); a new dict.
+
+    Applied before :func:`normalize_input`, so that the rules on the run length (a warm-up
+    shorter than the run) see the value that will be trained."""
+    training = raw.get("training") if isinstance(raw, dict) else None
+    if not isinstance(training, dict):
+        return raw
+    fields = _schema("input").sub_fields["training"].sub_fields
+    dropped = {n for key in ("numb_steps", "numb_epoch") for n in (key, *fields[key].alias)}
+    training = {k: v for k, v in training.items() if k not in dropped}
+    return {**raw, "training": {**training, "numb_steps": numb_steps}}
 
 
 def is_multi_task(raw: dict[str, Any]) -> bool:
@@ -140,9 +163,11 @@ def _normalize_input(raw: dict[str, Any]) -> dict[str, Any]:
         data["model"], _ = expand_shared_params(data["model"])
     _fill_absent_sections(data, multi)
     data = _apply(_schema("input-multi" if multi else "input"), data, [])
+    check_run_length(data, multi)
     if "learning_rate" in data:
         check_learning_rate(data["learning_rate"])
     check_training(data["training"], multi)
+    check_warmup(data.get("learning_rate"), data["training"].get("numb_steps"))
     check_full_validation(data, multi)
     if multi:
         check_no_multitask_lora(data["model"])

@@ -50,14 +50,94 @@ def check_learning_rate(lr: dict[str, Any], path: str = "learning_rate") -> None
         )
 
 
+_NO_DEFAULT = {
+    "learning_rate/start_lr": (
+        'DeePMD-kit has no default learning rate; e.g. "learning_rate": {"start_lr": 0.001}'
+    ),
+    "training/numb_steps": (
+        "or `training/numb_epoch`; DeePMD-kit has no default run length; "
+        "`sezm train --numb-steps N` also sets it"
+    ),
+    "training_data/systems": "the folders of the training systems",
+}
+
+
+def _data_sections(training: dict[str, Any], multi_task: bool) -> dict[str, dict[str, Any]]:
+    """The sections holding ``training_data`` etc., keyed by their path."""
+    if not multi_task:
+        return {"training": training}
+    return {f"training/data_dict/{k}": v for k, v in training.get("data_dict", {}).items()}
+
+
+def missing_keys(data: dict[str, Any], multi_task: bool) -> list[str]:
+    """Keys of a normalized input that training needs and DeePMD-kit has no default for: the
+    learning rate, the run length (single-task) and the training systems."""
+    training = data.get("training") or {}
+    missing = []
+    if not multi_task and training.get("numb_steps") is None and training.get("numb_epoch") is None:
+        missing.append("training/numb_steps")
+    if data.get("learning_rate") is None:
+        missing.append("learning_rate/start_lr")
+    for path, section in _data_sections(training, multi_task).items():
+        if not section.get("training_data"):
+            missing.append(join_path(path, "training_data/systems"))
+    return missing
+
+
+def check_run_length(data: dict[str, Any], multi_task: bool) -> None:
+    """A single-task input needs a run length (DeePMD-kit's rule); the error also names the
+    other keys training will need that are missing."""
+    missing = missing_keys(data, multi_task)
+    if "training/numb_steps" in missing:
+        raise _missing_error(missing)
+
+
+def check_trainable(
+    data: dict[str, Any], multi_task: bool | None = None, source: str | None = None
+) -> None:
+    """Before training a normalized input: every key without a DeePMD-kit default is given.
+    DeePMD-kit's own schema accepts the input without them and its trainer stops on a bare
+    ``KeyError``; here one :class:`ConfigError` names them all (and ``source``, the file)."""
+    if multi_task is None:
+        multi_task = "model_dict" in (data.get("model") or {})
+    missing = missing_keys(data, multi_task)
+    if missing:
+        raise _missing_error(missing).with_source(source)
+
+
+def _missing_error(missing: list[str]) -> ConfigError:
+    hints = [_NO_DEFAULT.get(p, _NO_DEFAULT["training_data/systems"]) for p in missing]
+    message = f"required key is missing ({hints[0]})"
+    if len(missing) > 1:
+        message += "; also missing: " + "; ".join(
+            f"`{p}` ({h})" for p, h in zip(missing[1:], hints[1:])
+        )
+    return ConfigError(missing[0], message)
+
+
+def check_warmup(lr: dict[str, Any] | None, numb_steps: int | None) -> None:
+    """The warm-up must end before the last step (DeePMD-kit refuses it when training starts)."""
+    if lr is None or numb_steps is None:
+        return
+    ratio = lr.get("warmup_ratio")
+    warmup = int(ratio * numb_steps) if ratio is not None else int(lr.get("warmup_steps", 0))
+    if warmup == 0 or warmup < numb_steps:
+        return
+    if ratio is not None:
+        key, given = "warmup_ratio", f"{ratio} of {numb_steps} steps = {warmup} steps"
+    else:
+        key, given = "warmup_steps", f"{warmup} steps"
+    raise ConfigError(
+        f"learning_rate/{key}",
+        f"the warm-up ({given}) must be shorter than `training/numb_steps` ({numb_steps}); "
+        "lower `learning_rate/warmup_steps`, give `learning_rate/warmup_ratio` (a fraction "
+        "of the run) instead, or train for more steps",
+    )
+
+
 def check_training(training: dict[str, Any], multi_task: bool) -> None:
     """Step-count, statistics-cache and EMA rules of the ``training`` section."""
-    data_sections = (
-        {f"training/data_dict/{k}": v for k, v in training.get("data_dict", {}).items()}
-        if multi_task
-        else {"training": training}
-    )
-    for path, data in data_sections.items():
+    for path, data in _data_sections(training, multi_task).items():
         if data.get("stat_file_mode") == "read" and not data.get("stat_file"):
             raise ConfigError(join_path(path, "stat_file_mode"), "'read' needs `stat_file`")
 
@@ -68,8 +148,6 @@ def check_training(training: dict[str, Any], multi_task: bool) -> None:
     if not multi_task:
         if steps is not None and epochs is not None:
             raise ConfigError("training", "`numb_steps` and `numb_epoch` exclude each other")
-        if steps is None and epochs is None:
-            raise ConfigError("training", "give `numb_steps` or `numb_epoch`")
         return
     if epochs is not None:
         raise ConfigError("training/numb_epoch", "single-task only; use `num_epoch_dict`")

@@ -170,7 +170,13 @@ def close_pair_frames(system: System, min_dist: float) -> np.ndarray:
 
     Every periodic image counts; atoms marked ``-1`` (mixed-type padding) are ignored.
     """
-    close = np.zeros(system.nframes, dtype=bool)
+    return closest_pairs(system, min_dist) < min_dist
+
+
+def closest_pairs(system: System, min_dist: float) -> np.ndarray:
+    """``(nframes,)``: each frame's shortest distance between two atoms (Å) where it is below
+    ``min_dist``, else ``inf``. Periodic images and padding as in :func:`close_pair_frames`."""
+    closest = np.full(system.nframes, np.inf)
     step = max(1, _SCAN_ATOMS // system.nat)
     for start in range(0, system.nframes, step):
         index = np.arange(start, min(start + step, system.nframes))
@@ -179,11 +185,12 @@ def close_pair_frames(system: System, min_dist: float) -> np.ndarray:
         edges = build_edges(data["coord"], data.get("box"), min_dist)
         dist = np.linalg.norm(edges.vec, axis=1)
         hit = (dist < min_dist) & (edges.src != edges.dst) & real[edges.src] & real[edges.dst]
-        pairs = edges.coincident  # (K, 2) (dst, src)
+        pairs = edges.coincident  # (K, 2) (dst, src): distance ~0
         pair_hit = real[pairs[:, 0]] & real[pairs[:, 1]]
-        bad = np.concatenate([edges.dst[hit], pairs[pair_hit, 0]]) // system.nat
-        close[start + bad] = True
-    return close
+        frame = np.concatenate([edges.dst[hit], pairs[pair_hit, 0]]) // system.nat
+        found = np.concatenate([dist[hit], np.zeros(int(pair_hit.sum()))])
+        np.minimum.at(closest, start + frame, found)
+    return closest
 
 
 @dataclass
@@ -235,8 +242,10 @@ class DataSystem:
         self.probs = system_probs(self.nbatches, sys_probs, auto_prob)
         self.numb_btch = int(numb_btch)
         self.min_pair_dist = float(min_pair_dist)
-        self.kept = [self._kept_frames(s) for s in self.systems]
+        closest = [self._closest_pairs(s) for s in self.systems]
+        self.kept = [np.flatnonzero(~(c < self.min_pair_dist)) for c in closest]
         self.skipped = [s.nframes - len(k) for s, k in zip(self.systems, self.kept)]
+        self._report_skipped(closest)
         self._exclude_empty()
         self._rng = np.random.default_rng(seed)
         self._order = [np.zeros(0, dtype=np.int64) for _ in self.systems]  # epoch permutations
@@ -281,31 +290,50 @@ class DataSystem:
                 f"batch_size 'filter:{limit}': every system has more than {limit} atoms"
             )
 
-    def _kept_frames(self, system: System) -> np.ndarray:
+    def _closest_pairs(self, system: System) -> np.ndarray:
+        """Per frame: the closest pair below ``min_pair_dist`` (``inf``: none, or no limit)."""
         if self.min_pair_dist <= 0.0:
-            return np.arange(system.nframes)
-        close = close_pair_frames(system, self.min_pair_dist)
-        if close.any():
-            log.info(
-                "%s: %d of %d frames skipped (atom pair closer than min_pair_dist=%g Å)",
-                system.path,
-                int(close.sum()),
-                system.nframes,
-                self.min_pair_dist,
-            )
-        return np.flatnonzero(~close)
+            return np.full(system.nframes, np.inf)
+        return closest_pairs(system, self.min_pair_dist)
+
+    def _report_skipped(self, closest: list[np.ndarray]) -> None:
+        """Log the frames ``min_pair_dist`` skips; a system losing all of them is explained
+        (in :attr:`_emptied`: its path -> ``(message, widest closest pair of its frames)``)."""
+        self._emptied: dict[str, tuple[str, float]] = {}
+        for system, dist, skipped in zip(self.systems, closest, self.skipped):
+            if skipped == system.nframes:
+                self._emptied[str(system.path)] = (
+                    f"all {system.nframes} frames of {system.path} have an atom pair closer than "
+                    f"min_pair_dist {self.min_pair_dist:g} Å; the closest is "
+                    f"{float(dist.min()):.3g} Å",
+                    float(dist.max()),
+                )
+            elif skipped:
+                log.info(
+                    "%s: %d of %d frames skipped (atom pair closer than min_pair_dist=%g Å)",
+                    system.path,
+                    skipped,
+                    system.nframes,
+                    self.min_pair_dist,
+                )
 
     def _exclude_empty(self) -> None:
         empty = np.array([len(k) == 0 for k in self.kept])
         if empty.all():
+            keep = max(widest for _, widest in self._emptied.values())
             raise DataError(
-                f"min_pair_dist={self.min_pair_dist}: every frame of every system has a closer pair"
+                "no frame left to train on: "
+                + "; ".join(text for text, _ in self._emptied.values())
+                + f". Set `min_pair_dist` to at most {_round_down(keep)} Å to keep some frames "
+                "(0 keeps them all), or check the coordinates and their unit (Å)"
+            )
+        for text, widest in self._emptied.values():
+            log.warning(
+                "%s; the system is never drawn (min_pair_dist <= %s Å keeps some of its frames)",
+                text,
+                _round_down(widest),
             )
         if empty.any():
-            for i in np.flatnonzero(empty):
-                log.warning(
-                    "%s: no frame left after min_pair_dist; never drawn", self.systems[i].path
-                )
             self.probs = np.where(empty, 0.0, self.probs)
             self.probs = self.probs / self.probs.sum()
 
@@ -402,6 +430,12 @@ class DataSystem:
                 f"{self.probs[i]:>6.3f} {'T' if s.pbc else 'F':>3} {self.skipped[i]:>7}"
             )
         return "\n".join(lines)
+
+
+def _round_down(value: float, digits: int = 3) -> str:
+    """``value`` rounded down to ``digits`` significant digits: a threshold that keeps it."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value))) if value > 0 else 1.0
+    return f"{math.floor(value * scale) / scale:g}"
 
 
 def _graph(

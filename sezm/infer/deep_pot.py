@@ -45,6 +45,12 @@ class _DeepEval:
             self.model.to(device)
         self.type_map = list(self.model.type_map)
 
+    @property
+    def model_params(self) -> dict:
+        """The checkpoint's ``model`` section; of a frozen ``.pt2``, the keys naming its inputs
+        (``pt2.model_params``: fparam, aparam, charge_spin)."""
+        return self.model.params if self.checkpoint is None else self.checkpoint.model_params
+
     def get_type_map(self) -> list[str]:
         return list(self.type_map)
 

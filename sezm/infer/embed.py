@@ -2,17 +2,21 @@
 
 One forward pass without forces gives, per frame:
 
-    descriptor          d_i                            (nat, C)
-    atomic_feature      h_i = last hidden GLU activation of the energy fitting   (nat, H)
-    structural_feature  S   = sum_i m_i h_i,  m_i = 0 for excluded atom types     (H,)
+    descriptor          d_i                                                (nat, C)
+    atomic_feature      h_i = last hidden activation of the fitting            (nat, H)
+    structural_feature  S   = sum_i m_i h_i,  m_i = 0 for excluded atom types  (H,)
 
-(``h_i = d_i`` when the fitting has no hidden layer; ``S`` through the output layer gives the
-energy without biases.) The file holds the attribute ``type_map`` and one group per system,
-named by the folder's base name (``name_1``, ``name_2``, ... on a clash), with attributes
-``nframes`` and ``system`` and the datasets ``descriptor``, ``atomic_feature``,
-``structural_feature`` (``fp32``/``fp64``, or ``native``: the descriptor in float64, as
-DeePMD-kit's descriptor interface gives it, the features in the fitting precision) and
-``atom_types`` (int32, ``-1`` for padding atoms of mixed-type systems), all gzip-9 + shuffle.
+for energy models (``h_i``: the last GLU activation; ``S`` through the output layer gives the
+energy without biases) and property models (``h_i``: the last residual-MLP activation; ``S`` is
+the sum over atoms for intensive properties too, as in DeePMD-kit); ``h_i = d_i`` when the
+fitting has no hidden layer. A frozen ``.pt2`` has no such outputs: embed from its checkpoint.
+
+The file holds the attribute ``type_map`` and one group per system, named by the folder's base
+name (``name_1``, ``name_2``, ... on a clash), with attributes ``nframes`` and ``system`` and the
+datasets ``descriptor``, ``atomic_feature``, ``structural_feature`` (``fp32``/``fp64``, or
+``native``: the descriptor in float64, as DeePMD-kit's descriptor interface gives it, the
+features in the fitting precision) and ``atom_types`` (int32, ``-1`` for padding atoms of
+mixed-type systems), all gzip-9 + shuffle.
 Frames are evaluated and written a batch at a time, so memory does not grow with the system.
 """
 
@@ -33,7 +37,9 @@ from ..data.system import System
 from ..model.energy import EnergyModel
 from ..model.fitting import atom_keep_mask
 from ..model.graph import Graph
+from ..model.property_model import PropertyModel
 from .deep_pot import DeepPot
+from .pt2 import no_features_message, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,10 @@ EMBEDDINGS = ("descriptor", "atomic_feature", "structural_feature")
 DTYPES = {"fp32": np.float32, "fp64": np.float64, "native": None}
 H5_DATASET = {"compression": "gzip", "compression_opts": 9, "shuffle": True}
 _INPUT_KEYS = ("fparam", "aparam", "charge_spin")
+EMBEDDABLE = (EnergyModel, PropertyModel)
 
 
-def frame_embeddings(model: EnergyModel, graph: Graph) -> dict[str, torch.Tensor]:
+def frame_embeddings(model: EnergyModel | PropertyModel, graph: Graph) -> dict[str, torch.Tensor]:
     """``descriptor (nf, nat, C)``, ``atomic_feature (nf, nat, H)``, ``structural_feature
     (nf, H)`` of a graph; rows of padding atoms (type ``-1``) are zero."""
     real = graph.atype >= 0  # (nf, nat)
@@ -71,8 +78,15 @@ def group_name(path: str | Path, used: set[str]) -> str:
     return name
 
 
+def check_embeddable(model: str | os.PathLike) -> None:
+    """``NotImplementedError`` for a frozen ``.pt2``, which holds no descriptor or features."""
+    if os.fspath(model).endswith(".pt2"):
+        raise NotImplementedError(no_features_message(model, read_metadata(model)))
+
+
 class Embedder:
-    """Embeddings of a checkpoint's energy model; settings (``DP_*_INFER``) read once here."""
+    """Embeddings of a checkpoint's energy or property model; settings (``DP_*_INFER``) read
+    once here."""
 
     def __init__(
         self,
@@ -81,9 +95,13 @@ class Embedder:
         device: str | None = None,
         batch_atoms: int = 1024,
     ) -> None:
+        check_embeddable(model)
         self.dp = DeepPot(model, head=head, device=device)
-        if not isinstance(self.dp.model, EnergyModel):
-            raise NotImplementedError("embeddings are defined for energy models only")
+        if not isinstance(self.dp.model, EMBEDDABLE):
+            raise NotImplementedError(
+                f"{model}: embeddings are defined for energy and property models, "
+                f"not {type(self.dp.model).__name__}"
+            )
         self.batch_atoms = batch_atoms
         self.inputs = {
             k: f for k, f in fields_for_model(self.dp.model.params).items() if k in _INPUT_KEYS

@@ -259,7 +259,25 @@ def _export(lower: nn.Module, sample, shapes) -> torch.export.ExportedProgram:
     # to equal a model width cannot be baked into the graph.
     with fx_config.patch(use_duck_shape=False):
         traced = make_fx(lower, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*sample)
-        return torch.export.export(traced, sample, dynamic_shapes=shapes, strict=False)
+        try:
+            return torch.export.export(traced, sample, dynamic_shapes=shapes, strict=False)
+        except torch._dynamo.exc.UserError as err:
+            if "Constraints violated" not in str(err):
+                raise
+            raise FreezeError(_constraint_message(err)) from err
+
+
+def _constraint_message(err: Exception) -> str:
+    """A dynamic-shape proof torch could not make: before 2.13 the shape solver cannot show
+    ``min(a n, b n) = a n`` for the atom count ``n`` of some node-tensor views (larger models
+    have them), though it holds; torch 2.13 and newer prove it."""
+    first = next((ln.strip() for ln in str(err).splitlines() if "Not all values" in ln), "")
+    return (
+        f"torch {torch.__version__} cannot export this model with a dynamic atom count "
+        f"({first[:160]}...). Freeze with torch >= 2.13 (e.g. `pip install 'torch>=2.13'` in "
+        "a separate environment); the .pt2 it writes loads in LAMMPS and ASE built against "
+        "torch 2.11."
+    )
 
 
 def export_lower(model: EnergyModel) -> torch.export.ExportedProgram:

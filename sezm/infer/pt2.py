@@ -56,6 +56,40 @@ def read_metadata(path: str | os.PathLike) -> dict:
         return json.loads(zf.read(names[0]))
 
 
+def model_params(meta: dict) -> dict:
+    """The ``model`` section keys that name a package's inputs, rebuilt from its metadata.
+
+    An energy ``fitting_net`` with ``numb_fparam``/``default_fparam``/``numb_aparam`` and a
+    ``descriptor`` with ``add_chg_spin_ebd``/``default_chg_spin``: what
+    ``sezm.data.fields_for_model`` reads to know which inputs a system must hold.
+    """
+    default_fparam = meta.get("default_fparam") if meta.get("has_default_fparam") else None
+    return {
+        "type_map": list(meta["type_map"]),
+        "fitting_net": {
+            "type": "ener",
+            "numb_fparam": int(meta["dim_fparam"]),
+            "default_fparam": default_fparam,
+            "numb_aparam": int(meta["dim_aparam"]),
+        },
+        "descriptor": {
+            "add_chg_spin_ebd": bool(meta.get("dim_chg_spin")),
+            "default_chg_spin": meta.get("default_chg_spin"),
+        },
+    }
+
+
+def no_features_message(path: str | os.PathLike, meta: dict) -> str:
+    """Why a ``.pt2`` gives no descriptor or fitting features, and what to use instead."""
+    source = meta.get("sezm", {}).get("checkpoint")
+    frozen_from = f" ({source})" if source else ""
+    return (
+        f"{os.fspath(path)}: a frozen .pt2 computes energies, forces and virials only; its graph "
+        "contract has no descriptor or fitting-feature output. Use the .pt checkpoint it was "
+        f"frozen from{frozen_from} for descriptors and embeddings"
+    )
+
+
 def outputs(result) -> dict[str, torch.Tensor]:
     """A package's results by name (Python returns the dict, older runtimes a flat sequence)."""
     return dict(result) if isinstance(result, dict) else dict(zip(OUTPUT_KEYS, result))
@@ -108,7 +142,8 @@ class FrozenModel:
     """A ``.pt2`` package behind the call interface of ``EnergyModel`` (CPU packages).
 
     ``FrozenModel(path)(graph, atomic_virial=True)`` returns the keys of ``EnergyModel.forward``
-    for a ``Graph`` of ``nf`` frames of equal size.
+    for a ``Graph`` of ``nf`` frames of equal size; ``params`` are the input-defining keys of
+    the model section (:func:`model_params`), as ``EnergyModel.params`` holds the full one.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -127,6 +162,7 @@ class FrozenModel:
         self.fitting_net = SimpleNamespace(
             numb_fparam=int(meta["dim_fparam"]), numb_aparam=int(meta["dim_aparam"])
         )
+        self.params = model_params(meta)
         self.device = torch.device(meta.get("sezm", {}).get("device", "cpu"))
         self._package = torch._inductor.aoti_load_package(self.path)
 
@@ -140,9 +176,7 @@ class FrozenModel:
 
     @property
     def descriptor(self):
-        raise TypeError(
-            f"{self.path} holds energies and forces only; descriptors need the checkpoint"
-        )
+        raise TypeError(no_features_message(self.path, self.metadata))
 
     def _extras(self, graph: Graph, nf: int, nloc: int) -> list[torch.Tensor]:
         meta, extras = self.metadata, []

@@ -4,7 +4,8 @@ Per system: MAE and RMSE of energies (total and per atom), forces (per component
 (total and per atom, periodic systems with labels) and stresses; then the average over systems
 weighted by the number of values each metric was taken over (exact, as if all data were one
 set). ``-d DETAIL`` writes ``DETAIL.{e,e_peratom,f,v,v_peratom}.out`` tables
-(``data_* pred_*`` columns), appended system after system.
+(``data_* pred_*`` columns), appended system after system. The model is a ``.pt`` checkpoint
+or a frozen ``.pt2`` (``sezm freeze``; energy models, inputs named by its metadata).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def run_test(
     detail_file: str | None = None,
     head: str | None = None,
 ) -> dict[str, float]:
-    """Test ``model`` on every system under ``system``; returns the weighted average errors."""
+    """Test ``model`` (a ``.pt`` checkpoint or a frozen ``.pt2``) on every system under
+    ``system``; returns the weighted average errors."""
     import torch
 
     from ..data import fields_for_model
@@ -178,7 +180,7 @@ def run_test(
     # every label is optional when testing; inputs (fparam, aparam) stay required
     fields = {
         k: replace(f, must=f.must and k in ("fparam", "aparam", "charge_spin"))
-        for k, f in fields_for_model(dp.checkpoint.model_params).items()
+        for k, f in fields_for_model(dp.model_params).items()
     }
     data = DataSystem(system, dp.get_type_map(), batch_size=1, fields=fields)
     limit = numb_test if numb_test > 0 else 2**62

@@ -95,6 +95,14 @@ class CompiledEnergyGradient:
                 grad = F.edge_gradient(energy, leaf, create_graph=create_graph)
             return energy, grad
 
+        mode = "training" if self.model.training else "evaluation"
+        switch = "model/use_compile" if mode == "training" else "DP_COMPILE_INFER / compiled_infer"
+        log.info(
+            "compiling the %s energy+force graph (%s): tracing now, lowering at its first "
+            "call; this can take minutes ...",
+            mode,
+            switch,
+        )
         start = time.perf_counter()
         devices = [graph.atype.device] if graph.atype.is_cuda else []
         with torch.no_grad(), torch.random.fork_rng(devices):  # fills lazy caches, keeps the RNG
@@ -109,7 +117,6 @@ class CompiledEnergyGradient:
         )(*sample)
         if create_graph:
             traced = _without_detach(traced)
-        mode = "training" if self.model.training else "evaluation"
         log.info(
             "compile: traced the %s energy+force graph (%d nodes) in %.1f s; %s lowers it at "
             "the first call",
@@ -123,10 +130,20 @@ class CompiledEnergyGradient:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch._dynamo.config.optimize_ddp = False  # not DDP's bucket-wise graph splitting
         compiled = torch.compile(traced, backend=self.backend, dynamic=True)
+        lowered = False
 
         def run(*args):  # lowered at the first call: keep scatters deterministic (runtime.py)
+            nonlocal lowered
+            if lowered:
+                with deterministic_algorithms():
+                    return compiled(*args)
+            log.info("compiling: %s lowers the %s graph now ...", self.backend, mode)
+            begin = time.perf_counter()
             with deterministic_algorithms():
-                return compiled(*args)
+                out = compiled(*args)
+            lowered = True
+            log.info("compiled the %s graph in %.1f s", mode, time.perf_counter() - begin)
+            return out
 
         return run
 

@@ -66,9 +66,11 @@ class LearningRate:
         if numb_steps < 0 or self.warmup_steps < 0:
             raise ValueError("numb_steps and the warm-up length must be non-negative")
         if self.warmup_steps and self.warmup_steps >= numb_steps:
+            key = "warmup_steps" if warmup_ratio is None else f"warmup_ratio ({warmup_ratio})"
             raise ValueError(
-                f"the warm-up ({self.warmup_steps} steps) must be shorter than numb_steps "
-                f"({numb_steps})"
+                f"learning_rate/{key}: the warm-up ({self.warmup_steps} steps) must be shorter "
+                f"than training/numb_steps ({numb_steps}); lower it, give "
+                "learning_rate/warmup_ratio (a fraction of the run) instead, or train longer"
             )
         getattr(self, f"_setup_{self.kind}")(section)
 

@@ -37,11 +37,13 @@ class LearningCurve:
 
 
 class StepTimer:
-    """Wall time per display interval and the estimated time to finish."""
+    """Wall time per display interval, the estimated time to finish, and the mean time of the
+    steps this run made (a restarted run counts from its first step, not from step 0)."""
 
     def __init__(self, start_step: int, num_steps: int) -> None:
         self.num_steps = num_steps
-        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.last_step, self.last_time = start_step, self.start_time
         self.total_time, self.total_steps = 0.0, 0
 
     def lap(self, step: int) -> tuple[float, str]:
@@ -56,9 +58,15 @@ class StepTimer:
         eta = f"{datetime.timedelta(seconds=int(remaining))} (at {finish:%Y-%m-%d %H:%M})"
         return elapsed, eta
 
-    @property
-    def mean_step_time(self) -> float:
-        return self.total_time / max(self.total_steps, 1)
+    def steps_run(self, step: int) -> int:
+        """Steps this run made when ``step`` steps are complete."""
+        return max(step - self.start_step, 0)
+
+    def mean_step_time(self, step: int) -> float:
+        """Mean wall time (s) of the steps this run made, ``step`` being the last complete
+        one: the time since the start over :meth:`steps_run` (0 when no step ran)."""
+        steps = self.steps_run(step)
+        return (time.perf_counter() - self.start_time) / steps if steps else 0.0
 
 
 def format_metrics(step: int, tag: str, metrics: dict[str, float], lr: float | None) -> str:

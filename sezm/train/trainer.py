@@ -21,6 +21,7 @@ profiler (``monitor.py``), precision and compile switches (``precision.py``, ``c
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -35,7 +36,8 @@ import torch
 from torch import nn
 
 from ..compat.deepmd import load_checkpoint, load_into, read_model_params, to_deepmd_state
-from ..data import DataSystem, StatFile, fields_for_model, model_stats, update_sel
+from ..config import check_trainable
+from ..data import DataError, DataSystem, StatFile, fields_for_model, model_stats, update_sel
 from ..data.dataset import Batch
 from ..model.build import build_model
 from ..model.dens import DensModel, force_rmsd
@@ -118,6 +120,7 @@ class Trainer:
         device: str | None = None,
         shared_links: dict[str, list[dict]] | None = None,
     ) -> None:
+        check_trainable(config)  # keys without a DeePMD-kit default, named (not a KeyError)
         tune_allocator()  # edge-sized temporaries reuse heap blocks instead of fresh pages
         self.resume = resume or Resume()
         self.finetune_rules: dict[str, FinetuneRule] = {}
@@ -125,13 +128,13 @@ class Trainer:
         self.config = config = self._prepare_config(config)
         tr = config["training"]
         self.device = self.dist.device(device)
-        self.numb_steps = int(tr["numb_steps"])
         self.seed = tr.get("seed")
         _seed_everything(self.seed)
         self.multi_task = "model_dict" in config["model"]
         self.zero_stage = zero_stage(tr, self.dist)
         self.train_infos: dict[str, Any] = {}  # extra train_infos (full-validation records)
         self.tasks = self._make_tasks()
+        self.numb_steps = self._run_length(tr)
         self._build_models(shared_links)
         self._build_forward()
         self._build_optimization()
@@ -245,6 +248,42 @@ class Trainer:
             return {**config, "model": read_model_params(r.init_model)}
         return config
 
+    @property
+    def resolved_config(self) -> dict:
+        """The normalized input with each branch's ``descriptor/sel`` as this run resolved it
+        (``"auto"`` sized from the data): what ``dp --pt train`` writes to ``out.json``."""
+        config = copy.deepcopy(self.config)
+        model = config["model"]
+        branches = model["model_dict"] if self.multi_task else {"Default": model}
+        for name, branch in branches.items():
+            branch["descriptor"]["sel"] = self.tasks[name].params["descriptor"]["sel"]
+        return config
+
+    def _run_length(self, tr: dict) -> int:
+        """``numb_steps``, or (single-task) ``numb_epoch`` passes over the training data:
+        ``ceil(numb_epoch * max_i(n_batches_i / p_i))`` over the systems drawn with ``p_i > 0``,
+        DeePMD-kit's epoch length."""
+        if tr.get("numb_steps") is not None:
+            return int(tr["numb_steps"])
+        if self.multi_task or tr.get("numb_epoch") is None:
+            raise ValueError(
+                "training/num_epoch_dict is not supported by sezm; give training/numb_steps"
+                if self.multi_task
+                else "training/numb_steps is missing"
+            )
+        data = self.tasks["Default"].train_data
+        probs, nbatches = np.asarray(data.probs), np.asarray(data.nbatches, dtype=np.float64)
+        drawn = probs > 0
+        epoch = int(np.ceil(np.max(nbatches[drawn] / probs[drawn])))
+        steps = int(np.ceil(float(tr["numb_epoch"]) * epoch))
+        log.info(
+            "training/numb_steps = %d: numb_epoch %s x %d batches per epoch",
+            steps,
+            tr["numb_epoch"],
+            epoch,
+        )
+        return steps
+
     def _make_tasks(self) -> dict[str, Task]:
         cfg, tr = self.config, self.config["training"]
         if self.multi_task:
@@ -256,14 +295,13 @@ class Trainer:
             params = dict(params)
             seed = rank_seed(None if self.seed is None else self.seed + 2 * i, self.dist.rank)
             fields = fields_for_model(params)
-            train = DataSystem.from_config(data["training_data"], params["type_map"], fields, seed)
+            where = f"training/data_dict/{name}" if self.multi_task else "training"
+            train = _open_data(data, "training_data", where, params["type_map"], fields, seed)
             valid = None
             if data.get("validation_data"):
-                valid = DataSystem.from_config(
-                    data["validation_data"],
-                    params["type_map"],
-                    fields,
-                    seed=None if seed is None else seed + 1,
+                valid_seed = None if seed is None else seed + 1
+                valid = _open_data(
+                    data, "validation_data", where, params["type_map"], fields, valid_seed
                 )
             suffix = f" of {name}" if self.multi_task else ""
             log.info(train.summary("training data" + suffix))
@@ -634,6 +672,7 @@ class Trainer:
                 self._loop(curve, timer)
             finally:
                 self.monitor.close()
+        steps, mean = timer.steps_run(self.numb_steps), timer.mean_step_time(self.numb_steps)
         if self.numb_steps > self.start_step:
             last = self.numb_steps - 1
             if self.config["training"].get("change_bias_after_training"):
@@ -642,11 +681,21 @@ class Trainer:
                 self.save_merged(last, self.lr.value(last))
                 if self.ema is not None:
                     self.save_merged(last, self.lr.value(last), use_ema=True)
-        log.info(
-            "finished; mean step time %.3f s; latest checkpoint %s",
-            timer.mean_step_time,
-            self.store.path_for(self.numb_steps),
-        )
+        latest = self.store.path_for(self.numb_steps)
+        if steps:
+            log.info(
+                "finished: ran steps %d-%d, mean step time %.3f s over these %d steps; "
+                "latest checkpoint %s",
+                self.start_step + 1,
+                self.numb_steps,
+                mean,
+                steps,
+                latest,
+            )
+        else:
+            log.info(
+                "finished: no step to run (at step %d of %d)", self.start_step, self.numb_steps
+            )
 
     def _loop(self, curve, timer: StepTimer) -> None:
         tr = self.config["training"]
@@ -846,6 +895,16 @@ def dens_inputs(
         )
     graph = dataclasses.replace(graph, force_input=dens.force_input, noise_mask=dens.noise_mask)
     return graph, dens
+
+
+def _open_data(
+    section: dict, key: str, where: str, type_map: list[str], fields: dict, seed: int | None
+) -> DataSystem:
+    """``DataSystem`` of ``section[key]``; a data error names the input section."""
+    try:
+        return DataSystem.from_config(section[key], type_map, fields, seed)
+    except DataError as err:
+        raise DataError(f"{where}/{key}: {err}") from None
 
 
 def _shown(metrics: dict[str, float]) -> dict[str, float]:
