@@ -1,6 +1,6 @@
 """Training step time and peak memory: ``sezm train`` vs ``dp --pt train`` on the same input.
 
-    python benchmarks/bench_train.py [--input examples/water/input.json] [--steps 16]
+    python benchmarks/bench_train.py [--input examples/water/input_mini.json] [--steps 16]
 
 Both trainers run the same input (DPA4-Mini on the bundled water data, batch size 1, 192 atoms)
 for ``--steps`` steps with a display every ``--every`` steps; the mean step time is taken from

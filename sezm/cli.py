@@ -120,7 +120,9 @@ def cmd_embed(args: argparse.Namespace) -> None:
         systems = expand_systems(args.system)
     log.info("embedding %d system(s) with model %s into %s", len(systems), args.model, args.output)
     try:
-        embed(args.model, systems, args.output, dtype=args.dtype, head=args.head, device=args.device)
+        embed(
+            args.model, systems, args.output, dtype=args.dtype, head=args.head, device=args.device
+        )
     except NotImplementedError as err:  # a .pt2: no descriptor output in its contract
         raise SystemExit(f"embed failed: {err}") from None
 

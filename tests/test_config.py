@@ -515,3 +515,16 @@ def test_warmup_longer_than_the_run_names_both_keys():
     assert "`learning_rate/warmup_ratio`" in message and "1.0 of 10 steps = 10 steps" in message
     raw["learning_rate"]["warmup_ratio"] = 0.9
     normalize_input(raw)
+
+
+BUNDLED = sorted((Path(__file__).parents[1] / "examples" / "water").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)
+def test_bundled_examples_are_complete_inputs(path):
+    """The README's examples normalise and name data that exists next to them."""
+    config = normalize_input(json.loads(path.read_text()), source=str(path))
+    assert config["learning_rate"]["start_lr"] > 0 and config["training"]["numb_steps"] > 0
+    for key in ("training_data", "validation_data"):
+        for system in config["training"][key]["systems"]:
+            assert (path.parent / system / "type.raw").is_file(), system

@@ -163,3 +163,18 @@ def test_unknown_key_names_the_file_and_suggestion(run_dir) -> None:
     inp.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"chanels.*did you mean.*channels"):
         main(["train", str(inp)])
+
+
+def test_terms_without_labels_are_not_shown(run_dir, caplog) -> None:
+    """A virial term on data without virials shows no always-nan column in lcurve.out or the
+    log; the terms that have labels still do."""
+    inp = write_input(run_dir, steps=2)
+    config = json.loads(inp.read_text())
+    config["loss"].update(start_pref_v=1.0, limit_pref_v=1.0)
+    inp.write_text(json.dumps(config))
+    with caplog.at_level("INFO"):
+        main(["train", str(inp), "--skip-neighbor-stat"])
+    header = (run_dir / "lcurve.out").read_text().splitlines()[0]
+    assert "_v_" not in header and "_f_val" in header and "_e_trn" in header
+    shown = [r.getMessage() for r in caplog.records if " trn: " in r.getMessage()]
+    assert shown and not any("_v =" in m or "nan" in m for m in shown)

@@ -30,7 +30,7 @@ import torch
 from ..geometry.frames import InputError
 from ..geometry.neighbors import build_edges
 from ..model.graph import Graph, build_graph
-from .system import LABEL_FIELDS, DataError, Field, System
+from .system import LABEL_FIELDS, DataError, Field, SpinField, System
 
 log = logging.getLogger(__name__)
 
@@ -486,5 +486,23 @@ def fields_for_model(model_params: Mapping) -> dict[str, Field]:
         fields["charge_spin"] = Field((2,), must=descriptor.get("default_chg_spin") is None)
     spin = model_params.get("spin")
     if spin:
-        fields["spin"] = Field((3,), atomic=True, must=not spin.get("allow_missing_label", False))
+        fields["spin"] = _spin_field(spin, model_params.get("type_map"))
     return fields
+
+
+def _spin_field(spin: Mapping, type_map: Sequence[str] | None) -> SpinField:
+    """``spin.npy`` of a spin model, with its magnetic types and virtual scales (for spotting
+    data in the older virtual-atom layout)."""
+    from ..model.spin import use_spin_flags, virtual_scales
+
+    use_spin: tuple[bool, ...] = ()
+    scale = None
+    if type_map is not None:
+        try:
+            use_spin = tuple(use_spin_flags(dict(spin), list(type_map)))
+            if spin.get("virtual_scale") is not None:
+                scale = tuple(virtual_scales(dict(spin), list(use_spin)))
+        except ValueError:  # the model itself reports an inconsistent spin block
+            pass
+    must = not spin.get("allow_missing_label", False)
+    return SpinField((3,), atomic=True, must=must, use_spin=use_spin, virtual_scale=scale)

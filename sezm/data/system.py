@@ -8,6 +8,7 @@ Layout (every array has one row per frame; ``nat`` atoms, the same in every fram
     set.000/coord.npy  (nf, nat*3) Å      box.npy (nf, 9), rows are the cell vectors
     set.000/<key>.npy  one array per field, e.g. energy (nf,), force (nf, nat*3)
     set.000/real_atom_types.npy   mixed-type systems only: (nf, nat) per-frame types, -1 = none
+    set.000/spin.npy   spin models: (nf, nat*3) atomic spins (μB), 0 on non-magnetic atoms
 
 Everything is checked when the system is opened (shapes, frame counts, NaN/inf, cells, types)
 and every problem raises :class:`DataError` naming the system, file and frame. Arrays are
@@ -49,6 +50,19 @@ class Field:
 
     def values_per_frame(self, nat: int) -> int:
         return math.prod(self.shape) * (nat if self.atomic else 1)
+
+
+@dataclass(frozen=True)
+class SpinField(Field):
+    """The atomic spins ``spin.npy`` of a spin model, with what is needed to recognise data in
+    DeePMD-kit's older virtual-atom spin layout (:meth:`System._check_virtual_spin`).
+
+    ``use_spin``: whether each model type is magnetic. ``virtual_scale``: the model's
+    virtual-atom offset per unit spin of each type (``None`` when the model has none).
+    """
+
+    use_spin: tuple[bool, ...] = ()
+    virtual_scale: tuple[float, ...] | None = None
 
 
 LABEL_FIELDS: dict[str, Field] = {
@@ -100,6 +114,8 @@ class System:
         self._set_type_index(type_map)
         raw_types = self._read_types()
         self.nat = len(raw_types)
+        if not self.mixed_type:
+            self._check_virtual_spin(raw_types)
         # (nat,) model types; placeholders in a mixed-type system (real_atom_types.npy rules)
         self.atom_type = raw_types if self.mixed_type else self._remap(raw_types, "type.raw")
         frames = [self._check_set(s) for s in self.sets]
@@ -192,6 +208,7 @@ class System:
         sys_map = self.type_map
         self._index = None
         self._nsys = len(sys_map) if sys_map is not None else None
+        self._model_names = None if model_type_map is None else list(model_type_map)
         if model_type_map is None:
             self._ntypes = self._nsys
             return
@@ -207,6 +224,111 @@ class System:
                 f"type_map {model_type_map}; add them to model/type_map"
             )
         self._index = np.array([model_type_map.index(e) for e in sys_map], dtype=np.int64)
+
+    def _check_virtual_spin(self, raw: np.ndarray) -> None:
+        """A spin model's system in DeePMD-kit's older virtual-atom spin layout is an error
+        that says how to convert it: no ``spin.npy``, and ``type.raw`` holding, after the
+        system types ``0..n-1``, types ``n..n+m-1`` (``m`` magnetic model types) with one atom
+        per atom of the matching magnetic type (the virtual atoms that carry the spins)."""
+        spin = self.fields.get("spin")
+        if not isinstance(spin, SpinField) or self._nsys is None:
+            return
+        magnetic = [t for t, used in enumerate(spin.use_spin) if used]  # model types
+        if not magnetic or any((s / "spin.npy").is_file() for s in self.sets):
+            return
+        nsys = self._nsys
+        if raw.min() < 0 or raw.max() < nsys or raw.max() >= nsys + len(magnetic):
+            return
+        if self._index is None and nsys != len(spin.use_spin):
+            return
+        model = self._to_model(np.where(raw < nsys, raw, 0))  # real atoms' model types
+        for k, t in enumerate(magnetic):
+            if np.sum((raw < nsys) & (model == t)) != np.sum(raw == nsys + k):
+                return
+        raise DataError(self._virtual_spin_message(raw, model, magnetic, spin))
+
+    def _virtual_spin_message(
+        self, raw: np.ndarray, model: np.ndarray, magnetic: list[int], spin: SpinField
+    ) -> str:
+        nsys = self._nsys
+        nreal = int(np.sum(raw < nsys))
+        names = self._model_names
+
+        def name(t: int) -> str:  # a magnetic model type
+            return f"type-{t}" if names is None else names[t]
+
+        pairs = "; ".join(
+            f"the k-th atom of type {nsys + k} with the k-th {name(t)} atom"
+            for k, t in enumerate(magnetic)
+            if np.any(raw == nsys + k)
+        )
+        scales = set() if spin.virtual_scale is None else {spin.virtual_scale[t] for t in magnetic}
+        lam = scales.pop() if len(scales) == 1 else None  # one virtual_scale for all
+        if lam is not None:
+            scale = f"the model's virtual_scale {lam:g}"
+        elif spin.virtual_scale is not None:
+            scale = "the model's virtual_scale of the atom's type"
+        else:
+            scale = (
+                "virtual_scale = the offset of a virtual atom per μB of spin "
+                "(DeePMD-kit TensorFlow's virtual_len / spin_norm)"
+            )
+        dist = self._virtual_distance(raw, model, magnetic)
+        seen = ""
+        if dist is not None:
+            moment = f", i.e. |spin| = {dist / lam:.4g} μB" if lam else ""
+            seen = f" (in frame 0 the virtual atoms sit {dist:.4g} Å from their atoms{moment})"
+        first = " (the first ones)" if np.all(raw[:nreal] < nsys) else ""
+        if self.type_map is not None:
+            type_map = ""
+        elif names is None:
+            type_map = "; add a type_map.raw naming the real types"
+        else:
+            type_map = f"; add a type_map.raw naming the real types ({' '.join(names)})"
+        vtypes = f"type {nsys}" if raw.max() == nsys else f"types {nsys}..{raw.max()}"
+        return (
+            f"{self.path}: looks like DeePMD-kit's older (TensorFlow) virtual-atom spin format, "
+            f"which spin models do not read: type.raw lists {nreal} real atoms (types "
+            f"0..{nsys - 1}) and {raw.size - nreal} virtual atoms ({vtypes}), one per magnetic "
+            f"atom, and there is no set.*/spin.npy. Convert every set to the spin format:\n"
+            f"  1. type.raw, coord.npy, force.npy: keep the {nreal} real atoms{first} in their "
+            f"order{type_map};\n"
+            f"  2. pair {pairs};\n"
+            f"  3. spin.npy (nf, {nreal * 3}): (r_virtual - r_real) / virtual_scale on magnetic "
+            f"atoms (minimum image in periodic cells), 0 on the others, with {scale}{seen};\n"
+            f"  4. force_mag.npy (nf, {nreal * 3}): the virtual atom's row of force.npy on "
+            f"magnetic atoms, 0 on the others. DeePMD-kit's virtual-atom format stores the "
+            f"magnetic force -dE/dspin in those rows and the total atomic force in the real "
+            f"atoms' rows, which force.npy keeps as they are. If your virtual rows hold the "
+            f"plain force F_virtual on the virtual atom instead, use force = F_real + F_virtual "
+            f"and force_mag = virtual_scale * F_virtual;\n"
+            f"  5. energy.npy, box.npy, virial.npy: unchanged."
+        )
+
+    def _virtual_distance(
+        self, raw: np.ndarray, model: np.ndarray, magnetic: list[int]
+    ) -> float | None:
+        """Mean distance (Å, minimum image) of the virtual atoms from their atoms in the first
+        frame; ``None`` when the frame cannot be read."""
+        try:
+            coord = np.asarray(_open(self.sets[0] / "coord.npy"), dtype=np.float64)
+            coord = coord.reshape(-1, raw.size, 3)[0]
+            box = None
+            if self.pbc:
+                box = np.asarray(_open(self.sets[0] / "box.npy"), dtype=np.float64)
+                box = box.reshape(-1, 3, 3)[0]
+                inverse = np.linalg.inv(box)
+        except (DataError, ValueError, np.linalg.LinAlgError):
+            return None
+        dists = []
+        for k, t in enumerate(magnetic):
+            real = np.flatnonzero((raw < self._nsys) & (model == t))
+            d = coord[np.flatnonzero(raw == self._nsys + k)] - coord[real]
+            if box is not None:
+                frac = d @ inverse
+                d = (frac - np.round(frac)) @ box
+            dists.append(np.linalg.norm(d, axis=1))
+        return float(np.concatenate(dists).mean())
 
     def _to_model(self, raw: np.ndarray) -> np.ndarray:
         """System types as model types; ``-1`` (no atom) stays ``-1``."""
@@ -271,6 +393,11 @@ class System:
             path = self._file(set_dir, key)
             if path.is_file():
                 self._check_array(path, key, nf, field.values_per_frame(self.nat))
+            elif isinstance(field, SpinField) and field.must:
+                raise DataError(
+                    f"{set_dir}: {path.name} is missing; a spin model needs the atomic spins of "
+                    f"every frame, ({nf}, {3 * self.nat}) in μB, 0 on non-magnetic atoms"
+                )
             elif field.must:
                 raise DataError(f"{set_dir}: {path.name} is missing; it is required ({key})")
         return nf

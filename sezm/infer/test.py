@@ -6,6 +6,11 @@ weighted by the number of values each metric was taken over (exact, as if all da
 set). ``-d DETAIL`` writes ``DETAIL.{e,e_peratom,f,v,v_peratom}.out`` tables
 (``data_* pred_*`` columns), appended system after system. The model is a ``.pt`` checkpoint
 or a frozen ``.pt2`` (``sezm freeze``; energy models, inputs named by its metadata).
+
+Spin models read ``spin.npy`` (a system without it is an error) and, as ``dp test``, report the
+force of every atom as "Force atom" and the magnetic force (``force_mag.npy``, magnetic atoms
+only) as "Force spin" instead of "Force", with ``DETAIL.fr.out`` / ``DETAIL.fm.out`` in place of
+``DETAIL.f.out``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ REPORT = (
     ("rmse_ea", "Energy RMSE/Natoms : {:e} eV"),
     ("mae_f", "Force  MAE         : {:e} eV/Å"),
     ("rmse_f", "Force  RMSE        : {:e} eV/Å"),
+    ("mae_fr", "Force atom MAE      : {:e} eV/Å"),
+    ("rmse_fr", "Force atom RMSE     : {:e} eV/Å"),
+    ("mae_fm", "Force spin MAE      : {:e} eV/uB"),
+    ("rmse_fm", "Force spin RMSE     : {:e} eV/uB"),
     ("mae_v", "Virial MAE         : {:e} eV"),
     ("rmse_v", "Virial RMSE        : {:e} eV"),
     ("mae_va", "Virial MAE/Natoms  : {:e} eV"),
@@ -78,6 +87,7 @@ def _energy_system(
     dp, data: DataSystem, index: int, limit: int, detail: Path | None, append: bool
 ) -> dict:
     system = data.systems[index]
+    spin = dp.has_spin()
     preds, refs = defaultdict(list), defaultdict(list)
     seen = 0
     for batch in data.iter_batches(index, dp.get_rcut(), dp.device):
@@ -91,6 +101,10 @@ def _energy_system(
             if find.get(key):
                 preds[key].append(out[key][:take].detach().cpu().numpy())
                 refs[key].append(labels[key][:take].cpu().numpy())
+        if spin and find.get("force_mag"):
+            preds["force_mag"].append(out["force_mag"][:take].detach().cpu().numpy())
+            refs["force_mag"].append(labels["force_mag"][:take].cpu().numpy())
+            refs["mask_mag"].append(out["mask_mag"][:take].cpu().numpy().reshape(take, -1))
         if system.pbc:
             refs["box"].append(batch.box[:take])
     nat = system.nat
@@ -101,19 +115,27 @@ def _energy_system(
     if "energy" in cat:
         errors |= error_stats("e", cat["energy"], ref["energy"])
         errors |= error_stats("ea", cat["energy"], ref["energy"], 1.0 / nat)
-    if "force" in cat:
-        errors |= error_stats("f", cat["force"], ref["force"])
+    if "force" in cat:  # of a spin model: the force of every (real) atom
+        errors |= error_stats("fr" if spin else "f", cat["force"], ref["force"])
+    if "force_mag" in cat:  # magnetic atoms only
+        magnetic = ref["mask_mag"].reshape(-1).astype(bool)
+        cat["force_mag"] = cat["force_mag"].reshape(-1, 3)[magnetic]
+        ref["force_mag"] = ref["force_mag"].reshape(-1, 3)[magnetic]
+        if magnetic.any():
+            errors |= error_stats("fm", cat["force_mag"], ref["force_mag"])
     if "virial" in cat and system.pbc:
         errors |= error_stats("v", cat["virial"], ref["virial"])
         errors |= error_stats("va", cat["virial"], ref["virial"], 1.0 / nat)
         volume = np.abs(np.linalg.det(ref["box"]))[:, None]
         errors |= error_stats("s", -cat["virial"] / volume, -ref["virial"] / volume)
     if detail is not None:
-        _write_details(detail, str(system.path), nat, cat, ref, append)
+        _write_details(detail, str(system.path), nat, cat, ref, append, spin)
     return errors
 
 
-def _write_details(detail: Path, name: str, nat: int, pred: dict, ref: dict, append: bool) -> None:
+def _write_details(
+    detail: Path, name: str, nat: int, pred: dict, ref: dict, append: bool, spin: bool = False
+) -> None:
     if "energy" in pred:
         pe = np.stack([ref["energy"].reshape(-1), pred["energy"].reshape(-1)], axis=1)
         _save(detail.with_suffix(".e.out"), pe, f"{name}: data_e pred_e", append)
@@ -121,7 +143,11 @@ def _write_details(detail: Path, name: str, nat: int, pred: dict, ref: dict, app
     if "force" in pred:
         pf = np.concatenate([ref["force"].reshape(-1, 3), pred["force"].reshape(-1, 3)], axis=1)
         header = f"{name}: data_fx data_fy data_fz pred_fx pred_fy pred_fz"
-        _save(detail.with_suffix(".f.out"), pf, header, append)
+        _save(detail.with_suffix(".fr.out" if spin else ".f.out"), pf, header, append)
+    if "force_mag" in pred:
+        pm = np.concatenate([ref["force_mag"], pred["force_mag"]], axis=1)
+        header = f"{name}: data_fmx data_fmy data_fmz pred_fmx pred_fmy pred_fmz"
+        _save(detail.with_suffix(".fm.out"), pm, header, append)
     if "virial" in pred:
         pv = np.concatenate([ref["virial"].reshape(-1, 9), pred["virial"].reshape(-1, 9)], axis=1)
         _save(detail.with_suffix(".v.out"), pv, f"{name}: {V_COLUMNS}", append)
@@ -177,9 +203,10 @@ def run_test(
     is_property = isinstance(dp.model, PropertyModel)
     if is_property:
         dp = DeepProperty(model, head=head)
-    # every label is optional when testing; inputs (fparam, aparam) stay required
+    # every label is optional when testing; inputs (fparam, aparam) stay required, and the
+    # spins of a spin model always (as in `dp test`, whatever spin.allow_missing_label says)
     fields = {
-        k: replace(f, must=f.must and k in ("fparam", "aparam", "charge_spin"))
+        k: replace(f, must=(f.must and k in ("fparam", "aparam", "charge_spin")) or k == "spin")
         for k, f in fields_for_model(dp.model_params).items()
     }
     data = DataSystem(system, dp.get_type_map(), batch_size=1, fields=fields)

@@ -133,6 +133,7 @@ class Trainer:
         self.multi_task = "model_dict" in config["model"]
         self.zero_stage = zero_stage(tr, self.dist)
         self.train_infos: dict[str, Any] = {}  # extra train_infos (full-validation records)
+        self._unlabelled: dict[str, frozenset[str]] = {}  # per branch, see _shown
         self.tasks = self._make_tasks()
         self.numb_steps = self._run_length(tr)
         self._build_models(shared_links)
@@ -591,14 +592,24 @@ class Trainer:
         with self._evaluating():
             for batch in task.valid_data.validation_batches(task.model.rcut, self.device):
                 _, metrics = self._step_loss(task, batch, lr, training=False)
-                results.append((_shown(metrics), int((batch.graph.atype >= 0).sum())))
+                results.append((self._shown(task, metrics), int((batch.graph.atype >= 0).sum())))
         return _mean_metrics(results)
 
     def _probe(self, task: Task, lr: float) -> dict[str, float]:
         """Training metrics of a branch not trained this step: one training batch, eval mode."""
         with self._evaluating():
             batch = task.train_data.next_batch(task.model.rcut, self.device)
-            return _shown(self._step_loss(task, batch, lr, training=False)[1])
+            return self._shown(task, self._step_loss(task, batch, lr, training=False)[1])
+
+    def _shown(self, task: Task, metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics shown in logs and ``lcurve.out``: not the ``l2_*`` loss terms, and not
+        the terms whose labels none of the branch's systems has."""
+        if task.name not in self._unlabelled:
+            data = [task.train_data, task.valid_data]
+            systems = [s for d in data if d is not None for s in d.systems]
+            self._unlabelled[task.name] = unlabelled_metrics(task.loss, systems)
+        hidden = self._unlabelled[task.name]
+        return {k: v for k, v in metrics.items() if "l2_" not in k and k not in hidden}
 
     def _draw_task(self) -> Task:
         if not self.multi_task:
@@ -709,12 +720,12 @@ class Trainer:
             lr = self.lr.value(step)
             set_lr(self.optimizer, lr)
             task, loss, metrics, norms = self._train_step(step, lr, self.monitor.due(shown))
-            for k, v in _shown(metrics).items():
+            for k, v in self._shown(task, metrics).items():
                 acc[task.name][k] = acc[task.name].get(k, 0.0) + v
             counts[task.name] += 1
             if tr.get("disp_training", True) and (shown % disp_freq == 0 or shown == 1):
                 if self.dist.is_main:
-                    self._display(shown, lr, task, _shown(metrics), acc, counts, curve)
+                    self._display(shown, lr, task, self._shown(task, metrics), acc, counts, curve)
                 elapsed, eta = timer.lap(shown)
                 if tr.get("time_training", True):
                     log.info("batch %7d: wall time %.2f s, eta %s", shown, elapsed, eta)
@@ -907,9 +918,17 @@ def _open_data(
         raise DataError(f"{where}/{key}: {err}") from None
 
 
-def _shown(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics shown in logs and ``lcurve.out`` (not the ``l2_*`` loss terms)."""
-    return {k: v for k, v in metrics.items() if "l2_" not in k}
+def unlabelled_metrics(loss: Any, systems: list) -> frozenset[str]:
+    """Metric names of the loss terms whose labels no system has (e.g. a virial term on data
+    without ``virial.npy``): they would only ever show ``nan``."""
+    labels, names = getattr(loss, "LABELS", None), getattr(loss, "_metric_names", None)
+    if labels is None or names is None:
+        return frozenset()
+    hidden: set[str] = set()
+    for item in getattr(loss, "active", ()):
+        if not any(all(s.present.get(k, False) for k in labels[item]) for s in systems):
+            hidden.update(names(item))
+    return frozenset(hidden)
 
 
 def _truncate_curve(path: str, last_step: int) -> None:
