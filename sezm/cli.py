@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 log = logging.getLogger("sezm")
@@ -155,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="least severe messages shown",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of any error (also SEZM_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
@@ -305,11 +311,66 @@ def _log_runtime(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command; errors propagate (the console entry point is :func:`run`)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     _log_runtime(args)
     args.func(args)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem with the user's input, files or environment."""
+    from .compat.deepmd import CheckpointError
+    from .config.errors import ConfigError
+    from .data.system import DataError
+    from .geometry.frames import InputError
+    from .infer.freeze import FreezeError
+
+    return (ConfigError, DataError, InputError, CheckpointError, FreezeError, OSError)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``sezm`` command: :func:`main` inside one error boundary.
+
+    An error in the user's input, data, checkpoint or files ends in one ``sezm: error: ...``
+    line on stderr and exit status 2; anything else is an internal error, shown with its
+    traceback and exit status 1. ``--debug`` (or ``SEZM_DEBUG=1``) shows the traceback of
+    every error.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("SEZM_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("sezm: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as stop:  # a command's own message (argparse exits carry a number)
+        if not isinstance(stop.code, str):
+            raise
+        print(f"sezm: error: {stop.code}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, _user_errors()):
+            print(f"sezm: error: {err}", file=sys.stderr)
+            print("(run with --debug to see where it happened)", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            f"sezm: internal error: {type(err).__name__}: {err}\n"
+            "This is a bug in sezm: please report it with the traceback above and the command.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def console() -> None:
+    """Entry point of the ``sezm`` script and ``python -m sezm``."""
+    raise SystemExit(run())
+
+
 if __name__ == "__main__":
-    main()
+    console()

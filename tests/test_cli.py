@@ -69,3 +69,49 @@ def test_test_says_which_model_it_tests(tmp_path, monkeypatch, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="sezm"), pytest.raises(Exception):  # noqa: B017
         main(["test", "-s", str(WATER)])
     assert f"testing model model.ckpt.pt on the systems under {WATER}" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# the error boundary of the `sezm` command
+
+
+def test_user_error_is_one_message_and_status_2(tmp_path, capsys) -> None:
+    from sezm.cli import run
+
+    bad = tmp_path / "input.json"
+    bad.write_text('{"model": {"type": "dpa4", "type_map": ["O"], "descriptor": {"chanels": 8}}}')
+    assert run(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "sezm: error:" in err and "chanels" in err and "channels" in err
+    assert "Traceback" not in err
+
+
+def test_missing_file_names_the_path(tmp_path, capsys) -> None:
+    from sezm.cli import run
+
+    missing = tmp_path / "nowhere.json"
+    assert run(["train", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
+
+
+def test_internal_error_shows_the_traceback_and_status_1(monkeypatch, capsys) -> None:
+    import sezm.cli as cli
+
+    def broken(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "cmd_neighbor_stat", broken)
+    assert cli.run(["neighbor-stat", "-s", str(WATER), "-r", "6"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "internal error: ZeroDivisionError" in err
+
+
+def test_debug_shows_the_traceback_of_user_errors(tmp_path) -> None:
+    from sezm.cli import run
+    from sezm.config.errors import ConfigError
+
+    bad = tmp_path / "input.json"
+    bad.write_text('{"model": {"type": "dpa4", "type_map": ["O"], "descriptor": {"chanels": 8}}}')
+    with pytest.raises(ConfigError):
+        run(["--debug", "train", str(bad)])

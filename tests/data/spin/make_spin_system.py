@@ -13,7 +13,7 @@ lines of ``dp --pt test -m model.pt -s NiO -d detail`` (label, value, unit) and 
 its detail files; ``dp_test.npz``: the ``CASE/fr`` and ``CASE/fm`` detail tables.
 
 usage (DeePMD-kit 3.2.0 environment, from the repository root):
-  python tests/data/systems/spin/make_spin_system.py [DATA_1]
+  python tests/data/spin/make_spin_system.py [DATA_1]
 """
 
 import json
@@ -26,7 +26,7 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARITY = os.path.join(HERE, "..", "..", "parity")
+PARITY = os.path.join(HERE, "..", "parity")
 SCALE = 0.314
 NREAL, NMAG, NFRAMES = 32, 16, 3  # atoms 0..15 Ni, 16..31 O, 32..47 the Ni virtual atoms
 
