@@ -1,4 +1,4 @@
-"""Command line: ``sezm train | test | embed | freeze | neighbor-stat`` (and ``--version``)."""
+"""Command line: ``sezm train | test | embed | freeze | neighbor-stat | plot`` (and ``--version``)."""
 
 from __future__ import annotations
 
@@ -142,6 +142,17 @@ def cmd_freeze(args: argparse.Namespace) -> None:
     log.info("reloaded and checked against eager evaluation, max|pt2 - eager|: %s", errs)
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .plot import PlotError, plot_lcurves
+
+    try:
+        fig = plot_lcurves(args.files, args.output, dpi=args.dpi)
+    except PlotError as err:  # not a learning curve, or matplotlib missing
+        raise SystemExit(str(err)) from None
+    panels = [ax.get_title(loc="left") or ax.get_ylabel() for ax in fig.axes]
+    log.info("wrote %s (%d file(s); panels: %s)", args.output, len(args.files), ", ".join(panels))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .runtime import version_text
 
@@ -168,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_freeze(sub)
     _add_neighbor_stat(sub)
+    _add_plot(sub)
     return parser
 
 
@@ -300,6 +312,23 @@ def _add_neighbor_stat(sub) -> None:
         nargs="+",
         help="element names in type order (default: from the systems' type_map.raw)",
     )
+
+
+def _add_plot(sub) -> None:
+    plot = _command(
+        sub,
+        "plot",
+        "learning curves of lcurve.out files as a PNG (needs matplotlib: pip install sezm[plot])",
+        cmd_plot,
+    )
+    plot.add_argument(
+        "files",
+        nargs="+",
+        metavar="lcurve.out",
+        help="learning-curve files (DeePMD-kit format), drawn over each other",
+    )
+    plot.add_argument("-o", "--output", default="lcurve.png", help="PNG file written")
+    plot.add_argument("--dpi", type=int, default=150, help="resolution of the PNG")
 
 
 def _log_runtime(args: argparse.Namespace) -> None:
