@@ -306,9 +306,27 @@ def export_lower_with_comm(model: EnergyModel) -> torch.export.ExportedProgram:
     return _export(lower, sample, dynamic_shapes(extras, with_comm=True))
 
 
+def _torch_before(major: int, minor: int) -> bool:
+    version = torch.__version__.split("+")[0].split(".")
+    return (int(version[0]), int(version[1])) < (major, minor)
+
+
 def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
-    """AOTInductor package at ``path`` (CPU)."""
-    options = {"aot_inductor.compile_wrapper_opt_level": "O0"}
+    """AOTInductor package at ``path`` (CPU).
+
+    Before torch 2.13, Inductor's vectorised C++ code for some fused backward kernels of larger
+    models does not compile (``decltype evaluates to float``); there the package is built
+    without SIMD vectorisation, which compiles and computes the same numbers, more slowly.
+    """
+    options: dict = {"aot_inductor.compile_wrapper_opt_level": "O0"}
+    if _torch_before(2, 13):
+        options["cpp.simdlen"] = 1  # no ISA has width 1: scalar C++ loops
+        log.warning(
+            "freeze: torch %s: building the package without SIMD vectorisation (Inductor "
+            "before 2.13 miscompiles some vectorised kernels); freeze with torch >= 2.13 for "
+            "a faster package, which loads in torch 2.11 as well",
+            torch.__version__,
+        )
     with deterministic_algorithms():
         torch._inductor.aoti_compile_and_package(
             program, package_path=os.fspath(path), inductor_configs=options

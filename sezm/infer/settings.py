@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,10 +142,18 @@ class InferenceSettings:
         if not self.compile:
             return fn
         compiled = torch.compile(fn, dynamic=True)
+        first = [True]
 
         def run(*args, **kwargs):  # compiled (lazily, at the first call) deterministically
+            if first[0]:
+                log.info("DP_COMPILE_INFER: compiling the model (minutes on a CPU) ...")
+                start = time.perf_counter()
             with deterministic_algorithms():
-                return compiled(*args, **kwargs)
+                out = compiled(*args, **kwargs)
+            if first[0]:
+                first[0] = False
+                log.info("DP_COMPILE_INFER: compiled in %.0f s", time.perf_counter() - start)
+            return out
 
         return run
 
