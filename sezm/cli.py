@@ -1,4 +1,4 @@
-"""Command line: ``sezm train | test | embed | freeze | neighbor-stat | plot`` (and ``--version``)."""
+"""Command line: ``sezm train | test | model-devi | change-bias | show | doc-train-input | embed | freeze | neighbor-stat | plot`` (and ``--version``)."""
 
 from __future__ import annotations
 
@@ -153,6 +153,59 @@ def cmd_plot(args: argparse.Namespace) -> None:
     log.info("wrote %s (%d file(s); panels: %s)", args.output, len(args.files), ", ".join(panels))
 
 
+def cmd_model_devi(args: argparse.Namespace) -> None:
+    from .infer.model_devi import model_devi
+
+    if args.frequency < 0 or min(args.relative or 0, args.relative_v or 0) < 0:
+        raise SystemExit("model-devi: --frequency, --relative and --relative-v must be >= 0")
+    log.info("model deviation of %d models on the systems under %s", len(args.models), args.system)
+    model_devi(
+        args.models,
+        args.system,
+        args.output,
+        frequency=args.frequency,
+        relative=args.relative,
+        relative_v=args.relative_v,
+        atomic=args.atomic,
+    )
+
+
+def cmd_change_bias(args: argparse.Namespace) -> None:
+    from .infer.change_bias import ChangeBiasError, change_bias
+
+    try:
+        change_bias(
+            args.model,
+            args.system,
+            datafile=args.datafile,
+            bias_value=args.bias_value,
+            numb_batch=args.numb_batch,
+            mode=args.mode,
+            output=args.output,
+            head=args.model_branch,
+            device=args.device,
+        )
+    except ChangeBiasError as err:
+        raise SystemExit(f"change-bias failed: {err}") from None
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from .infer.show import show
+
+    show(args.model, args.attributes)
+
+
+def cmd_doc_train_input(args: argparse.Namespace) -> None:
+    from .config.doc import doc_train_input
+
+    text = doc_train_input(args.out_type, multi_task=args.multi_task)
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sezm doc-train-input | head`: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .runtime import version_text
 
@@ -180,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_freeze(sub)
     _add_neighbor_stat(sub)
     _add_plot(sub)
+    _add_model_devi(sub)
+    _add_change_bias(sub)
+    _add_show(sub)
+    _add_doc_train_input(sub)
     return parser
 
 
@@ -331,11 +388,148 @@ def _add_plot(sub) -> None:
     plot.add_argument("--dpi", type=int, default=150, help="resolution of the PNG")
 
 
+def _add_model_devi(sub) -> None:
+    devi = _command(
+        sub,
+        "model-devi",
+        "deviation of a committee of models on npy systems, for active learning (`dp model-devi`)",
+        cmd_model_devi,
+    )
+    devi.add_argument(
+        "-m",
+        "--models",
+        nargs="+",
+        required=True,
+        help="checkpoints (.pt) or frozen models (.pt2) sharing one type_map (no default)",
+    )
+    devi.add_argument("-s", "--system", default=".", help="system directory (recursive)")
+    devi.add_argument("-o", "--output", default="model_devi.out", help="deviation table written")
+    devi.add_argument(
+        "-f",
+        "--frequency",
+        type=int,
+        default=1,
+        help="MD steps between frames: the step column is frame index times this",
+    )
+    devi.add_argument(
+        "--relative",
+        type=float,
+        help="relative force deviation: divide by |mean force| + this level (default: absolute)",
+    )
+    devi.add_argument(
+        "--relative-v",
+        "--relative_v",
+        type=float,
+        help="relative virial deviation: divide by |mean virial|/natoms + this level "
+        "(default: absolute)",
+    )
+    devi.add_argument(
+        "--atomic", action="store_true", help="append the force deviation of every atom"
+    )
+
+
+def _add_change_bias(sub) -> None:
+    cb = _command(
+        sub,
+        "change-bias",
+        "refit or set the per-type energy bias of a checkpoint (`dp change-bias`)",
+        cmd_change_bias,
+    )
+    cb.add_argument("model", metavar="MODEL.pt", help="training checkpoint to change")
+    source = cb.add_mutually_exclusive_group()
+    source.add_argument(
+        "-s", "--system", default=".", help="system directory (searched recursively)"
+    )
+    source.add_argument(
+        "-f", "--datafile", help="file listing system directories, one a line (default: -s)"
+    )
+    source.add_argument(
+        "-b",
+        "--bias-value",
+        type=float,
+        nargs="+",
+        help="bias of each type in the model's type_map order, e.g. -b -93.57 -187.1; energy "
+        "models only (default: fitted on the systems)",
+    )
+    cb.add_argument(
+        "-n",
+        "--numb-batch",
+        type=int,
+        default=0,
+        help="frames drawn from each system (0 = all)",
+    )
+    cb.add_argument(
+        "-m",
+        "--mode",
+        default="change",
+        choices=["change", "set"],
+        help="change: add the least-squares fit of label - prediction to the bias; "
+        "set: the least-squares fit of the labels alone",
+    )
+    cb.add_argument(
+        "-o", "--output", help="checkpoint written (default: MODEL_updated.pt next to MODEL.pt)"
+    )
+    cb.add_argument(
+        "--model-branch",
+        "--head",
+        help="branch of a multi-task checkpoint to change (default: the only one)",
+    )
+    cb.add_argument("--device", help=f"torch device ({DEFAULT_DEVICE})")
+
+
+def _show_attribute(name: str) -> str:
+    from .infer.show import ATTRIBUTES
+
+    if name not in ATTRIBUTES:
+        raise argparse.ArgumentTypeError(
+            f"invalid attribute {name!r} (choose from {', '.join(ATTRIBUTES)})"
+        )
+    return name
+
+
+def _add_show(sub) -> None:
+    from .infer.show import ATTRIBUTES
+
+    show = _command(
+        sub,
+        "show",
+        "settings, size, training steps and versions of a checkpoint or .pt2 (`dp show`)",
+        cmd_show,
+    )
+    show.add_argument("model", metavar="MODEL", help="checkpoint (.pt) or frozen model (.pt2)")
+    show.add_argument(
+        "attributes",
+        nargs="*",
+        type=_show_attribute,
+        metavar="ATTRIBUTE",
+        help="what to show (default: all that apply): "
+        + "; ".join(f"{k}: {v}" for k, v in ATTRIBUTES.items()),
+    )
+
+
+def _add_doc_train_input(sub) -> None:
+    doc = _command(
+        sub,
+        "doc-train-input",
+        "print the documented input.json schema (`dp doc-train-input`)",
+        cmd_doc_train_input,
+    )
+    doc.add_argument(
+        "--out-type",
+        default="rst",
+        choices=["rst", "json", "json_schema"],
+        help="rst: reStructuredText text; json: the schema declarations; json_schema: a JSON "
+        "Schema for editors",
+    )
+    doc.add_argument("--multi-task", action="store_true", help="the schema of a multi-task input")
+    doc.set_defaults(log_runtime=False)  # stdout is the document
+
+
 def _log_runtime(args: argparse.Namespace) -> None:
     """Versions and device as the first log line (once: rank 0 under torchrun)."""
     from .runtime import describe_runtime
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and getattr(args, "log_runtime", True):
         log.info(describe_runtime(getattr(args, "device", None)))
 
 

@@ -29,7 +29,13 @@ def test_version(capsys) -> None:
     assert out.startswith(f"sezm {sezm.__version__} (torch {torch.__version__}")
 
 
-@pytest.mark.parametrize("name", ["", "train", "test", "embed", "freeze", "neighbor-stat", "plot"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "", "train", "test", "embed", "freeze", "neighbor-stat", "plot",
+        "model-devi", "change-bias", "show", "doc-train-input",
+    ],
+)  # fmt: skip
 def test_every_option_has_help_and_shows_its_default(name) -> None:
     parser = build_parser()
     command = _subcommands(parser)[name] if name else parser

@@ -25,6 +25,7 @@ elements joined by spaces, e.g. ``"O H"``) the items ``bias_atom_<key>`` and
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ import h5py
 import numpy as np
 
 from .system import DataError
+
+log = logging.getLogger(__name__)
 
 _HDF5_SUFFIXES = (".h5", ".hdf5")
 _MARKER = "__deepmd_output_stat_transaction__"  # present while a bias/std pair is rewritten
@@ -108,9 +111,28 @@ def out_stat(
     reduced = np.concatenate([s[key].reshape(len(s[key]), -1) for s in having])  # (nf, dim)
     counts = np.concatenate([type_counts(s["atype"], ntypes, exclude_types) for s in having])
     if not distinguish_types:
-        return mean_bias(reduced, counts, intensive)
-    bias, std = fit_bias(reduced, counts, rcond=rcond, preset=preset, intensive=intensive)
-    return bias, np.tile(std, (ntypes, 1))
+        bias, std = mean_bias(reduced, counts, intensive)
+    else:
+        bias, std = fit_bias(reduced, counts, rcond=rcond, preset=preset, intensive=intensive)
+        std = np.tile(std, (ntypes, 1))
+    _log_fit_rmse(key, reduced, counts, bias, intensive)
+    return bias, std
+
+
+def _log_fit_rmse(
+    key: str, reduced: np.ndarray, counts: np.ndarray, bias: np.ndarray, intensive: bool
+) -> None:
+    """Log the RMSE of the labels the bias leaves unexplained (per atom if extensive)."""
+    natoms = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    diff = reduced - (counts / natoms if intensive else counts) @ bias
+    if not intensive:
+        diff = diff / natoms
+    log.info(
+        "RMSE of %s %safter linear regression: %.6g",
+        key,
+        "" if intensive else "per atom ",
+        float(np.sqrt(np.mean(diff * diff))),
+    )
 
 
 def preset_bias(
