@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -101,13 +102,24 @@ def cmd_test(args: argparse.Namespace) -> None:
     from .infer.test import run_test
 
     log.info("testing model %s on the systems under %s", args.model, args.system)
-    run_test(
-        args.model,
-        args.system,
-        numb_test=args.numb_test,
-        detail_file=args.detail_file,
-        head=args.head,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        detail = args.detail_file or (str(Path(tmp) / "detail") if args.plot else None)
+        run_test(
+            args.model, args.system, numb_test=args.numb_test, detail_file=detail, head=args.head
+        )
+        if args.plot:
+            _parity_plot(detail, args.plot)
+
+
+def _parity_plot(detail: str, output: str) -> None:
+    from .parity_plot import plot_parity
+    from .plot import PlotError
+
+    try:
+        plot_parity(detail, output)
+    except PlotError as err:
+        raise SystemExit(str(err)) from None
+    log.info("wrote parity plots to %s", output)
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
@@ -306,6 +318,13 @@ def _add_test(sub) -> None:
         "-d", "--detail-file", help="prefix of per-frame detail files (default: none written)"
     )
     test.add_argument("--head", help="branch of a multi-task model (default: the only one)")
+    test.add_argument(
+        "--plot",
+        nargs="?",
+        const="parity.png",
+        help="also write parity plots (energy/atom, forces, virial/atom) to this PNG "
+        "(default: none; without a file name parity.png); needs matplotlib",
+    )
 
 
 def _add_embed(sub) -> None:

@@ -243,3 +243,57 @@ def test_missing_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys
     assert "sezm: error:" in err and "needs matplotlib" in err
     assert "pip install matplotlib" in err and "sezm[plot]" in err
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# parity plots of `sezm test --plot`
+
+
+def _detail_files(prefix: Path, virial: bool = True) -> None:
+    gen = np.random.default_rng(0)
+    e = gen.normal(-155.9, 0.01, (5, 1))
+    f = gen.normal(0.0, 1.0, (40, 3))
+    np.savetxt(
+        prefix.with_suffix(".e_peratom.out"), np.hstack([e, e + 0.001]), header="s: data_e pred_e"
+    )
+    np.savetxt(prefix.with_suffix(".f.out"), np.hstack([f, f * 1.1]), header="s: data_f pred_f")
+    if virial:
+        v = gen.normal(0.0, 0.1, (5, 9))
+        np.savetxt(prefix.with_suffix(".v_peratom.out"), np.hstack([v, v]), header="s: v")
+
+
+def test_parity_panels_follow_the_detail_files(tmp_path) -> None:
+    from sezm.parity_plot import plot_parity
+
+    _detail_files(tmp_path / "d")
+    fig = plot_parity(tmp_path / "d", tmp_path / "p.png")
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles == ["energy per atom", "force components", "virial per atom"]
+    force_text = fig.axes[1].texts[0].get_text()  # pred = 1.1 data: RMSE = 0.1 * rms(data)
+    data = np.loadtxt(tmp_path / "d.f.out")[:, :3]
+    expected = 0.1 * np.sqrt(np.mean(data**2))
+    assert float(force_text.split()[1]) == pytest.approx(expected, rel=1e-2)
+    assert "120 values" in force_text
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    _detail_files(tmp_path / "n", virial=False)
+    assert len(plot_parity(tmp_path / "n", tmp_path / "n.png").axes) == 2
+
+
+def test_parity_plot_errors(tmp_path) -> None:
+    from sezm.parity_plot import plot_parity
+
+    with pytest.raises(PlotError, match="no detail files"):
+        plot_parity(tmp_path / "none", tmp_path / "x.png")
+    (tmp_path / "odd.f.out").write_text("1 2 3\n")
+    with pytest.raises(PlotError, match="even number of columns"):
+        plot_parity(tmp_path / "odd", tmp_path / "x.png")
+
+
+def test_sezm_test_plot_writes_parity_png(tmp_path) -> None:
+    tests = Path(__file__).parent / "data"
+    png = tmp_path / "parity.png"
+    code = run([
+        "test", "-m", str(tests / "parity" / "tiny" / "model.pt"),
+        "-s", str(tests / "systems" / "water" / "data_0"), "-n", "1", "--plot", str(png),
+    ])  # fmt: skip
+    assert code == 0 and png.stat().st_size > 10_000
