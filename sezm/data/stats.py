@@ -32,6 +32,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from .system import DataError
 
@@ -307,6 +308,18 @@ class ModelStats:
     aparam_avg: np.ndarray | None
     aparam_inv_std: np.ndarray | None
     observed_type: list[str]
+
+    def apply_to(self, model) -> None:
+        """Copy the statistics into ``model``'s ``out_bias``/``out_std`` buffers and its
+        fitting's fparam/aparam statistics (those the fitting has)."""
+        with torch.no_grad():
+            model.out_bias.copy_(torch.as_tensor(self.out_bias))
+            model.out_std.copy_(torch.as_tensor(self.out_std))
+            fit = model.fitting_net
+            for name in ("fparam_avg", "fparam_inv_std", "aparam_avg", "aparam_inv_std"):
+                value = getattr(self, name)
+                if value is not None and getattr(fit, name, None) is not None:
+                    getattr(fit, name).copy_(torch.as_tensor(value))
 
 
 def model_stats(

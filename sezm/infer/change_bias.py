@@ -197,15 +197,7 @@ def _set_by_statistic(model, data, params: dict) -> None:
     stat_params = getattr(model, "stat_params", params)  # deepspin: with its virtual types
     if stat_params is not params:
         stat_params = {**stat_params, "data_stat_nbatch": params["data_stat_nbatch"]}
-    stats = model_stats(data, stat_params)
-    with torch.no_grad():
-        model.out_bias.copy_(torch.as_tensor(stats.out_bias))
-        model.out_std.copy_(torch.as_tensor(stats.out_std))
-        fit = model.fitting_net
-        for name in ("fparam_avg", "fparam_inv_std", "aparam_avg", "aparam_inv_std"):
-            value = getattr(stats, name)
-            if value is not None and getattr(fit, name, None) is not None:
-                getattr(fit, name).copy_(torch.as_tensor(value))
+    model_stats(data, stat_params).apply_to(model)
 
 
 def _write(source: Path, target: Path, model, branch: str) -> None:

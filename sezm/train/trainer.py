@@ -387,15 +387,9 @@ class Trainer:
             task.data_params.get("stat_file_mode", "update"),
         )
         model = task.model
-        with torch.no_grad():
-            model.out_bias.copy_(torch.as_tensor(stats.out_bias))
-            model.out_std.copy_(torch.as_tensor(stats.out_std))
-            fit = model.fitting_net
-            for name in ("fparam_avg", "fparam_inv_std", "aparam_avg", "aparam_inv_std"):
-                value = getattr(stats, name)
-                if value is not None and getattr(fit, name, None) is not None:
-                    getattr(fit, name).copy_(torch.as_tensor(value))
-            if isinstance(model, DensModel):
+        stats.apply_to(model)
+        if isinstance(model, DensModel):
+            with torch.no_grad():
                 model.dens_force_rmsd.fill_(self._dens_force_rmsd(task))
         if observed:
             info = dict(task.params.get("info", {}))
