@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default in (None, argparse.SUPPRESS):
             return text
         return super()._get_help_string(action)
+
+
+@contextlib.contextmanager
+def _exit_on(errors: type[BaseException] | tuple[type[BaseException], ...], prefix: str = ""):
+    """A command's own failures as its message (``SystemExit`` with text: one line, status 2
+    through :func:`run`)."""
+    try:
+        yield
+    except errors as err:
+        raise SystemExit(f"{prefix}{err}") from None
 
 
 def _setup_logging(level: str) -> None:
@@ -115,10 +126,8 @@ def _parity_plot(detail: str, output: str) -> None:
     from .parity_plot import plot_parity
     from .plot import PlotError
 
-    try:
+    with _exit_on(PlotError):
         plot_parity(detail, output)
-    except PlotError as err:
-        raise SystemExit(str(err)) from None
     log.info("wrote parity plots to %s", output)
 
 
@@ -132,22 +141,18 @@ def cmd_embed(args: argparse.Namespace) -> None:
     else:
         systems = expand_systems(args.system)
     log.info("embedding %d system(s) with model %s into %s", len(systems), args.model, args.output)
-    try:
+    with _exit_on(NotImplementedError, "embed failed: "):  # a .pt2: no descriptor output
         embed(
             args.model, systems, args.output, dtype=args.dtype, head=args.head, device=args.device
         )
-    except NotImplementedError as err:  # a .pt2: no descriptor output in its contract
-        raise SystemExit(f"embed failed: {err}") from None
 
 
 def cmd_freeze(args: argparse.Namespace) -> None:
     from .infer.freeze import FreezeError, freeze
 
     log.info("freezing %s into %s.pt2", args.checkpoint, args.output)
-    try:
+    with _exit_on(FreezeError, "freeze failed: "):
         report = freeze(args.checkpoint, args.output, head=args.head, with_comm=args.with_comm)
-    except FreezeError as err:
-        raise SystemExit(f"freeze failed: {err}") from None
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
     errs = ", ".join(f"{k} {v:.2g}" for k, v in report.errors.items())
     log.info("wrote %s (%s)", report.path, secs)
@@ -157,10 +162,8 @@ def cmd_freeze(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from .plot import PlotError, plot_lcurves
 
-    try:
+    with _exit_on(PlotError):  # not a learning curve, or matplotlib missing
         fig = plot_lcurves(args.files, args.output, dpi=args.dpi)
-    except PlotError as err:  # not a learning curve, or matplotlib missing
-        raise SystemExit(str(err)) from None
     panels = [ax.get_title(loc="left") or ax.get_ylabel() for ax in fig.axes]
     log.info("wrote %s (%d file(s); panels: %s)", args.output, len(args.files), ", ".join(panels))
 
@@ -185,7 +188,7 @@ def cmd_model_devi(args: argparse.Namespace) -> None:
 def cmd_change_bias(args: argparse.Namespace) -> None:
     from .infer.change_bias import ChangeBiasError, change_bias
 
-    try:
+    with _exit_on(ChangeBiasError, "change-bias failed: "):
         change_bias(
             args.model,
             args.system,
@@ -197,8 +200,6 @@ def cmd_change_bias(args: argparse.Namespace) -> None:
             head=args.model_branch,
             device=args.device,
         )
-    except ChangeBiasError as err:
-        raise SystemExit(f"change-bias failed: {err}") from None
 
 
 def cmd_show(args: argparse.Namespace) -> None:

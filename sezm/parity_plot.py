@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plot import PlotError, _import_matplotlib
+from .plot import PlotError, import_matplotlib
 
 #: (file suffix, panel title, unit) in panel order.
 PANELS = (
@@ -49,7 +49,7 @@ def plot_parity(prefix: str | Path, output: str | Path, dpi: int = 150):
     ]
     if not found:
         raise PlotError(f"{prefix}: no detail files (.e_peratom.out, .f.out, .v_peratom.out)")
-    Figure, FigureCanvasAgg, _, _ = _import_matplotlib()
+    Figure, FigureCanvasAgg, _, _ = import_matplotlib()
     fig = Figure(figsize=(4.2 * len(found), 4.4))
     FigureCanvasAgg(fig)
     for ax, (title, unit, ref, pred) in zip(fig.subplots(1, len(found), squeeze=False)[0], found):

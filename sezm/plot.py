@@ -197,7 +197,7 @@ def _title(quantity: str) -> tuple[str, str]:
     return _QUANTITIES.get(quantity, (quantity, ""))
 
 
-def _import_matplotlib():
+def import_matplotlib():
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notes
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -241,7 +241,7 @@ def plot_lcurves(
     if not paths:
         raise PlotError("no lcurve.out file given")
     curves = [read_lcurve(p) for p in paths]
-    Figure, FigureCanvasAgg, Line2D, Formatter = _import_matplotlib()
+    Figure, FigureCanvasAgg, Line2D, Formatter = import_matplotlib()
     panels = _panels(curves)
     if not panels:
         names = ", ".join(str(c.path) for c in curves)

@@ -14,6 +14,8 @@ import ctypes.util
 import logging
 import platform
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -90,3 +92,24 @@ def deterministic_algorithms():
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def deterministic_compiled(compiled: Callable, what: str) -> Callable:
+    """``compiled`` (a ``torch.compile`` result) run under :func:`deterministic_algorithms`;
+    its first call, where the compiler lowers it (minutes on a CPU), is logged with its time."""
+    first = True
+
+    def run(*args, **kwargs):
+        nonlocal first
+        if not first:
+            with deterministic_algorithms():
+                return compiled(*args, **kwargs)
+        log.info("compiling %s (minutes on a CPU) ...", what)
+        start = time.perf_counter()
+        with deterministic_algorithms():
+            out = compiled(*args, **kwargs)
+        first = False
+        log.info("compiled %s in %.1f s", what, time.perf_counter() - start)
+        return out
+
+    return run

@@ -76,7 +76,7 @@ def assert_same_output(got: Path, want: Path) -> None:
             assert line_got[:12] == line_want[:12]  # the step, %12d
             a = np.array(line_got.split(), dtype=float)
             b = np.array(line_want.split(), dtype=float)
-            scale = np.empty_like(b)  # largest value of each kind in the frame
+            scale = np.zeros_like(b)  # largest value of each kind in the frame (step: 0)
             scale[1:4] = np.abs(b[1:4]).max()
             scale[4:7] = scale[8:] = np.abs(b[4:7]).max()
             scale[7] = abs(b[7])

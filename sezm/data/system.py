@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +128,13 @@ class System:
         return f"System({str(self.path)!r}, nat={self.nat}, nframes={self.nframes})"
 
     # -- reading ---------------------------------------------------------------------------
+
+    def chunks(self, batch_atoms: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """``(first frame, frames)`` of consecutive frames, about ``batch_atoms`` atoms (at
+        least one frame) at a time, in :meth:`frames`' layout."""
+        step = max(1, batch_atoms // self.nat)
+        for start in range(0, self.nframes, step):
+            yield start, self.frames(np.arange(start, min(start + step, self.nframes)))
 
     def frames(
         self, index: Sequence[int] | np.ndarray, keys: Sequence[str] | None = None

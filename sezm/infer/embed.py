@@ -115,9 +115,7 @@ class Embedder:
 
     def batches(self, system: System) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
         """``(first frame, atom types (n, nat), embeddings)`` of consecutive frame batches."""
-        step = max(1, self.batch_atoms // system.nat)
-        for start in range(0, system.nframes, step):
-            data = system.frames(np.arange(start, min(start + step, system.nframes)))
+        for start, data in system.chunks(self.batch_atoms):
             inputs = {k: data.get(k) for k in self.inputs}
             graph = data_graph(
                 data["coord"],

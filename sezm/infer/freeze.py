@@ -306,11 +306,6 @@ def export_lower_with_comm(model: EnergyModel) -> torch.export.ExportedProgram:
     return _export(lower, sample, dynamic_shapes(extras, with_comm=True))
 
 
-def _torch_before(major: int, minor: int) -> bool:
-    version = torch.__version__.split("+")[0].split(".")
-    return (int(version[0]), int(version[1])) < (major, minor)
-
-
 def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
     """AOTInductor package at ``path`` (CPU).
 
@@ -319,7 +314,7 @@ def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
     without SIMD vectorisation, which compiles and computes the same numbers, more slowly.
     """
     options: dict = {"aot_inductor.compile_wrapper_opt_level": "O0"}
-    if _torch_before(2, 13):
+    if torch.__version__ < (2, 13):  # TorchVersion compares with tuples
         options["cpp.simdlen"] = 1  # no ISA has width 1: scalar C++ loops
         log.warning(
             "freeze: torch %s: building the package without SIMD vectorisation (Inductor "

@@ -184,9 +184,7 @@ def _input_fields(models: Sequence[DeepPot]) -> dict:
 
 def _batches(system: System, batch_atoms: int) -> Iterator[dict[str, np.ndarray]]:
     """Consecutive frames of ``system``, about ``batch_atoms`` atoms at a time."""
-    step = max(1, batch_atoms // system.nat)
-    for start in range(0, system.nframes, step):
-        frames = system.frames(np.arange(start, min(start + step, system.nframes)))
+    for start, frames in system.chunks(batch_atoms):
         padded = np.flatnonzero((frames["atype"] < 0).any(axis=1))
         if padded.size:
             raise DataError(

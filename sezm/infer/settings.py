@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..runtime import deterministic_algorithms
+from ..runtime import deterministic_compiled
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +141,7 @@ class InferenceSettings:
         if not self.compile:
             return fn
         compiled = torch.compile(fn, dynamic=True)
-        first = [True]
-
-        def run(*args, **kwargs):  # compiled (lazily, at the first call) deterministically
-            if first[0]:
-                log.info("DP_COMPILE_INFER: compiling the model (minutes on a CPU) ...")
-                start = time.perf_counter()
-            with deterministic_algorithms():
-                out = compiled(*args, **kwargs)
-            if first[0]:
-                first[0] = False
-                log.info("DP_COMPILE_INFER: compiled in %.0f s", time.perf_counter() - start)
-            return out
-
-        return run
+        return deterministic_compiled(compiled, "the model (DP_COMPILE_INFER)")
 
     @contextmanager
     def evaluation(self, device: torch.device) -> Iterator[None]:

@@ -34,7 +34,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..model import forces as F
 from ..model.graph import Graph
-from ..runtime import deterministic_algorithms
+from ..runtime import deterministic_compiled
 
 log = logging.getLogger("sezm.train")
 
@@ -130,22 +130,8 @@ class CompiledEnergyGradient:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch._dynamo.config.optimize_ddp = False  # not DDP's bucket-wise graph splitting
         compiled = torch.compile(traced, backend=self.backend, dynamic=True)
-        lowered = False
-
-        def run(*args):  # lowered at the first call: keep scatters deterministic (runtime.py)
-            nonlocal lowered
-            if lowered:
-                with deterministic_algorithms():
-                    return compiled(*args)
-            log.info("compiling: %s lowers the %s graph now ...", self.backend, mode)
-            begin = time.perf_counter()
-            with deterministic_algorithms():
-                out = compiled(*args)
-            lowered = True
-            log.info("compiled the %s graph in %.1f s", mode, time.perf_counter() - begin)
-            return out
-
-        return run
+        # lowered at the first call; scatters kept deterministic (runtime.py)
+        return deterministic_compiled(compiled, f"the {mode} graph with {self.backend}")
 
     def _trace_inputs(self, graph: Graph, present: tuple[str, ...]) -> list[torch.Tensor]:
         """A synthetic graph like ``graph`` with prime frame/atom/edge counts."""

@@ -266,11 +266,9 @@ class Trainer:
         DeePMD-kit's epoch length."""
         if tr.get("numb_steps") is not None:
             return int(tr["numb_steps"])
-        if self.multi_task or tr.get("numb_epoch") is None:
+        if self.multi_task:  # single-task inputs have one of the two (config rules)
             raise ValueError(
                 "training/num_epoch_dict is not supported by sezm; give training/numb_steps"
-                if self.multi_task
-                else "training/numb_steps is missing"
             )
         data = self.tasks["Default"].train_data
         probs, nbatches = np.asarray(data.probs), np.asarray(data.nbatches, dtype=np.float64)
