@@ -11,6 +11,9 @@ variable               values                                   effect
                                                                 message says so
 ``DP_AMP_INFER``       boolean (default off)                    bfloat16 autocast, CUDA only:
                                                                 not available, an error there
+``SEZM_EDGE_CHUNK``    ``auto`` (default) or edges, ``0`` = off  streamed evaluation
+                                                                (:mod:`sezm.nn.stream`): edges
+                                                                per chunk of block edge work
 =====================  =======================================  ================================
 
 Booleans are ``1/true/yes/on`` or ``0/false/no/off`` (any case); the levels also take those words
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nn.stream import StreamPolicy
 from ..runtime import deterministic_compiled
 
 log = logging.getLogger(__name__)
@@ -79,6 +83,13 @@ class InferenceSettings:
     tf32: int = 0  # index into MATMUL_PRECISION
     triton: int = 0
     amp: bool = False
+    edge_chunk: int | None = None  # None: automatic; 0: never stream
+
+    @property
+    def streaming_text(self) -> str:
+        if self.edge_chunk is None:
+            return "edge streaming auto"
+        return "edge streaming off" if self.edge_chunk == 0 else f"edge chunks {self.edge_chunk}"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InferenceSettings:
@@ -89,6 +100,7 @@ class InferenceSettings:
             tf32=parse_level("DP_TF32_INFER", env.get("DP_TF32_INFER"), (0, 1, 2)),
             triton=parse_level("DP_TRITON_INFER", env.get("DP_TRITON_INFER"), TRITON_LEVELS),
             amp=parse_bool("DP_AMP_INFER", env.get("DP_AMP_INFER")),
+            edge_chunk=parse_edge_chunk(env.get("SEZM_EDGE_CHUNK")),
         )
 
     @property
@@ -101,7 +113,7 @@ class InferenceSettings:
         lines = [
             f"inference settings on {device}: compile {'on' if self.compile else 'off'}, "
             f"float32 matmul precision {self.matmul_precision if cuda else 'highest'}, "
-            "AMP off, fused kernels none"
+            f"AMP off, fused kernels none, {self.streaming_text}"
         ]
         if self.tf32 and not cuda:
             lines.append(f"DP_TF32_INFER={self.tf32} has no effect on {device} (CUDA only)")
@@ -131,6 +143,11 @@ class InferenceSettings:
         log.info(summary)
         for note in notes:
             log.warning(note)
+        descriptor = getattr(model, "descriptor", None)
+        if descriptor is not None:
+            descriptor.streaming = StreamPolicy(
+                descriptor.edge_bytes(), fixed=self.edge_chunk, device=device
+            )
         if self.compile:
             _check_compile()
             name = "atomic_energy" if hasattr(model, "atomic_energy") else "forward"
@@ -155,6 +172,22 @@ class InferenceSettings:
             yield
         finally:
             torch.set_float32_matmul_precision(previous)
+
+
+def parse_edge_chunk(raw: str | None) -> int | None:
+    """``SEZM_EDGE_CHUNK``: ``auto``/unset -> ``None``; a non-negative edge count."""
+    if raw is None or not raw.strip() or raw.strip().lower() == "auto":
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(
+            f"SEZM_EDGE_CHUNK={raw!r} is not an edge count; use auto, 0 (off) or a positive "
+            "number of edges per chunk"
+        )
+    return value
 
 
 def _check_compile() -> None:

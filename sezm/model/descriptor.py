@@ -19,7 +19,7 @@ from ..geometry.wigner import WignerD
 from ..nn.attn_res import attn_res_blocks, depth_attn_res
 from ..nn.block import InteractionBlock
 from ..nn.common import child_seed
-from ..nn.edge_cache import EdgeCache, build_edge_cache
+from ..nn.edge_cache import EdgeCache, build_edge_cache, plan_chunks, sorted_by_destination
 from ..nn.embedding import (
     ChargeSpinEmbedding,
     EnvironmentSeed,
@@ -30,6 +30,7 @@ from ..nn.embedding import (
 from ..nn.norm import ScalarRMSNorm
 from ..nn.options import DescriptorOptions
 from ..nn.radial import BridgingSwitch, InnerClamp, RadialBasis, RadialMLP
+from ..nn.stream import StreamPolicy
 
 #: Format version of the descriptor state (DeePMD-kit 3.2 numbering). 1.0 used a tiny degree
 #: floor and no envelope on the radial features; 1.1 and later share today's maths, except for
@@ -85,6 +86,8 @@ class Descriptor(nn.Module):
         super().__init__()
         self.opts = opts
         self.amp_eval = False  # bfloat16 blocks in evaluation (DP_AMP_INFER); set by the user
+        # streamed evaluation (sezm.nn.stream): set by the evaluators, never used in training
+        self.streaming: StreamPolicy | None = None
         self.use_spin = None if use_spin is None else [bool(f) for f in use_spin]
         c, cd, seed = opts.channels, opts.compute_dtype, opts.seed
         self.register_buffer("version_tensor", torch.tensor(LATEST_VERSION, dtype=torch.float64))
@@ -258,10 +261,15 @@ class Descriptor(nn.Module):
             src = dst = torch.zeros(1, dtype=torch.long, device=types.device)
             edge_vec = torch.cat([edge_vec, edge_vec.new_zeros(1, 3)])
             edge_mask = torch.zeros(1, dtype=torch.bool, device=types.device)
+        chunk = self._edge_chunk(src.shape[0])
+        if chunk is not None:
+            src, dst, edge_vec, edge_mask = sorted_by_destination(src, dst, edge_vec, edge_mask)
         keep = self.pair_keep[types[dst], types[src]]
         if edge_mask is not None:
             keep = keep & edge_mask
         edges = self._edges(src, dst, edge_vec, keep, n_nodes)
+        if chunk is not None:
+            edges.chunks = plan_chunks(dst, n_nodes, chunk)
         radial = self.radial_embedding(edges.rbf).view(-1, opts.node_init_lmax + 1, opts.channels)
         if not self.legacy_radial:
             radial = radial * edges.env.unsqueeze(-1)  # (E, L0+1, C)
@@ -280,6 +288,28 @@ class Descriptor(nn.Module):
             with self._block_autocast(x.device):
                 x = self._run_blocks(x, block_edges, radial)
         return self._readout(x).view(nf, nloc, opts.channels), x
+
+    def _edge_chunk(self, n_edges: int) -> int | None:
+        """Edges per chunk if this pass streams the block edge work (evaluation with a policy,
+        single rank, not being traced for export), else ``None``."""
+        if (
+            self.streaming is None
+            or self.training
+            or self.ghost_exchange is not None
+            or torch.compiler.is_compiling()
+            or not len(self.blocks)
+        ):
+            return None
+        return self.streaming.chunk_for(n_edges)
+
+    def edge_bytes(self) -> int:
+        """Estimated working set of one edge in a block's edge work (bytes), for chunk sizes:
+        the widest block's ``(D, F C_f)`` message, times the intermediates kept per mixing layer."""
+        opts = self.opts
+        rows = (max(opts.l_schedule) + 1) ** 2
+        width = opts.n_focus * opts.focus_dim
+        itemsize = torch.empty((), dtype=opts.compute_dtype).element_size()
+        return rows * width * itemsize * (8 + 6 * opts.mixing_layers)
 
     def _block_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         """bfloat16 autocast of the interaction blocks on CUDA: in training with ``use_amp``,

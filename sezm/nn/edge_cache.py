@@ -31,6 +31,7 @@ class EdgeCache:
     inv_sqrt_deg: torch.Tensor  # (N, 1, 1) 1 / sqrt(sum_e env^2 + floor)
     wigner: torch.Tensor | None = None  # (E, sum_l (2l+1)^2) Wigner-D block entries
     src_gate: torch.Tensor | None = None  # (E, 1) bridging source-freeze gate
+    chunks: tuple[EdgeChunk, ...] | None = None  # streamed evaluation plan (edges sorted by dst)
     _projections: dict = field(default_factory=dict)
 
     @property
@@ -72,7 +73,84 @@ class EdgeCache:
         }
         wigner = None if self.wigner is None else self.wigner.to(dtype)
         gate = None if self.src_gate is None else self.src_gate.to(dtype)
-        return EdgeCache(self.src, self.dst, self.n_nodes, **conv, wigner=wigner, src_gate=gate)
+        return EdgeCache(
+            self.src, self.dst, self.n_nodes, **conv, wigner=wigner, src_gate=gate, chunks=self.chunks
+        )
+
+    def chunk_tensors(self, chunk: EdgeChunk) -> tuple:
+        """The per-edge and per-node tensors of one chunk (views), in :func:`chunk_cache` order."""
+        edge = slice(chunk.edge_start, chunk.edge_stop)
+        node = slice(chunk.node_start, chunk.node_stop)
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[edge]
+
+        return (
+            self.src[edge],
+            self.dst[edge],
+            self.keep[edge],
+            self.vec[edge],
+            self.env[edge],
+            self.rbf[edge],
+            self.quat[edge],
+            self.inv_sqrt_deg[node],
+            rows(self.wigner),
+            rows(self.src_gate),
+        )
+
+
+@dataclass(frozen=True)
+class EdgeChunk:
+    """Edges ``[edge_start, edge_stop)`` are exactly the edges into atoms ``[node_start, node_stop)``."""
+
+    node_start: int
+    node_stop: int
+    edge_start: int
+    edge_stop: int
+
+
+def chunk_cache(chunk: EdgeChunk, *tensors: torch.Tensor | None) -> EdgeCache:
+    """An :class:`EdgeCache` of one chunk from :meth:`EdgeCache.chunk_tensors`: destinations are
+    renumbered from ``node_start`` so that sums over a chunk's edges land on its own atoms."""
+    src, dst, keep, vec, env, rbf, quat, inv_sqrt_deg, wigner, src_gate = tensors
+    return EdgeCache(
+        src=src,
+        dst=dst - chunk.node_start,
+        n_nodes=chunk.node_stop - chunk.node_start,
+        keep=keep,
+        vec=vec,
+        env=env,
+        rbf=rbf,
+        quat=quat,
+        inv_sqrt_deg=inv_sqrt_deg,
+        wigner=wigner,
+        src_gate=src_gate,
+    )
+
+
+def sorted_by_destination(
+    src: torch.Tensor, dst: torch.Tensor, vec: torch.Tensor, mask: torch.Tensor | None
+) -> tuple:
+    """``(src, dst, vec, mask)`` reordered so that ``dst`` is non-decreasing (stable), unchanged
+    when it already is. The reorder is differentiable: gradients reach ``vec`` in its own order."""
+    if dst.numel() < 2 or bool((dst[1:] >= dst[:-1]).all()):
+        return src, dst, vec, mask
+    order = torch.sort(dst, stable=True).indices
+    return src[order], dst[order], vec[order], None if mask is None else mask[order]
+
+
+def plan_chunks(dst: torch.Tensor, n_nodes: int, max_edges: int) -> tuple[EdgeChunk, ...]:
+    """Split edges sorted by destination into runs of whole atoms with at most ``max_edges``
+    edges each (an atom with more edges than that gets a chunk of its own)."""
+    counts = torch.bincount(dst, minlength=n_nodes).tolist()
+    chunks, node_start, edge_start, size = [], 0, 0, 0
+    for atom, count in enumerate(counts):
+        if size and size + count > max_edges:
+            chunks.append(EdgeChunk(node_start, atom, edge_start, edge_start + size))
+            node_start, edge_start, size = atom, edge_start + size, 0
+        size += count
+    chunks.append(EdgeChunk(node_start, n_nodes, edge_start, edge_start + size))
+    return tuple(chunks)
 
 
 _ROTATIONS: dict[tuple[int, int], EdgeRotation] = {}

@@ -30,6 +30,7 @@ from .linear import ChannelLinear, SO3Linear
 from .norm import ReducedEquivariantRMSNorm, ScalarRMSNorm
 from .options import DescriptorOptions
 from .so2 import RadialDegreeMixer, SO2Linear
+from .stream import stream_edges
 
 
 class SO2MixingStack:
@@ -324,28 +325,59 @@ class SO2Convolution(nn.Module):
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
-        """``x (N, D, C)``, ``radial (E, L+1, C)`` (fused with edge types) -> ``(N, D, C)``."""
+        """``x (N, D, C)``, ``radial (E, L+1, C)`` (fused with edge types) -> ``(N, D, C)``.
+
+        Node work (focus mixes, grid and Cartesian node products) runs on all atoms at once;
+        the edge work (:meth:`edge_messages`) at once, or chunk by chunk when ``edges.chunks``.
+        """
         x = self.pre_focus_mix(x.unsqueeze(2)).squeeze(2)  # (N, D, Cw)
-        alpha, edge_weight = self._folded_edge_weight(x, edges, radial)
-        if self.edge_cartesian:
-            message, rad = self._cartesian_message(x, edges, radial)
-        elif self.needs_local_frame:
-            message, rad = self._so2_message(x, edges, radial, edge_weight)
+        keys, queries = self._keys_and_queries(x)
+        sources, centres = (x, keys), (x, queries)
+        if edges.chunks is None:
+            out = self.edge_messages(sources, centres, edges, radial)
         else:
-            message, rad = self._radial_message(x, edges, radial)
-        if self.n_heads and self.attn_focus_mix is not None:
-            message = self.attn_focus_mix(message.unsqueeze(2)).squeeze(2)
-        if self.n_heads == 0:
-            out = self._scatter(edges, message, weighted=edge_weight is not None)
-        else:
-            out = self._attend(x, edges, message, rad, alpha, weighted=edge_weight is not None)
+            out = stream_edges(self.edge_messages, sources, centres, edges, radial)
         if self.message_node_grid_product is not None:
             out = out + self.message_node_grid_product(out, x)
         if self.node_cartesian_tp is not None:
             out = self.node_cartesian_tp(out, x)
         return self.post_focus_mix(out.unsqueeze(2)).squeeze(2)
 
-    def _folded_edge_weight(self, x, edges: EdgeCache, radial):
+    def _keys_and_queries(self, x: torch.Tensor) -> tuple:
+        """Attention keys and queries of every node ``(N, Fa, Ca)`` (``None`` without attention)."""
+        if self.n_heads == 0:
+            return None, None
+        scalars = self.attn_qk_norm(
+            x[:, 0].reshape(x.shape[0], self.attn_focus, self.attn_width).to(self.compute_dtype)
+        )
+        return self.attn_k_proj(scalars), self.attn_q_proj(scalars)
+
+    def edge_messages(
+        self, sources: tuple, centres: tuple, edges: EdgeCache, radial: torch.Tensor
+    ) -> torch.Tensor:
+        """Messages of ``edges`` aggregated at their destinations: ``(n, D, Cw)``.
+
+        ``sources = (x (N, D, Cw), keys (N, Fa, Ca) | None)`` of every atom, indexed by
+        ``edges.src``; ``centres = (x, queries)`` of the ``n`` destinations, by ``edges.dst``.
+        """
+        x, keys = sources
+        centre, queries = centres
+        alpha, edge_weight = self._folded_edge_weight(keys, queries, edges, radial)
+        if self.edge_cartesian:
+            message, rad = self._cartesian_message(x, edges, radial)
+        elif self.needs_local_frame:
+            message, rad = self._so2_message(x, centre, edges, radial, edge_weight)
+        else:
+            message, rad = self._radial_message(x, edges, radial)
+        if self.n_heads and self.attn_focus_mix is not None:
+            message = self.attn_focus_mix(message.unsqueeze(2)).squeeze(2)
+        if self.n_heads == 0:
+            return self._scatter(edges, message, weighted=edge_weight is not None)
+        return self._attend(
+            (keys, centre, queries), edges, message, rad, alpha, weighted=edge_weight is not None
+        )
+
+    def _folded_edge_weight(self, keys, queries, edges: EdgeCache, radial):
         """Aggregation weight of each edge when it is one scalar per edge ``(E, 1)``.
 
         The scalar then rides on the small rotate-back matrices instead of scaling the
@@ -359,7 +391,7 @@ class SO2Convolution(nn.Module):
             return None, edges.message_weight
         if self.attn_focus * self.n_heads != 1:
             return None, None
-        alpha = self._attention_weights(x, edges, self._widen(radial[:, 0]))
+        alpha = self._attention_weights(keys, queries, edges, self._widen(radial[:, 0]))
         return alpha, alpha.view(-1, 1)
 
     def _focus_weights(self, gate_src: torch.Tensor) -> torch.Tensor:
@@ -401,7 +433,7 @@ class SO2Convolution(nn.Module):
         message = self.edge_cartesian_tp(x_src, edges.vec, rad)
         return self._compete_global(message, x_src[:, 0] * rad[:, 0]), rad
 
-    def _so2_message(self, x, edges: EdgeCache, radial, edge_weight=None):
+    def _so2_message(self, x, centre, edges: EdgeCache, radial, edge_weight=None):
         x_local = edges.to_local(x.index_select(0, edges.src), self.lmax, self.mmax)  # (E, D_m, Cw)
         if self.radial_degree_mixer is None:
             rad = self._widen(radial.index_select(1, self.degree_index_m))  # (E, D_m, Cw)
@@ -410,7 +442,7 @@ class SO2Convolution(nn.Module):
             rad = self._widen(radial)  # (E, L+1, Cw)
             x_local = self.radial_degree_mixer(x_local, rad)
         if self.node_wise_grid_product is not None:
-            x_dst_local = edges.to_local(x.index_select(0, edges.dst), self.lmax, self.mmax)
+            x_dst_local = edges.to_local(centre.index_select(0, edges.dst), self.lmax, self.mmax)
             x_local = x_local + self.node_wise_grid_product(x_local, x_dst_local)
         e, dm, _ = x_local.shape
         nf, cf = self.n_focus, self.focus_dim
@@ -433,14 +465,14 @@ class SO2Convolution(nn.Module):
         summed = edges.sum_at_dst(message.to(self.compute_dtype))
         return (summed * edges.inv_sqrt_deg).to(self.dtype)
 
-    def _attention_weights(self, x, edges: EdgeCache, rad0) -> torch.Tensor:
-        """Envelope-gated attention ``(E, Fa, H)`` from node scalars and ``rad0 (E, Cw)``."""
-        n, e = x.shape[0], edges.src.shape[0]
+    def _attention_weights(self, keys, queries, edges: EdgeCache, rad0) -> torch.Tensor:
+        """Envelope-gated attention ``(E, Fa, H)`` from node ``keys (N, Fa, Ca)``, centre
+        ``queries (n, Fa, Ca)`` and ``rad0 (E, Cw)``."""
+        n, e = queries.shape[0], edges.src.shape[0]
         fa, ca, h = self.attn_focus, self.attn_width, self.n_heads
         cd = self.compute_dtype
-        qk = self.attn_qk_norm(x[:, 0].reshape(n, fa, ca).to(cd))
-        q = self.attn_q_proj(qk).index_select(0, edges.dst).view(e, fa, h, -1)
-        k = self.attn_k_proj(qk).index_select(0, edges.src).view(e, fa, h, -1)
+        q = queries.index_select(0, edges.dst).view(e, fa, h, -1)
+        k = keys.index_select(0, edges.src).view(e, fa, h, -1)
         bias = torch.einsum("efi,ifo->efo", rad0.reshape(e, fa, ca).to(cd), self.adamw_attn_logit_w)
         logits = (q * k).sum(-1) / math.sqrt(ca // h) + bias  # (E, Fa, H)
         return envelope_gated_softmax(
@@ -454,15 +486,17 @@ class SO2Convolution(nn.Module):
         )
 
     def _attend(
-        self, x, edges: EdgeCache, message, rad, alpha=None, weighted: bool = False
+        self, nodes: tuple, edges: EdgeCache, message, rad, alpha=None, weighted: bool = False
     ) -> torch.Tensor:
-        """Attention-weighted sum with output gates; ``weighted``: ``alpha`` already applied."""
-        n, d = x.shape[0], x.shape[1]
+        """Attention-weighted sum with output gates; ``weighted``: ``alpha`` already applied.
+        ``nodes = (keys (N, Fa, Ca), centre states (n, D, Cw), centre queries (n, Fa, Ca))``."""
+        keys, centre, queries = nodes
+        n, d = centre.shape[0], centre.shape[1]
         e = message.shape[0]
         fa, ca, h = self.attn_focus, self.attn_width, self.n_heads
         cd = self.compute_dtype
         if alpha is None:
-            alpha = self._attention_weights(x, edges, rad[:, 0])
+            alpha = self._attention_weights(keys, queries, edges, rad[:, 0])
         value = message.reshape(e, d, fa, ca).to(cd)
         if self.attn_v_proj is not None:
             value = self.attn_v_proj(value)
@@ -471,7 +505,7 @@ class SO2Convolution(nn.Module):
         if not weighted:
             value = value * alpha.view(e, 1, fa * h, 1)
         summed = edges.sum_at_dst(value)  # (N, D, Fa*H, C_h)
-        x0 = x[:, 0].reshape(n, fa, ca).to(cd)
+        x0 = centre[:, 0].reshape(n, fa, ca).to(cd)
         gate = torch.sigmoid(
             torch.einsum("nfi,ifo->nfo", self.attn_output_gate_norm(x0), self.adamw_attn_gate_w)
         )
