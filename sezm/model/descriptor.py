@@ -30,7 +30,7 @@ from ..nn.embedding import (
 from ..nn.norm import ScalarRMSNorm
 from ..nn.options import DescriptorOptions
 from ..nn.radial import BridgingSwitch, InnerClamp, RadialBasis, RadialMLP
-from ..nn.stream import StreamPolicy
+from ..nn.stream import ChunkRadial, StreamPolicy, stream_edges, stream_nodes, up_to
 
 #: Format version of the descriptor state (DeePMD-kit 3.2 numbering). 1.0 used a tiny degree
 #: floor and no envelope on the radial features; 1.1 and later share today's maths, except for
@@ -270,16 +270,16 @@ class Descriptor(nn.Module):
         edges = self._edges(src, dst, edge_vec, keep, n_nodes)
         if chunk is not None:
             edges.chunks = plan_chunks(dst, n_nodes, chunk)
-        radial = self.radial_embedding(edges.rbf).view(-1, opts.node_init_lmax + 1, opts.channels)
-        if not self.legacy_radial:
-            radial = radial * edges.env.unsqueeze(-1)  # (E, L0+1, C)
+        streamed = edges.chunks is not None
+        radial = None if streamed else self._edge_radial(edges)  # (E, L0+1, C)
         x0 = t if self.env_seed_embedding is None else self._film(t, edges, types, spin)
         x = self._initial_state(x0, edges, radial, types, spin)  # (N, D0, 1, C)
         if spin_l1 is not None:  # on-site spin direction, after the degree normalisation
             x = torch.cat([x[:, :1], x[:, 1:4] + spin_l1.unsqueeze(2), x[:, 4:]], dim=1)
-        radial = radial.to(opts.dtype) + ((t[src] + t[dst]) * edges.keep).to(opts.dtype).unsqueeze(
-            1
-        )
+        if streamed:
+            radial = ChunkRadial(self._chunk_block_radial, t, opts.node_init_lmax + 1)
+        else:
+            radial = self._block_radial(radial, edges, t, t)  # (E, L0+1, C)
         x = x.to(opts.dtype)
         if force_embedding is not None:
             x = x + force_embedding.to(x.dtype)
@@ -287,7 +287,26 @@ class Descriptor(nn.Module):
             block_edges = edges.cast(opts.dtype)
             with self._block_autocast(x.device):
                 x = self._run_blocks(x, block_edges, radial)
-        return self._readout(x).view(nf, nloc, opts.channels), x
+        readout = stream_nodes(self._readout, x, chunks=edges.chunks)
+        return readout.view(nf, nloc, opts.channels), x
+
+    def _edge_radial(self, edges: EdgeCache) -> torch.Tensor:
+        """Radial features ``(E, L0+1, C)`` of the edges, times the envelope (version >= 1.1)."""
+        opts = self.opts
+        radial = self.radial_embedding(edges.rbf).view(-1, opts.node_init_lmax + 1, opts.channels)
+        return radial if self.legacy_radial else radial * edges.env.unsqueeze(-1)
+
+    def _block_radial(
+        self, radial: torch.Tensor, edges: EdgeCache, types: torch.Tensor, centre_types
+    ) -> torch.Tensor:
+        """Radial features of the blocks: plus the type embeddings of both ends ``(E, L0+1, C)``
+        (``types (N, C)`` by ``edges.src``, ``centre_types`` by ``edges.dst``)."""
+        dtype = self.opts.dtype
+        ends = (types[edges.src] + centre_types[edges.dst]) * edges.keep
+        return radial.to(dtype) + ends.to(dtype).unsqueeze(1)
+
+    def _chunk_block_radial(self, edges: EdgeCache, types, centre_types) -> torch.Tensor:
+        return self._block_radial(self._edge_radial(edges), edges, types, centre_types)
 
     def _edge_chunk(self, n_edges: int) -> int | None:
         """Edges per chunk if this pass streams the block edge work (evaluation with a policy,
@@ -298,6 +317,7 @@ class Descriptor(nn.Module):
             or self.ghost_exchange is not None
             or torch.compiler.is_compiling()
             or not len(self.blocks)
+            or self.opts.dtype != self.opts.compute_dtype
         ):
             return None
         return self.streaming.chunk_for(n_edges)
@@ -377,7 +397,14 @@ class Descriptor(nn.Module):
         wigner = self.gie_zonal_wigner_calc or self.wigner_calc
         zonal = wigner.zonal(edges.quat, lmin=1)  # (E, D0-1)
         message = None if spin is None else self.spin_embedding.edge_l1(spin, types, edges)
-        rest = self.gie(edges, zonal, radial[:, 1:], message)  # (N, D0-1, C)
+        if edges.chunks is None:
+            rest = self.gie(edges, zonal, radial[:, 1:], message)  # (N, D0-1, C)
+        else:  # the radial features are made inside each chunk
+
+            def chunk_gie(_sources, _centres, chunk: EdgeCache, zonal_rows, message_rows):
+                return self.gie(chunk, zonal_rows, self._edge_radial(chunk)[:, 1:], message_rows)
+
+            rest = stream_edges(chunk_gie, (), (), edges, zonal, message)
         return torch.cat([x0.unsqueeze(1), rest], dim=1).unsqueeze(2)
 
     def _run_blocks(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
@@ -386,11 +413,11 @@ class Descriptor(nn.Module):
         final = self.final_full_attn_res or self.final_block_attn_res
         if final is None:
             for l_block, dim, block in zip(opts.l_schedule, dims, self.blocks):
-                x = block(x[:, :dim], edges, radial[:, : l_block + 1])
+                x = block(x[:, :dim], edges, up_to(radial, l_block))
             return x
         steps = [
             lambda v, hist, b=block, l=l_block: b.forward_with_history(
-                v, hist, edges, radial[:, : l + 1]
+                v, hist, edges, up_to(radial, l)
             )
             for l_block, block in zip(opts.l_schedule, self.blocks)
         ]

@@ -19,6 +19,7 @@ from .edge_cache import EdgeCache
 from .norm import EquivariantRMSNorm
 from .options import DescriptorOptions
 from .so2_conv import SO2Convolution
+from .stream import stream_nodes
 
 
 def _norm_or_identity(
@@ -109,7 +110,11 @@ class InteractionBlock(nn.Module):
             return y
         return torch.cat([y, y.new_zeros(n, self.node_dim - self.mp_dim, 1, c)], dim=1)
 
-    def ffn_unit(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def ffn_unit(self, x: torch.Tensor, k: int, chunks=None) -> torch.Tensor:
+        """Update of FFN ``k`` (atom by atom), over the atoms of each chunk when streamed."""
+        return stream_nodes(lambda v: self._ffn(v, k), x, chunks=chunks)
+
+    def _ffn(self, x: torch.Tensor, k: int) -> torch.Tensor:
         y = self.post_ffn_norms[k](self.ffns[k](self.pre_ffn_norms[k](x)))
         if self.adam_ffn_layer_scales is not None:
             y = y * self.adam_ffn_layer_scales[k]
@@ -119,7 +124,7 @@ class InteractionBlock(nn.Module):
         """Plain residual path: ``(N, D_node, 1, C) -> (N, D_node, 1, C)``."""
         x = x + self.so2_unit(x, edges, radial)
         for k in range(len(self.ffns)):
-            x = x + self.ffn_unit(x, k)
+            x = x + self.ffn_unit(x, k, edges.chunks)
         return x
 
     def forward_with_history(
@@ -128,7 +133,7 @@ class InteractionBlock(nn.Module):
         """Depth-attention path: returns the block output and the sources it adds to the history
         (every unit output for ``full_attn_res``, the block summary for ``block_attn_res``)."""
         units = [lambda v: self.so2_unit(v, edges, radial)]
-        units += [lambda v, k=k: self.ffn_unit(v, k) for k in range(len(self.ffns))]
+        units += [lambda v, k=k: self.ffn_unit(v, k, edges.chunks) for k in range(len(self.ffns))]
         attns = [
             getattr(self, f"{self.depth_mode}_attn_res_so2"),
             *getattr(self, f"{self.depth_mode}_attn_res_ffns"),

@@ -14,6 +14,7 @@ from torch import nn
 from ..geometry.layout import degree_of_rows, so3_dim
 from .common import Dense, child_seed, normal_
 from .edge_cache import EdgeCache
+from .stream import stream_edges
 
 
 class TypeEmbedding(nn.Module):
@@ -129,19 +130,10 @@ class EnvironmentSeed(nn.Module):
         self, edges: EdgeCache, atype: torch.Tensor, spin: torch.Tensor | None = None
     ) -> torch.Tensor:
         """FiLM logits ``(N, 2C)``; ``spin (N, 3)`` is read by native-spin seeds only."""
-        inv_r = torch.rsqrt(edges.vec.square().sum(-1, keepdim=True) + self.eps**2)  # (E, 1)
-        s = edges.env * inv_r
-        r_tilde = torch.cat([s, s * edges.vec * inv_r], dim=-1)  # (E, 4)
-        types = self.env_type_embed(torch.stack([atype[edges.src], atype[edges.dst]], -1))
-        rbf = self.rbf_proj_layer2(self.rbf_proj_layer1(edges.rbf))
-        g = self.g_layer2(self.g_layer1(torch.cat([rbf, types.flatten(1)], dim=-1)))  # (E, embed)
-        if self.spin_mask is not None:
-            r_tilde = torch.cat([r_tilde, self._spin_rows(edges, atype, spin, r_tilde)], dim=-1)
-        rows = r_tilde.shape[-1]  # 4, or 7 with spin
-        outer = (r_tilde.unsqueeze(-1) * g.unsqueeze(-2)).flatten(1)  # (E, rows*embed)
-        if edges.src_gate is not None:
-            outer = outer * edges.src_gate
-        env_mat = edges.sum_at_dst(outer).view(-1, rows, self.embed_dim) * edges.inv_sqrt_deg
+        if edges.chunks is None:
+            env_mat = self.environment_matrix((atype, spin), (atype,), edges)
+        else:
+            env_mat = stream_edges(self.environment_matrix, (atype, spin), (atype,), edges)
         geo = env_mat[:, :4]
         invariant = geo.transpose(1, 2) @ geo[:, :, : self.axis_dim]  # (N, embed, axis)
         if self.spin_mask is not None:
@@ -150,6 +142,26 @@ class EnvironmentSeed(nn.Module):
                 mag.transpose(1, 2) @ mag[:, :, : self.axis_dim]
             )
         return self.output_proj(invariant.flatten(1))
+
+    def environment_matrix(self, sources: tuple, centres: tuple, edges: EdgeCache) -> torch.Tensor:
+        """Normalised environment matrix ``(n, rows, embed)`` of the destinations of ``edges``
+        (rows 4, or 7 with spin); ``sources = (atype (N,), spin (N, 3) | None)``,
+        ``centres = (atype (n,),)``."""
+        atype, spin = sources
+        (centre_types,) = centres
+        inv_r = torch.rsqrt(edges.vec.square().sum(-1, keepdim=True) + self.eps**2)  # (E, 1)
+        s = edges.env * inv_r
+        r_tilde = torch.cat([s, s * edges.vec * inv_r], dim=-1)  # (E, 4)
+        types = self.env_type_embed(torch.stack([atype[edges.src], centre_types[edges.dst]], -1))
+        rbf = self.rbf_proj_layer2(self.rbf_proj_layer1(edges.rbf))
+        g = self.g_layer2(self.g_layer1(torch.cat([rbf, types.flatten(1)], dim=-1)))  # (E, embed)
+        if self.spin_mask is not None:
+            r_tilde = torch.cat([r_tilde, self._spin_rows(edges, atype, spin, r_tilde)], dim=-1)
+        rows = r_tilde.shape[-1]  # 4, or 7 with spin
+        outer = (r_tilde.unsqueeze(-1) * g.unsqueeze(-2)).flatten(1)  # (E, rows*embed)
+        if edges.src_gate is not None:
+            outer = outer * edges.src_gate
+        return edges.sum_at_dst(outer).view(-1, rows, self.embed_dim) * edges.inv_sqrt_deg
 
     def _spin_rows(self, edges: EdgeCache, atype, spin, like: torch.Tensor) -> torch.Tensor:
         """``env * s_src * magnetic(type_src)`` ``(E, 3)``; zeros without a spin input."""

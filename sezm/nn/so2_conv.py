@@ -30,7 +30,7 @@ from .linear import ChannelLinear, SO3Linear
 from .norm import ReducedEquivariantRMSNorm, ScalarRMSNorm
 from .options import DescriptorOptions
 from .so2 import RadialDegreeMixer, SO2Linear
-from .stream import stream_edges
+from .stream import stream_edges, stream_nodes
 
 
 class SO2MixingStack:
@@ -324,8 +324,9 @@ class SO2Convolution(nn.Module):
         )
 
     # --- forward --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
-        """``x (N, D, C)``, ``radial (E, L+1, C)`` (fused with edge types) -> ``(N, D, C)``.
+    def forward(self, x: torch.Tensor, edges: EdgeCache, radial) -> torch.Tensor:
+        """``x (N, D, C)``, ``radial (E, L+1, C)`` (fused with edge types) -> ``(N, D, C)``;
+        when streamed, ``radial`` is a :class:`~sezm.nn.stream.ChunkRadial`.
 
         Node work (focus mixes, grid and Cartesian node products) runs on all atoms at once;
         the edge work (:meth:`edge_messages`) at once, or chunk by chunk when ``edges.chunks``.
@@ -335,8 +336,18 @@ class SO2Convolution(nn.Module):
         sources, centres = (x, keys), (x, queries)
         if edges.chunks is None:
             out = self.edge_messages(sources, centres, edges, radial)
-        else:
-            out = stream_edges(self.edge_messages, sources, centres, edges, radial)
+        else:  # radial: a ChunkRadial, made inside each chunk from the chunk's edges
+
+            def chunk_messages(src_tables, centre_tables, chunk: EdgeCache) -> torch.Tensor:
+                rows = radial.rows(chunk, src_tables[-1], centre_tables[-1])
+                return self.edge_messages(src_tables[:-1], centre_tables[:-1], chunk, rows)
+
+            sources, centres = (*sources, radial.types), (*centres, radial.types)
+            out = stream_edges(chunk_messages, sources, centres, edges)
+        return stream_nodes(self._node_update, out, x, chunks=edges.chunks)
+
+    def _node_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Aggregated ``out (n, D, Cw)`` and the centres' ``x (n, D, Cw)`` -> update ``(n, D, C)``."""
         if self.message_node_grid_product is not None:
             out = out + self.message_node_grid_product(out, x)
         if self.node_cartesian_tp is not None:

@@ -81,10 +81,11 @@ def chunk_budget(device: torch.device) -> int:
     return min(CHUNK_BUDGET_BYTES, total // MEMORY_FRACTION)
 
 NodeTables = tuple[torch.Tensor | None, ...]
-EdgeWork = Callable[[NodeTables, NodeTables, EdgeCache, torch.Tensor], torch.Tensor]
-"""``(source tables (N, ...), centre tables (n, ...), edges into the n centres, radial (E_n, ...))``
--> aggregated messages ``(n, D, C')``. Source tables are indexed by ``edges.src``, centre
-tables (the rows of the chunk's atoms) by ``edges.dst``."""
+EdgeWork = Callable[..., torch.Tensor]
+"""``edge_work(sources (N, ...), centres (n, ...), edges into the n centres, *per_edge (E_n, ...))``
+-> aggregated messages ``(n, ...)``. Source tables are indexed by ``edges.src``, centre tables
+(the rows of the chunk's atoms) by ``edges.dst``; ``per_edge`` are the chunk's rows of per-edge
+inputs (radial features, ...)."""
 
 
 def stream_edges(
@@ -92,20 +93,20 @@ def stream_edges(
     sources: NodeTables,
     centres: NodeTables,
     edges: EdgeCache,
-    radial: torch.Tensor,
+    *per_edge: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``edge_work`` over every chunk of ``edges.chunks``, stacked to ``(N, D, C')``."""
+    """``edge_work`` over every chunk of ``edges.chunks``, stacked to ``(N, ...)``."""
     outputs = []
     for chunk in edges.chunks:
         rows = slice(chunk.node_start, chunk.node_stop)
+        span = slice(chunk.edge_start, chunk.edge_stop)
         args = (
             edge_work,
             chunk,
-            len(sources),
-            len(centres),
+            (len(sources), len(centres), len(per_edge)),
             *sources,
             *(None if t is None else t[rows] for t in centres),
-            radial[chunk.edge_start : chunk.edge_stop],
+            *(None if t is None else t[span] for t in per_edge),
             *edges.chunk_tensors(chunk),
         )
         if torch.is_grad_enabled():
@@ -116,10 +117,58 @@ def stream_edges(
     return torch.cat(outputs)
 
 
-def _run_chunk(
-    edge_work: EdgeWork, chunk: EdgeChunk, n_sources: int, n_centres: int, *tensors
+@dataclass(frozen=True)
+class ChunkRadial:
+    """Per-edge radial features made inside each chunk, never stored for all edges.
+
+    ``make(edges of a chunk, types (N, C), centre types (n, C))`` -> ``(E_c, L+1, C)``; the
+    first ``n_degrees`` degrees are used (a block of degree ``l`` reads ``l + 1``).
+    """
+
+    make: Callable[[EdgeCache, torch.Tensor, torch.Tensor], torch.Tensor]
+    types: torch.Tensor  # (N, C)
+    n_degrees: int
+
+    def up_to(self, lmax: int) -> ChunkRadial:
+        return ChunkRadial(self.make, self.types, lmax + 1)
+
+    def rows(self, edges: EdgeCache, types: torch.Tensor, centre_types: torch.Tensor):
+        """``(E_c, n_degrees, C)`` for the edges of one chunk."""
+        return self.make(edges, types, centre_types)[:, : self.n_degrees]
+
+
+def up_to(radial: torch.Tensor | ChunkRadial, lmax: int) -> torch.Tensor | ChunkRadial:
+    """Radial features ``(E, L+1, C)`` (or their chunk recipe) restricted to degrees ``<= lmax``."""
+    return radial.up_to(lmax) if isinstance(radial, ChunkRadial) else radial[:, : lmax + 1]
+
+
+def stream_nodes(
+    node_work: Callable[..., torch.Tensor],
+    *tensors: torch.Tensor,
+    chunks: tuple[EdgeChunk, ...] | None,
 ) -> torch.Tensor:
-    sources = tensors[:n_sources]
-    centres = tensors[n_sources : n_sources + n_centres]
-    radial, *edge_tensors = tensors[n_sources + n_centres :]
-    return edge_work(sources, centres, chunk_cache(chunk, *edge_tensors), radial)
+    """``node_work`` of per-atom ``tensors (N, ...)``, over the atoms of each chunk in turn
+    (checkpointed as in :func:`stream_edges`), or at once when ``chunks`` is ``None``. For work
+    that treats every atom on its own (FFNs, grid products, norms)."""
+    if chunks is None:
+        return node_work(*tensors)
+    outputs = []
+    for chunk in chunks:
+        rows = tuple(t[chunk.node_start : chunk.node_stop] for t in tensors)
+        if torch.is_grad_enabled():
+            out = checkpoint(node_work, *rows, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = node_work(*rows)
+        outputs.append(out)
+    return torch.cat(outputs)
+
+
+def _run_chunk(
+    edge_work: EdgeWork, chunk: EdgeChunk, counts: tuple[int, int, int], *tensors
+) -> torch.Tensor:
+    n_src, n_ctr, n_edge = counts
+    sources = tensors[:n_src]
+    centres = tensors[n_src : n_src + n_ctr]
+    per_edge = tensors[n_src + n_ctr : n_src + n_ctr + n_edge]
+    edges = chunk_cache(chunk, *tensors[n_src + n_ctr + n_edge :])
+    return edge_work(sources, centres, edges, *per_edge)
