@@ -57,9 +57,11 @@ print(json.dumps({"best": min(times), "peak_mb": peak, "natoms": len(atype)}))
 """
 
 
-def run(python: str, engine: str, case: str, reps: int, threads: int, mult: int) -> dict:
+def run(
+    python: str, engine: str, case: str, reps: int, threads: int, mult: int, **env_vars: str
+) -> dict:
     code = WORKER.replace("{PARITY}", str(PARITY))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **env_vars)
     out = subprocess.run(
         [python, "-c", code, engine, case, str(reps), str(threads), str(mult)],
         capture_output=True,
@@ -82,6 +84,11 @@ def _summary(name: str, runs: list[dict]) -> tuple[str, float | None]:
     return f"{name} {best:.3f} s = {rate:,.0f} atoms/s (peak {peak:.0f} MB)", best
 
 
+def _peak(runs: list[dict]) -> float | None:
+    good = [r["peak_mb"] for r in runs if "failed" not in r]
+    return max(good) if good else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", action="append", help="parity case (default: tiny, mini)")
@@ -92,23 +99,43 @@ def main() -> None:
     ap.add_argument(
         "--replicate", type=int, nargs="+", default=[1], help="supercell multipliers (1 8 27 ...)"
     )
+    ap.add_argument(
+        "--plain", action="store_true", help="also time sezm's plain path (SEZM_EDGE_CHUNK=0)"
+    )
     args = ap.parse_args()
     have_oracle = Path(args.oracle).is_file()
     for case in args.case or ["tiny", "mini"]:
         for mult in args.replicate:
-            ours, theirs = [], []
+            ours, plain, theirs = [], [], []
             for _ in range(args.rounds):
                 ours.append(run(sys.executable, "sezm", case, args.reps, args.threads, mult))
+                if args.plain:
+                    plain.append(
+                        run(
+                            sys.executable,
+                            "sezm",
+                            case,
+                            args.reps,
+                            args.threads,
+                            mult,
+                            SEZM_EDGE_CHUNK="0",
+                        )
+                    )
                 if have_oracle:
                     theirs.append(run(args.oracle, "deepmd", case, args.reps, args.threads, mult))
             natoms = 192 * mult
             text, t_ours = _summary("sezm", ours)
             line = f"{case:6s} natoms {natoms:6d} threads {args.threads}: {text}"
+            if plain:
+                line += f", {_summary('sezm plain path', plain)[0]}"
             if theirs:
                 text, t_up = _summary("deepmd-kit", theirs)
                 line += f", {text}"
                 if t_ours and t_up:
                     line += f", speed-up x{t_up / t_ours:.2f}"
+                mem = [_peak(ours), _peak(theirs)]
+                if all(mem):
+                    line += f", memory x{mem[0] / mem[1]:.2f} of deepmd-kit's"
             print(line, flush=True)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``sezm train | test | model-devi | change-bias | show | doc-train-input | embed | freeze | neighbor-stat | plot`` (and ``--version``)."""
+"""Command line: ``sezm train | test | model-devi | change-bias | show | check | doc-train-input | embed | freeze | neighbor-stat | plot`` (and ``--version``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import traceback
@@ -75,6 +76,7 @@ def _train(args: argparse.Namespace, write_files: bool) -> None:
         normalize_input,
         override_numb_steps,
     )
+    from .train.faults import TrainingStopped
     from .train.trainer import Resume, Trainer, write_out_json
 
     raw = _read_input(args.input)
@@ -95,7 +97,26 @@ def _train(args: argparse.Namespace, write_files: bool) -> None:
     trainer = Trainer(config, resume, device=args.device, shared_links=links)
     if write_files:
         write_out_json(trainer.resolved_config, args.output)
-    trainer.run()
+    try:
+        trainer.run()
+    except TrainingStopped as stop:
+        stop.restart_command = _restart_command(args, stop.checkpoint)
+        raise
+
+
+def _restart_command(args: argparse.Namespace, checkpoint) -> str | None:
+    """The command line that continues a stopped run from ``checkpoint``."""
+    if checkpoint is None:
+        return None
+    argv = ["sezm", "train", args.input, "--restart", str(checkpoint)]
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        argv[:1] = ["torchrun", f"--nproc_per_node={os.environ['WORLD_SIZE']}", "-m", "sezm"]
+    for flag, value in (("--numb-steps", args.numb_steps), ("--device", args.device)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.output != "out.json":
+        argv += ["-o", args.output]
+    return shlex.join(argv)
 
 
 def _with_pt(path: str | None) -> str | None:
@@ -106,7 +127,9 @@ def _with_pt(path: str | None) -> str | None:
 def cmd_neighbor_stat(args: argparse.Namespace) -> None:
     from .data.neighbor_stat import neighbor_stat_command
 
-    neighbor_stat_command(args.system, args.rcut, type_map=args.type_map)
+    neighbor_stat_command(
+        args.system, args.rcut, type_map=args.type_map, file_options=_file_options(args)
+    )
 
 
 def cmd_test(args: argparse.Namespace) -> None:
@@ -116,7 +139,12 @@ def cmd_test(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         detail = args.detail_file or (str(Path(tmp) / "detail") if args.plot else None)
         run_test(
-            args.model, args.system, numb_test=args.numb_test, detail_file=detail, head=args.head
+            args.model,
+            args.system,
+            numb_test=args.numb_test,
+            detail_file=detail,
+            head=args.head,
+            file_options=_file_options(args),
         )
         if args.plot:
             _parity_plot(detail, args.plot)
@@ -143,7 +171,13 @@ def cmd_embed(args: argparse.Namespace) -> None:
     log.info("embedding %d system(s) with model %s into %s", len(systems), args.model, args.output)
     with _exit_on(NotImplementedError, "embed failed: "):  # a .pt2: no descriptor output
         embed(
-            args.model, systems, args.output, dtype=args.dtype, head=args.head, device=args.device
+            args.model,
+            systems,
+            args.output,
+            dtype=args.dtype,
+            head=args.head,
+            device=args.device,
+            file_options=_file_options(args),
         )
 
 
@@ -182,6 +216,7 @@ def cmd_model_devi(args: argparse.Namespace) -> None:
         relative=args.relative,
         relative_v=args.relative_v,
         atomic=args.atomic,
+        file_options=_file_options(args),
     )
 
 
@@ -199,7 +234,37 @@ def cmd_change_bias(args: argparse.Namespace) -> None:
             output=args.output,
             head=args.model_branch,
             device=args.device,
+            file_options=_file_options(args),
         )
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from .infer.check import CheckError, CheckOptions, check, format_table
+
+    options = CheckOptions(
+        fd_atoms=args.fd_atoms,
+        nve_steps=args.nve_steps,
+        nve_dt=args.nve_dt,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    log.info("checking %s on %s", args.model, args.structure or "the bundled water frame")
+    with _exit_on(CheckError, "check: "):
+        results = check(
+            args.model,
+            args.structure,
+            args.frame,
+            pt2=args.pt2,
+            checkpoint=args.checkpoint,
+            head=args.head,
+            options=options,
+        )
+    sys.stdout.write(format_table(results) + "\n")
+    failed = [r.name for r in results if r.failed]
+    if failed:
+        log.error("%d check(s) failed: %s", len(failed), "; ".join(failed))
+        raise SystemExit(1)
+    log.info("all checks passed (%d skipped)", sum(r.status == "SKIP" for r in results))
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -249,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_devi(sub)
     _add_change_bias(sub)
     _add_show(sub)
+    _add_check(sub)
     _add_doc_train_input(sub)
     return parser
 
@@ -308,12 +374,49 @@ def _add_train(sub) -> None:
     )
 
 
+_SYSTEM_HELP = (
+    "npy system directory (searched recursively for systems) or a file ASE reads "
+    "(.xyz, .extxyz, ...; see docs/data.md)"
+)
+
+
+def _add_file_arguments(command: argparse.ArgumentParser) -> None:
+    """``--file-format`` and ``--label-key``: how files given as systems are read with ASE."""
+    command.add_argument(
+        "--file-format",
+        help="ASE format of files given as systems, e.g. extxyz (default: ASE tells it from "
+        "the file name and contents)",
+    )
+    command.add_argument(
+        "--label-key",
+        action="append",
+        default=[],
+        metavar="LABEL=NAME",
+        help="where files read with ASE keep a label, e.g. energy=REF_energy, force=REF_forces, "
+        "stress=REF_stress; repeat for several (default: energy, forces, virial, stress)",
+    )
+
+
+def _file_options(args: argparse.Namespace):
+    """The :class:`~sezm.data.FileOptions` of ``--file-format`` / ``--label-key``."""
+    from .data import FileOptions
+
+    keys = {}
+    for item in args.label_key:
+        label, _, name = item.partition("=")
+        if not label or not name:
+            raise SystemExit(f"--label-key {item!r}: expected LABEL=NAME, e.g. energy=REF_energy")
+        keys[label] = name
+    return FileOptions(args.file_format, keys)
+
+
 def _add_test(sub) -> None:
     test = _command(sub, "test", "errors of a model on labelled systems (like `dp test`)", cmd_test)
     test.add_argument(
         "-m", "--model", default="model.ckpt.pt", help="checkpoint (.pt) or frozen model (.pt2)"
     )
-    test.add_argument("-s", "--system", default=".", help="system directory (searched recursively)")
+    test.add_argument("-s", "--system", default=".", help=_SYSTEM_HELP)
+    _add_file_arguments(test)
     test.add_argument("-n", "--numb-test", type=int, default=0, help="frames per system (0 = all)")
     test.add_argument(
         "-d", "--detail-file", help="prefix of per-frame detail files (default: none written)"
@@ -334,10 +437,11 @@ def _add_embed(sub) -> None:
         "-m", "--model", default="model.ckpt.pt", help="checkpoint (.pt) or frozen model (.pt2)"
     )
     source = emb.add_mutually_exclusive_group()
-    source.add_argument("-s", "--system", default=".", help="system directory (recursive)")
+    source.add_argument("-s", "--system", default=".", help=_SYSTEM_HELP)
     source.add_argument(
         "-f", "--datafile", help="file listing system directories, one a line (default: -s)"
     )
+    _add_file_arguments(emb)
     emb.add_argument("-o", "--output", default="embedding.hdf5", help="HDF5 file written")
     emb.add_argument(
         "--dtype",
@@ -381,7 +485,8 @@ def _add_neighbor_stat(sub) -> None:
         "neighbour counts and minimal distance of a dataset",
         cmd_neighbor_stat,
     )
-    nstat.add_argument("-s", "--system", default=".", help="system directory (recursive)")
+    nstat.add_argument("-s", "--system", default=".", help=_SYSTEM_HELP)
+    _add_file_arguments(nstat)
     nstat.add_argument("-r", "--rcut", type=float, default=6.0, help="cutoff radius (Å)")
     nstat.add_argument(
         "-t",
@@ -412,7 +517,7 @@ def _add_model_devi(sub) -> None:
     devi = _command(
         sub,
         "model-devi",
-        "deviation of a committee of models on npy systems, for active learning (`dp model-devi`)",
+        "deviation of a committee of models on systems, for active learning (`dp model-devi`)",
         cmd_model_devi,
     )
     devi.add_argument(
@@ -422,7 +527,8 @@ def _add_model_devi(sub) -> None:
         required=True,
         help="checkpoints (.pt) or frozen models (.pt2) sharing one type_map (no default)",
     )
-    devi.add_argument("-s", "--system", default=".", help="system directory (recursive)")
+    devi.add_argument("-s", "--system", default=".", help=_SYSTEM_HELP)
+    _add_file_arguments(devi)
     devi.add_argument("-o", "--output", default="model_devi.out", help="deviation table written")
     devi.add_argument(
         "-f",
@@ -456,10 +562,9 @@ def _add_change_bias(sub) -> None:
         cmd_change_bias,
     )
     cb.add_argument("model", metavar="MODEL.pt", help="training checkpoint to change")
+    _add_file_arguments(cb)
     source = cb.add_mutually_exclusive_group()
-    source.add_argument(
-        "-s", "--system", default=".", help="system directory (searched recursively)"
-    )
+    source.add_argument("-s", "--system", default=".", help=_SYSTEM_HELP)
     source.add_argument(
         "-f", "--datafile", help="file listing system directories, one a line (default: -s)"
     )
@@ -527,6 +632,46 @@ def _add_show(sub) -> None:
     )
 
 
+def _add_check(sub) -> None:
+    chk = _command(
+        sub,
+        "check",
+        "physics self-test of a checkpoint or .pt2 on a structure: symmetries, forces and virial "
+        "against finite differences, cutoff smoothness, NVE drift, training distance range "
+        "(exit status 1 if a check fails)",
+        cmd_check,
+    )
+    chk.add_argument("model", metavar="MODEL", help="checkpoint (.pt) or frozen model (.pt2)")
+    chk.add_argument(
+        "-s",
+        "--structure",
+        help="any file ASE reads, or a DeePMD npy system folder (default: a bundled 192-atom "
+        "water frame)",
+    )
+    chk.add_argument("-f", "--frame", type=int, default=0, help="frame of the structure file")
+    other = chk.add_mutually_exclusive_group()
+    other.add_argument(
+        "--pt2", help="also compare this frozen model with the checkpoint MODEL (default: none)"
+    )
+    other.add_argument(
+        "--checkpoint",
+        help="checkpoint a .pt2 MODEL was frozen from: compared with it, and its training "
+        "statistics used (default: none)",
+    )
+    chk.add_argument("--head", help="branch of a multi-task checkpoint (default: the only one)")
+    chk.add_argument(
+        "--fd-atoms", type=int, default=4, help="atoms whose forces are finite-differenced"
+    )
+    chk.add_argument(
+        "--nve-steps", type=int, default=200, help="velocity-Verlet steps of the NVE run (0: none)"
+    )
+    chk.add_argument("--nve-dt", type=float, default=0.5, help="NVE time step (fs)")
+    chk.add_argument("--temperature", type=float, default=300.0, help="initial NVE temperature (K)")
+    chk.add_argument(
+        "--seed", type=int, default=0, help="seed of rotations, shifts, atoms and velocities"
+    )
+
+
 def _add_doc_train_input(sub) -> None:
     doc = _command(
         sub,
@@ -558,7 +703,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     _log_runtime(args)
+    _create_output_folder(args)
     args.func(args)
+
+
+def _create_output_folder(args: argparse.Namespace) -> None:
+    """The folder of a command's ``-o/--output`` file, made before the work (not found
+    missing after it)."""
+    output = getattr(args, "output", None)
+    if isinstance(output, str) and output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -568,8 +722,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.system import DataError
     from .geometry.frames import InputError
     from .infer.freeze import FreezeError
+    from .train.faults import TrainingError
 
-    return (ConfigError, DataError, InputError, CheckpointError, FreezeError, OSError)
+    user = (ConfigError, DataError, InputError, CheckpointError, FreezeError, TrainingError)
+    return (*user, OSError)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    from .train.faults import is_out_of_memory
+
+    return is_out_of_memory(err)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -585,9 +747,11 @@ def run(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     try:
         main(argv)
-    except KeyboardInterrupt:
-        print("sezm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C; TrainingStopped: a stop signal, handled
+        print(f"sezm: {stop}" if str(stop) else "sezm: interrupted", file=sys.stderr)
+        if getattr(stop, "restart_command", None):
+            print(f"sezm: to continue: {stop.restart_command}", file=sys.stderr)
+        return getattr(stop, "exit_status", 130)
     except SystemExit as stop:  # a command's own message (argparse exits carry a number)
         if not isinstance(stop.code, str):
             raise
@@ -596,7 +760,7 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug:
             raise
-        if isinstance(err, _user_errors()):
+        if isinstance(err, _user_errors()) or _out_of_memory(err):
             print(f"sezm: error: {err}", file=sys.stderr)
             print("(run with --debug to see where it happened)", file=sys.stderr)
             return 2

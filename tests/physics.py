@@ -575,7 +575,7 @@ def count_calls(module, name: str) -> Iterator[list[int]]:
 def check_random_roll(model, system: System, *, tol: float = EXACT):
     """In train mode with ``random_gamma`` every edge frame gets a random roll about its local z;
     outputs must equal eval mode up to rounding, and the roll must really have been applied."""
-    if not model.descriptor.opts.random_gamma:
+    if not model.descriptor.opts.geometry.random_gamma:
         raise ValueError("check_random_roll needs descriptor.random_gamma = true")
     ref, errors = evaluate(model, system), {}
     with train_mode(model), count_calls(edge_frame, "random_roll") as calls:

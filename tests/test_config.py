@@ -26,6 +26,7 @@ from sezm.config import (
     normalize_model,
     override_numb_steps,
 )
+from sezm.config.schema_training import SEZM_ONLY_DATA_KEYS
 
 DATA = Path(__file__).parent / "data" / "config"
 VARIATIONS = json.loads((DATA / "variations.json").read_text())
@@ -106,15 +107,32 @@ def test_reference_set_is_complete():
     assert {r["deepmd_version"] for r in INPUT_REFS.values()} == {"3.2.0"}
 
 
+def _drop_sezm_data_keys(node: dict) -> int:
+    """Remove the sezm-only keys from every data section of a fingerprint; return how many."""
+    dropped = 0
+    for name, sub in node["fields"]:
+        if name in ("training_data", "validation_data"):
+            kept = [f for f in sub["fields"] if f[0] not in SEZM_ONLY_DATA_KEYS]
+            assert [f[0] for f in sub["fields"][len(kept) :]] == list(SEZM_ONLY_DATA_KEYS)
+            dropped += len(sub["fields"]) - len(kept)
+            sub["fields"] = kept
+        dropped += _drop_sezm_data_keys(sub)
+    for variant in node["variants"].values():
+        dropped += sum(_drop_sezm_data_keys(c) for c in variant["choices"].values())
+    return dropped
+
+
 @pytest.mark.parametrize("multi_task", [False, True])
 def test_schema_declares_what_upstream_declares(multi_task):
     """Every option of DeePMD-kit's input (for the dpa4 model and the losses sezm has): same
     names, order, types, defaults, aliases and switches. The only deliberate differences: no
-    `nvnmd` section (TensorFlow only), `model/type` defaults to dpa4, `fitting_net` optional."""
+    `nvnmd` section (TensorFlow only), `model/type` defaults to dpa4, `fitting_net` optional,
+    and the data sections' sezm-only keys for files read with ASE (declared last there)."""
     kind = "multi_task" if multi_task else "single_task"
     upstream = json.loads((DATA / "upstream_schema.json").read_text())[kind]
     choices = FP.MULTI_TASK_CHOICES if multi_task else FP.SINGLE_TASK_CHOICES
     mine = FP.fingerprint(input_schema(multi_task), choices)
+    assert _drop_sezm_data_keys(mine) == 2 * len(SEZM_ONLY_DATA_KEYS)
 
     upstream["fields"] = [f for f in upstream["fields"] if f[0] != "nvnmd"]
     model = dict(upstream["fields"])["model"]

@@ -75,7 +75,8 @@ def test_messages_on_cpu():
     assert any("DP_TRITON_INFER=2" in line and "no effect on cpu" in line for line in lines)
     cuda = InferenceSettings(tf32=1, triton=1).describe(torch.device("cuda"))
     assert "matmul precision high," in cuda[0]
-    assert len(cuda) == 2 and "not available in sezm" in cuda[1]
+    assert "fused kernels Triton edge-frame rotations" in cuda[0] and len(cuda) == 1
+    assert "fused kernels none" in InferenceSettings().describe(torch.device("cuda"))[0]
 
 
 def test_tf32_context_only_on_cuda():

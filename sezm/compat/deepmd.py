@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import check_stored_model
 from ..nn.lora import fold_lora, has_lora
 
 _PREFIXES = (
@@ -50,12 +51,7 @@ class Checkpoint:
 def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpoint:
     """Read a DeePMD-kit (or sezm) ``.pt`` checkpoint and select one branch."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    raw = _read(path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(raw).__name__}")
     state = raw.get("model", raw)
@@ -66,6 +62,7 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpo
             "training checkpoint (a frozen .pt2 model is read with sezm.DeepPot directly)"
         )
     params = extra_state["model_params"]
+    check_stored_model(params, path)
     branch, params = _select_branch(path, params, head)
     prefix = f"model.{branch}."
     others = [k for k in state if k != "_extra_state" and not k.startswith("model.")]
@@ -92,11 +89,23 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpo
 
 def read_model_params(path: str | os.PathLike) -> dict:
     """The whole ``model_params`` of a checkpoint (every branch of a multi-task one)."""
-    raw = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    raw = _read(os.fspath(path))
     extra = raw.get("model", raw).get("_extra_state") if isinstance(raw, dict) else None
     if not isinstance(extra, dict) or "model_params" not in extra:
         raise CheckpointError(f"{path}: no '_extra_state.model_params'; not a training checkpoint")
     return extra["model_params"]
+
+
+def _read(path: str):
+    """``torch.load`` of a checkpoint file; a missing or unreadable file named in the error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _select_branch(path: str, params: dict, head: str | None) -> tuple[str, dict]:

@@ -6,6 +6,7 @@ DeePMD-kit DPA4 inputs are valid sezm inputs and normalize to the same dicts.
 
 from .errors import ConfigError, ConfigWarning
 from .normalize import (
+    check_stored_model,
     expand_shared_params,
     is_multi_task,
     normalize_input,
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "ConfigWarning",
     "check_learning_rate",
+    "check_stored_model",
     "check_trainable",
     "expand_shared_params",
     "input_schema",

@@ -36,6 +36,7 @@ from .errors import ConfigError, ConfigWarning, did_you_mean, join_path
 from .rules import (
     check_full_validation,
     check_learning_rate,
+    check_model,
     check_no_multitask_lora,
     check_run_length,
     check_training,
@@ -58,6 +59,53 @@ def normalize_input(raw: dict[str, Any], source: str | None = None) -> dict[str,
         return _normalize_input(raw)
     except ConfigError as err:
         raise err.with_source(source) from None
+
+
+def check_stored_model(model_params: Any, source: str) -> None:
+    """Warn (:class:`ConfigWarning`) when a checkpoint's stored ``model_params`` do not fit
+    the schema, e.g. an unknown key that the model built from them ignores. The model is
+    still built as stored: checkpoints of newer DeePMD-kit versions stay readable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)  # options without effect: not news here
+        try:
+            _normalize_model(model_params)
+            return
+        except ConfigError as err:
+            problem = str(err)
+    warnings.warn(
+        f"{source}: the stored model_params do not fit sezm's schema ({problem}); the model "
+        "is built from them as stored, and settings sezm does not know have no effect",
+        ConfigWarning,
+        stacklevel=3,
+    )
+
+
+def complete_model(params: dict[str, Any]) -> dict[str, Any]:
+    """A ``model`` section with every default present, for building a model (a new dict).
+
+    Normalized as by :func:`normalize_model` when it fits the schema. A checkpoint's section
+    that does not (a newer DeePMD-kit's key; :func:`check_stored_model` warns) gets dargs'
+    defaults and aliases only, with keys sezm does not know left for the model to ignore;
+    the rules across keys still apply. Warnings about options without effect are not
+    repeated here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        try:
+            return _normalize_model(params)
+        except ConfigError:
+            pass
+    multi = "model_dict" in params
+    model = expand_shared_params(params)[0] if multi else copy.deepcopy(params)
+    _fill_fitting(model, multi)
+    try:
+        model = _schema("model-multi" if multi else "model").normalize_value(
+            model, trim_pattern="_*"
+        )
+    except ArgumentError as err:
+        raise ConfigError(join_path("model", err.path), err.message) from None
+    check_model(model, multi)
+    return model
 
 
 def normalize_model(raw_model: dict[str, Any], source: str | None = None) -> dict[str, Any]:
@@ -163,6 +211,7 @@ def _normalize_input(raw: dict[str, Any]) -> dict[str, Any]:
         data["model"], _ = expand_shared_params(data["model"])
     _fill_absent_sections(data, multi)
     data = _apply(_schema("input-multi" if multi else "input"), data, [])
+    check_model(data["model"], multi)
     check_run_length(data, multi)
     if "learning_rate" in data:
         check_learning_rate(data["learning_rate"])
@@ -181,6 +230,7 @@ def _normalize_model(raw_model: dict[str, Any]) -> dict[str, Any]:
     model = expand_shared_params(raw_model)[0] if multi else copy.deepcopy(raw_model)
     _fill_fitting(model, multi)
     model = _apply(_schema("model-multi" if multi else "model"), model, ["model"])
+    check_model(model, multi)
     if multi:
         check_no_multitask_lora(model)
     return model

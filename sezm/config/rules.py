@@ -6,6 +6,7 @@ They run on already normalized sections (defaults present, aliases resolved) and
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from .errors import ConfigError, join_path
@@ -205,3 +206,78 @@ def check_no_multitask_lora(model: dict[str, Any]) -> None:
     for name, branch in (model.get("model_dict") or {}).items():
         if branch.get("lora") is not None:
             raise ConfigError(f"model/model_dict/{name}/lora", "LoRA is single-task only")
+
+
+def block_schedules(desc: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-block degrees and orders ``(l_schedule, m_schedule)`` of a normalized descriptor:
+    ``l_schedule``, else ``n_blocks`` times ``lmax``; ``m_schedule``, else ``min(mmax, l)``
+    per block (``mmax`` null: ``l``)."""
+    given = desc["l_schedule"]
+    l_sched = tuple(given) if given is not None else (desc["lmax"],) * desc["n_blocks"]
+    if desc["m_schedule"] is not None:
+        return l_sched, tuple(desc["m_schedule"])
+    mmax = desc["mmax"]
+    return l_sched, tuple(l if mmax is None else min(mmax, l) for l in l_sched)
+
+
+def check_descriptor(desc: dict[str, Any], path: str = "model/descriptor") -> None:
+    """Rules across the keys of a normalized ``dpa4`` descriptor section (DeePMD-kit checks
+    them when it builds the descriptor): a non-increasing ``l_schedule``, an ``m_schedule``
+    with one order ``0 <= m <= l`` per block, ``kmax`` at most the first block's degree,
+    at most one descriptor-level attention residual, and heads that divide the attention
+    width."""
+    l_sched, m_sched = block_schedules(desc)
+    if any(a < b for a, b in itertools.pairwise(l_sched)):
+        raise ConfigError(
+            join_path(path, "l_schedule"), f"must be non-increasing, got {list(l_sched)}"
+        )
+    if len(m_sched) != len(l_sched):
+        raise ConfigError(
+            join_path(path, "m_schedule"),
+            f"needs one entry per block ({len(l_sched)}), got {len(m_sched)}",
+        )
+    if any(not 0 <= m <= l for m, l in zip(m_sched, l_sched)):
+        raise ConfigError(
+            join_path(path, "m_schedule"),
+            f"entries must satisfy 0 <= m_schedule[i] <= l_schedule[i] = {list(l_sched)}, "
+            f"got {list(m_sched)}",
+        )
+    lmax = l_sched[0] if l_sched else desc["lmax"]
+    if desc["kmax"] > lmax:
+        raise ConfigError(join_path(path, "kmax"), f"must be <= lmax = {lmax}, got {desc['kmax']}")
+    if desc["full_attn_res"] != "none" and desc["block_attn_res"] != "none":
+        raise ConfigError(
+            join_path(path, "block_attn_res"),
+            "`full_attn_res` and `block_attn_res` exclude each other",
+        )
+    heads = desc["n_atten_head"]
+    focus_dim = desc["focus_dim"] or desc["channels"]
+    width = desc["n_focus"] * focus_dim if desc["atten_f_mix"] else focus_dim
+    if heads > 0 and width % heads:
+        raise ConfigError(
+            join_path(path, "n_atten_head"),
+            f"{heads} heads do not divide the attention width {width}",
+        )
+
+
+def check_exclusions(model: dict[str, Any], path: str = "model") -> None:
+    """The model's ``pair_exclude_types`` and its descriptor's ``exclude_types`` name the same
+    pairs when both are given."""
+    pairs = sorted(sorted(p) for p in model["pair_exclude_types"])
+    desc_pairs = sorted(sorted(p) for p in model["descriptor"]["exclude_types"])
+    if pairs and desc_pairs and pairs != desc_pairs:
+        raise ConfigError(
+            join_path(path, "descriptor/exclude_types"),
+            f"{desc_pairs} disagrees with `{join_path(path, 'pair_exclude_types')}` {pairs}",
+        )
+
+
+def check_model(model: dict[str, Any], multi_task: bool) -> None:
+    """The descriptor and exclusion rules of every branch of a normalized ``model`` section."""
+    if not multi_task:
+        branches = {"model": model}
+    else:
+        branches = {f"model/model_dict/{k}": v for k, v in model["model_dict"].items()}
+    for path, branch in branches.items():
+        check_descriptor(branch["descriptor"], join_path(path, "descriptor"))
+        check_exclusions(branch, path)

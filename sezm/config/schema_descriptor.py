@@ -23,6 +23,20 @@ def _grid_branch_ok(x: object) -> bool:
     return count(x) or (isinstance(x, list) and len(x) == 3 and all(count(v) for v in x))
 
 
+def _length(n: int, what: str) -> tuple:
+    """Value check: a list of exactly ``n`` entries."""
+    return (lambda x: len(x) == n), f"must be a list of {n}: {what}"
+
+
+def _null_or(check: tuple, what: str) -> tuple:
+    """``check`` for a value that may also be null."""
+    test = check[0]
+    return (lambda x: x is None or test(x)), f"must be null or {what}"
+
+
+_NON_NEGATIVE_LIST = ((lambda x: all(v >= 0 for v in x)), "entries must be >= 0")
+
+
 _NEIGHBORS = [
     opt(
         "sel",
@@ -41,12 +55,19 @@ _NEIGHBORS = [
         [7, 5],
         "Exponents `[rbf, edge]` of the C³ cutoff envelopes applied to the radial basis and to the "
         "message weights. Larger exponents suppress less.",
+        check=_length(2, "[rbf, edge]"),
     ),
 ]
 
 _WIDTH_AND_RADIAL = [
     opt("channels", int, 64, "Channels per (l, m) coefficient; also the descriptor width."),
-    opt("basis_type", str, "bessel", "Radial basis: `bessel` or `gaussian`."),
+    opt(
+        "basis_type",
+        str,
+        "bessel",
+        "Radial basis: `bessel` or `gaussian` (any case).",
+        check=((lambda x: x.lower() in ("bessel", "gaussian")), "must be 'bessel' or 'gaussian'"),
+    ),
     opt("n_radial", int, 16, "Number of radial basis functions."),
     opt(
         "radial_mlp",
@@ -102,13 +123,20 @@ _CARTESIAN = [
 ]
 
 _DEGREES_AND_DEPTH = [
-    opt("lmax", int, 3, "Maximum degree l of every block (ignored when `l_schedule` is set)."),
+    opt(
+        "lmax",
+        int,
+        3,
+        "Maximum degree l of every block (ignored when `l_schedule` is set).",
+        check=at_least(0),
+    ),
     opt(
         "l_schedule",
         list[int],
         None,
         "Per-block maximum degree, non-increasing, e.g. [3, 3, 2]; overrides `lmax` and "
         "`n_blocks`.",
+        check=_null_or(_NON_NEGATIVE_LIST, "a list of non-negative degrees"),
     ),
     opt(
         "mmax",
@@ -116,6 +144,7 @@ _DEGREES_AND_DEPTH = [
         1,
         "Maximum order |m| kept in the SO(2) convolution (null: the block's lmax); ignored when "
         "`m_schedule` is set.",
+        check=_null_or(at_least(0), ">= 0"),
     ),
     opt(
         "kmax",
@@ -129,6 +158,7 @@ _DEGREES_AND_DEPTH = [
         list[int],
         None,
         "Per-block |m| limit, same length as `l_schedule`, `m_schedule[i] <= l_schedule[i]`.",
+        check=_null_or(_NON_NEGATIVE_LIST, "a list of non-negative orders"),
     ),
     opt(
         "extra_node_l",
@@ -143,6 +173,7 @@ _DEGREES_AND_DEPTH = [
         3,
         "Number of interaction blocks (ignored when `l_schedule` is set). 0 builds the "
         "block-free descriptor (embeddings then read-out).",
+        check=at_least(0),
     ),
 ]
 
@@ -154,6 +185,7 @@ _SO2_CONVOLUTION = [
         4,
         "SO(2) mixing layers per block; 0 keeps only the radial modulation of the message.",
         alias=["so2_layers"],
+        check=at_least(0),
     ),
     opt(
         "so2_attn_res",
@@ -178,7 +210,13 @@ _SO2_CONVOLUTION = [
         "Low-rank channel factorization of `degree_channel` mixing; 0 means full rank.",
         check=at_least(0),
     ),
-    opt("n_focus", int, 1, "Parallel focus streams inside the SO(2) convolution."),
+    opt(
+        "n_focus",
+        int,
+        1,
+        "Parallel focus streams inside the SO(2) convolution.",
+        check=at_least(1),
+    ),
     opt(
         "focus_dim",
         int,
@@ -193,7 +231,9 @@ _ATTENTION = [
         "n_atten_head",
         int,
         1,
-        "Attention heads of the message aggregation; 0 aggregates by an envelope-weighted sum.",
+        "Attention heads of the message aggregation; 0 aggregates by an envelope-weighted sum. "
+        "Must divide the attention width (`focus_dim`, times `n_focus` with `atten_f_mix`).",
+        check=at_least(0),
     ),
     opt("atten_f_mix", bool, False, "Attend over all focus streams merged into one stream."),
     opt("atten_v_proj", bool, False, "Degree-aware value projection inside the attention."),
@@ -228,7 +268,7 @@ _FFN = [
             "must be a non-negative int or a list of three non-negative ints",
         ),
     ),
-    opt("ffn_blocks", int, 1, "FFN sub-layers per interaction block."),
+    opt("ffn_blocks", int, 1, "FFN sub-layers per interaction block.", check=at_least(1)),
 ]
 
 _NORMS_AND_RESIDUALS = [
@@ -237,6 +277,7 @@ _NORMS_AND_RESIDUALS = [
         list[bool],
         [False, True, True, False],
         "Norm switches `[so2_pre, so2_post, ffn_pre, ffn_post]` around the residual branches.",
+        check=_length(4, "[so2_pre, so2_post, ffn_pre, ffn_post]"),
     ),
     opt(
         "mlp_bias",
@@ -361,6 +402,7 @@ _CONDITIONING = [
         list[float],
         None,
         "`[charge, spin]` used when the data give none (needs `add_chg_spin_ebd`).",
+        check=_null_or(_length(2, "[charge, spin]"), "[charge, spin]"),
     ),
     opt(
         "exclude_types",
@@ -372,7 +414,13 @@ _CONDITIONING = [
 ]
 
 _NUMERICS = [
-    opt("precision", str, "float32", "Parameter and block precision."),
+    opt(
+        "precision",
+        str,
+        "float32",
+        "Parameter and block precision.",
+        check=one_of("float32", "float64", "float16", "bfloat16", "default"),
+    ),
     opt("eps", float, 1e-7, "Small constant guarding norms and divisions."),
     opt("trainable", bool, True, "Whether the descriptor parameters are trained."),
     opt("seed", [int, None], None, "Seed of the parameter initialization."),

@@ -246,7 +246,12 @@ def _compress_block() -> Argument:
 def common_model_fields() -> list[Argument]:
     """Keys every DeePMD-kit model accepts, in upstream order."""
     return [
-        maybe("type_map", list[str], 'Element name of each atom type, e.g. ["O", "H"].'),
+        maybe(
+            "type_map",
+            list[str],
+            'Element name of each atom type, e.g. ["O", "H"].',
+            check=((lambda x: len(set(x)) == len(x)), "names an element twice; one name per type"),
+        ),
         opt(
             "data_stat_nbatch",
             int,

@@ -298,7 +298,32 @@ def _loss_dict() -> Argument:
 # ---------------------------------------------------------------------------------------------
 # training
 
-_SYSTEMS = "System directories, or directories searched recursively for systems."
+_SYSTEMS = (
+    "DeePMD npy system folders, folders searched recursively for them, or files that ASE reads "
+    "(`.xyz`/`.extxyz`, ASE `.traj`, VASP `OUTCAR`, ...; frames grouped into one system per atom "
+    "count and boundary condition; a folder search finds npy systems only)."
+)
+_FILE_FORMAT = (
+    '[sezm only] ASE format name of the files in `systems` (e.g. "extxyz", "vasp-out", '
+    '"lammps-dump-text"); by default ASE tells it from each file\'s name and contents. '
+    "Folders are always npy systems."
+)
+_LABEL_KEYS = (
+    "[sezm only] Where files read with ASE keep the labels: sezm label -> name in the "
+    "calculator results, `atoms.info` or `atoms.arrays`, e.g. "
+    '{"energy": "REF_energy", "force": "REF_forces", "stress": "REF_stress"}. Defaults: '
+    "energy -> energy (eV), force -> forces (eV/Å), virial -> virial (eV, 9 values), "
+    "stress -> stress (eV/Å^3, used when there is no virial, as virial = -stress * volume), "
+    "atom_ener -> energies; other inputs and labels (fparam, aparam, ...) by their own name."
+)
+SEZM_ONLY_DATA_KEYS = ("file_format", "label_keys")
+"""Keys of `training_data` / `validation_data` that DeePMD-kit does not have."""
+
+
+def _names_to_names(value: Any) -> bool:
+    return all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items())
+
+
 _BATCH_SIZE = (
     'Frames per batch: an int, one int per system, "auto" / "auto:N" (at least N atoms, '
     'default 32), "max:N", "filter:N", "mixed:N" or "mix:N".'
@@ -325,6 +350,19 @@ def _dataset_fields() -> list[Argument]:
     ]
 
 
+def _file_fields() -> list[Argument]:
+    """How files in `systems` are read with ASE (sezm only; declared last in each section)."""
+    return [
+        maybe("file_format", str, _FILE_FORMAT),
+        maybe(
+            "label_keys",
+            dict,
+            _LABEL_KEYS,
+            check=(_names_to_names, "must map label names to non-empty names (strings)"),
+        ),
+    ]
+
+
 def _data_fields() -> list[Argument]:
     training_data = section(
         "training_data",
@@ -336,6 +374,7 @@ def _data_fields() -> list[Argument]:
                 0.0,
                 "Skip frames with an atom pair closer than this (Å); 0 disables.",
             ),
+            *_file_fields(),
         ],
         "Training data.",
         optional=True,
@@ -351,6 +390,7 @@ def _data_fields() -> list[Argument]:
                 "Batches drawn per validation.",
                 alias=["numb_batch"],
             ),
+            *_file_fields(),
         ],
         "Validation data.",
         optional=True,
@@ -391,16 +431,18 @@ def _run_fields() -> list[Argument]:
             int,
             "Training steps. Exclusive with `numb_epoch`.",
             alias=["stop_batch", "num_step", "num_steps", "numb_step"],
+            check=at_least(0),
         ),
         maybe(
             "numb_epoch",
             [int, float],
             "Expected epochs (single-task); converted to steps from the number of batches.",
             alias=["num_epochs", "num_epoch", "numb_epochs"],
+            check=((lambda x: x > 0), "must be > 0"),
         ),
         maybe("seed", [int, None], "Seed of the data sampling."),
         opt("disp_file", str, "lcurve.out", "Learning-curve file."),
-        opt("disp_freq", int, 1000, "Steps between learning-curve lines."),
+        opt("disp_freq", int, 1000, "Steps between learning-curve lines.", check=at_least(1)),
         opt("save_freq", int, 1000, "Steps between checkpoints."),
         opt("save_dir", [str, None], None, "Directory of the periodic checkpoints."),
         opt("save_ckpt", str, "model.ckpt", "Checkpoint path prefix."),
@@ -441,7 +483,7 @@ def _run_fields() -> list[Argument]:
         opt("enable_profiler", bool, False, "Write profiler data to `tensorboard_log_dir`."),
         opt("tensorboard", bool, False, "Write TensorBoard events."),
         opt("tensorboard_log_dir", str, "log", "TensorBoard directory."),
-        opt("tensorboard_freq", int, 1, "Steps between TensorBoard events."),
+        opt("tensorboard_freq", int, 1, "Steps between TensorBoard events.", check=at_least(1)),
         maybe("gradient_max_norm", float, "Clip the gradient norm to this value (0: no clip)."),
         opt("acc_freq", int, 1, NO_EFFECT + "Gradient accumulation steps (Paddle)."),
         opt(

@@ -1,11 +1,14 @@
-"""Training and test data: DeePMD-kit npy systems, batching, statistics, neighbour statistics."""
+"""Training and test data: DeePMD-kit npy systems, files ASE reads (extxyz, ...), batching,
+statistics, neighbour statistics."""
 
+from .ase_frames import AseSystem, FileOptions, FrameFile
 from .dataset import (
     Batch,
     DataSystem,
     batch_sizes,
     expand_systems,
     fields_for_model,
+    open_systems,
     system_probs,
 )
 from .neighbor_stat import (
@@ -16,14 +19,18 @@ from .neighbor_stat import (
     update_sel,
 )
 from .stats import ModelStats, StatFile, model_stats, out_stat
-from .system import LABEL_FIELDS, DataError, Field, System
+from .system import LABEL_FIELDS, BaseSystem, DataError, Field, System
 
 __all__ = [
     "LABEL_FIELDS",
+    "AseSystem",
+    "BaseSystem",
     "Batch",
     "DataError",
     "DataSystem",
     "Field",
+    "FileOptions",
+    "FrameFile",
     "ModelStats",
     "NeighborStat",
     "StatFile",
@@ -34,6 +41,7 @@ __all__ = [
     "model_stats",
     "neighbor_stat",
     "neighbor_stat_command",
+    "open_systems",
     "out_stat",
     "resolve_sel",
     "system_probs",

@@ -1,8 +1,10 @@
 """Many systems sampled into training batches, with DeePMD-kit's (PyTorch backend) rules.
 
-* ``systems``: a path or a list of paths; each is a system (a folder with ``type.raw``) or a
-  folder searched recursively for systems; glob patterns are expanded. Systems found under
-  one folder are sorted by path.
+* ``systems``: a path or a list of paths; each is a system (a folder with ``type.raw``), a
+  folder searched recursively for systems, or a file ASE reads (extxyz, ...; one system per
+  atom count and boundary condition, see :mod:`.ase_frames`); glob patterns are expanded.
+  Systems found under one folder are sorted by path; files are taken only where named (a
+  folder search finds npy systems only).
 * ``batch_size`` per system: an int, one int per system, ``"auto"`` / ``"auto:N"``
   (smallest ``bs`` with ``bs * natoms >= N``, N = 32 by default), ``"max:N"``
   (``max(1, N // natoms)``) or ``"filter:N"`` (``"max:N"`` after dropping systems with more
@@ -30,7 +32,8 @@ import torch
 from ..geometry.frames import InputError
 from ..geometry.neighbors import build_edges
 from ..model.graph import Graph, build_graph
-from .system import LABEL_FIELDS, DataError, Field, SpinField, System
+from .ase_frames import FileOptions, FrameFile
+from .system import LABEL_FIELDS, BaseSystem, DataError, Field, SpinField, System
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,8 @@ _SCAN_ATOMS = 1 << 16  # atoms per neighbour search when scanning frames for clo
 def expand_systems(
     systems: str | Path | Sequence[str | Path], patterns: Sequence[str] | None = None
 ) -> list[str]:
-    """System folders under ``systems`` (paths, folders to search, or glob patterns).
+    """System folders under ``systems`` (paths, folders to search, or glob patterns), and the
+    files among them (read with ASE by :func:`open_systems`).
 
     With ``patterns`` (``rglob_patterns``) only sub-folders matching one of them are taken.
     """
@@ -55,6 +59,9 @@ def expand_systems(
         if not matches or not Path(matches[0]).exists():
             raise DataError(f"systems: {root!r} does not exist")
         for path in map(Path, matches):
+            if path.is_file():
+                found.append(str(path))
+                continue
             if patterns:
                 candidates = [d for pattern in patterns for d in path.rglob(pattern)]
             else:
@@ -64,6 +71,19 @@ def expand_systems(
     if not found:
         raise DataError(f"systems: no system (folder with type.raw) found under {roots}")
     return found
+
+
+def open_systems(
+    path: str | Path,
+    type_map: Sequence[str] | None,
+    fields: Mapping[str, Field] = LABEL_FIELDS,
+    file_options: FileOptions | None = None,
+) -> list[BaseSystem]:
+    """The system at ``path``: one npy :class:`System` for a folder; for a file, one system per
+    atom count and boundary condition of its frames (:class:`~.ase_frames.FrameFile`)."""
+    if Path(path).is_file():
+        return list(FrameFile(path, type_map, fields, file_options).systems)
+    return [System(path, type_map, fields)]
 
 
 def batch_sizes(rule: int | str | Sequence[int], natoms: Sequence[int]) -> list[int]:
@@ -165,7 +185,7 @@ def _explicit_probs(given: np.ndarray, nbatches: np.ndarray) -> np.ndarray:
     return probs
 
 
-def close_pair_frames(system: System, min_dist: float) -> np.ndarray:
+def close_pair_frames(system: BaseSystem, min_dist: float) -> np.ndarray:
     """``(nframes,)`` bool: frames with a pair of atoms closer than ``min_dist`` Å.
 
     Every periodic image counts; atoms marked ``-1`` (mixed-type padding) are ignored.
@@ -173,7 +193,7 @@ def close_pair_frames(system: System, min_dist: float) -> np.ndarray:
     return closest_pairs(system, min_dist) < min_dist
 
 
-def closest_pairs(system: System, min_dist: float) -> np.ndarray:
+def closest_pairs(system: BaseSystem, min_dist: float) -> np.ndarray:
     """``(nframes,)``: each frame's shortest distance between two atoms (Å) where it is below
     ``min_dist``, else ``inf``. Periodic images and padding as in :func:`close_pair_frames`."""
     closest = np.full(system.nframes, np.inf)
@@ -216,7 +236,10 @@ class Batch:
 
 
 class DataSystem:
-    """The systems of ``training_data`` / ``validation_data`` and a seeded batch sampler."""
+    """The systems of ``training_data`` / ``validation_data`` and a seeded batch sampler.
+
+    ``file_options``: how files in ``systems`` are read with ASE (format, label names).
+    """
 
     def __init__(
         self,
@@ -230,11 +253,15 @@ class DataSystem:
         numb_btch: int = 1,
         rglob_patterns: Sequence[str] | None = None,
         fields: Mapping[str, Field] = LABEL_FIELDS,
+        file_options: FileOptions | None = None,
         seed: int | None = None,
     ) -> None:
         self.type_map = None if type_map is None else list(type_map)
         paths = expand_systems(systems, rglob_patterns)
-        self.systems = [System(p, self.type_map, fields) for p in paths]
+        (file_options or FileOptions()).check(fields)
+        self.systems = [
+            s for p in paths for s in open_systems(p, self.type_map, fields, file_options)
+        ]
         if isinstance(batch_size, str) and batch_size.startswith("filter:"):
             self._drop_large(_positive_int(batch_size.partition(":")[2], batch_size))
         self.batch_size = batch_sizes(batch_size, [s.nat for s in self.systems])
@@ -270,6 +297,7 @@ class DataSystem:
             numb_btch=params.get("numb_btch", 1),
             rglob_patterns=params.get("rglob_patterns"),
             fields=fields,
+            file_options=FileOptions.from_config(params),
             seed=seed,
         )
 
@@ -290,7 +318,7 @@ class DataSystem:
                 f"batch_size 'filter:{limit}': every system has more than {limit} atoms"
             )
 
-    def _closest_pairs(self, system: System) -> np.ndarray:
+    def _closest_pairs(self, system: BaseSystem) -> np.ndarray:
         """Per frame: the closest pair below ``min_pair_dist`` (``inf``: none, or no limit)."""
         if self.min_pair_dist <= 0.0:
             return np.full(system.nframes, np.inf)

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..geometry.neighbors import build_edges
-from .dataset import expand_systems
-from .system import DataError, System
+from .ase_frames import FileOptions
+from .dataset import expand_systems, open_systems
+from .system import BaseSystem, DataError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class NeighborStat:
 
 
 def neighbor_stat(
-    systems: Sequence[System], rcut: float, ntypes: int | None = None
+    systems: Sequence[BaseSystem], rcut: float, ntypes: int | None = None
 ) -> NeighborStat:
     """Neighbour statistics of ``systems`` within ``rcut``; ``ntypes`` defaults to the systems'."""
     if ntypes is None:
@@ -74,7 +75,7 @@ def neighbor_stat(
 
 
 def _chunk_stat(
-    system: System, frames: np.ndarray, rcut: float, ntypes: int
+    system: BaseSystem, frames: np.ndarray, rcut: float, ntypes: int
 ) -> tuple[float, np.ndarray, int]:
     """``(min distance, max neighbours per type (ntypes,), max neighbours)`` of some frames."""
     data = system.frames(frames, keys=())
@@ -91,7 +92,7 @@ def _chunk_stat(
     return float(dist[keep].min()), counts.max(axis=0), int(counts.sum(axis=1).max())
 
 
-def _type_count(system: System) -> int:
+def _type_count(system: BaseSystem) -> int:
     if system.ntypes is not None:
         return system.ntypes
     if system.mixed_type:
@@ -99,7 +100,7 @@ def _type_count(system: System) -> int:
     return int(system.atom_type.max()) + 1
 
 
-def _check_coincident(system: System, frames, pairs: np.ndarray, atype: np.ndarray) -> None:
+def _check_coincident(system: BaseSystem, frames, pairs: np.ndarray, atype: np.ndarray) -> None:
     real = pairs[(atype[pairs[:, 0]] >= 0) & (atype[pairs[:, 1]] >= 0)] if len(pairs) else pairs
     if len(real):
         i, j = (int(k) for k in real[0])
@@ -132,7 +133,7 @@ def resolve_sel(sel: int | str | Sequence[int], max_nbor_total: int) -> int:
 
 
 def update_sel(
-    systems: Sequence[System],
+    systems: Sequence[BaseSystem],
     rcut: float,
     sel: int | str | Sequence[int],
     ntypes: int | None = None,
@@ -147,12 +148,13 @@ def neighbor_stat_command(
     rcut: float,
     type_map: Sequence[str] | None = None,
     mixed_type: bool = False,
+    file_options: FileOptions | None = None,
 ) -> tuple[float, list[int]]:
     """``sezm neighbor-stat``: ``(min_nbor_dist, max_nbor_size)`` of every system under
     ``system``; ``max_nbor_size`` per type, or ``[total]`` with ``mixed_type``."""
     paths = expand_systems(system)
     type_map = list(type_map) if type_map else _merged_type_map(paths)
-    systems = [System(p, type_map, fields={}) for p in paths]
+    systems = [s for p in paths for s in open_systems(p, type_map, {}, file_options)]
     stat = neighbor_stat(systems, rcut, None if type_map is None else len(type_map))
     sizes = [stat.max_nbor_total] if mixed_type else stat.max_nbor_size.tolist()
     print(f"min_nbor_dist: {stat.min_nbor_dist:f}")

@@ -14,6 +14,8 @@ Everything is checked when the system is opened (shapes, frame counts, NaN/inf, 
 and every problem raises :class:`DataError` naming the system, file and frame. Arrays are
 memory-mapped and read a batch of frames at a time, so large systems stay cheap to hold.
 Absent optional fields are recorded in :attr:`System.present` and never filled in.
+:class:`BaseSystem` is what the rest of sezm reads; files read with ASE (extxyz, ...) give
+systems of the same interface (:mod:`.ase_frames`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,47 @@ def _open(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot be read as a .npy array ({err})") from err
 
 
-class System:
+class BaseSystem:
+    """Frames with a fixed atom count, as training, testing and the commands read them.
+
+    ``path``: where the frames come from (for messages); ``nat``, ``nframes``; ``pbc``: periodic
+    (frames have ``box``) or open boundaries; ``mixed_type``: atom types differ between frames;
+    ``atom_type (nat,)``: the model types (of the first frame when ``mixed_type``);
+    ``fields``: the fields read besides ``coord``/``box``; ``present``: whether each field is in
+    the data; ``ntypes``: number of model types (``None``: not known).
+    """
+
+    path: Path
+    nat: int
+    nframes: int
+    pbc: bool
+    mixed_type: bool
+    atom_type: np.ndarray
+    fields: dict[str, Field]
+    present: dict[str, bool]
+
+    @property
+    def ntypes(self) -> int | None:
+        """Number of model types (``None``: not known)."""
+        raise NotImplementedError
+
+    def frames(
+        self, index: Sequence[int] | np.ndarray, keys: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Frames ``index`` as float64/int64 arrays: ``coord (n, nat, 3)``, ``atype (n, nat)``,
+        ``box (n, 3, 3)`` (periodic systems only) and every present field (or those of
+        ``keys``), e.g. ``energy (n,)``, ``force (n, nat, 3)``."""
+        raise NotImplementedError
+
+    def chunks(self, batch_atoms: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """``(first frame, frames)`` of consecutive frames, about ``batch_atoms`` atoms (at
+        least one frame) at a time, in :meth:`frames`' layout."""
+        step = max(1, batch_atoms // self.nat)
+        for start in range(0, self.nframes, step):
+            yield start, self.frames(np.arange(start, min(start + step, self.nframes)))
+
+
+class System(BaseSystem):
     """A validated npy system whose types are mapped onto the model ``type_map``.
 
     ``fields``: the arrays to read besides ``coord``/``box`` (default: :data:`LABEL_FIELDS`).
@@ -128,13 +170,6 @@ class System:
         return f"System({str(self.path)!r}, nat={self.nat}, nframes={self.nframes})"
 
     # -- reading ---------------------------------------------------------------------------
-
-    def chunks(self, batch_atoms: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """``(first frame, frames)`` of consecutive frames, about ``batch_atoms`` atoms (at
-        least one frame) at a time, in :meth:`frames`' layout."""
-        step = max(1, batch_atoms // self.nat)
-        for start in range(0, self.nframes, step):
-            yield start, self.frames(np.arange(start, min(start + step, self.nframes)))
 
     def frames(
         self, index: Sequence[int] | np.ndarray, keys: Sequence[str] | None = None

@@ -34,6 +34,11 @@ MAX_NEIGHBOURS_PER_ATOM = 20_000
 
 _CUTOFF_PAD = 1e-9  # relative padding of the vesin cutoff, so that d == rcut is found
 
+MAX_OPEN_EXTENT = 10_000
+"""Largest extent of an open-boundary group of atoms handed to vesin, in units of ``rcut``:
+its cell list dies (SIGFPE) near 1e5 cutoffs along one axis. Wider frames are split at the
+gaps wider than ``rcut`` (atoms across such a gap cannot be neighbours)."""
+
 
 def _empty_pairs() -> np.ndarray:
     return np.zeros((0, 2), dtype=np.int64)
@@ -112,7 +117,7 @@ def _frame_edges(
 ) -> tuple[np.ndarray, ...]:
     """Edges of one frame as ``(src, dst, vec, shift, coincident)`` with flattened indices."""
     if box is None:
-        i, j, shift = searcher.compute(pos, np.zeros((3, 3)), False, "ijS")
+        i, j, shift = _open_pairs(searcher, pos, rcut, offset)
     else:
         i, j, shift = searcher.compute(pos, box, True, "ijS")
     dst = i.astype(np.int64)
@@ -125,6 +130,44 @@ def _frame_edges(
     zero = dist2 <= ZERO_DIST2
     coincident = np.stack([dst[zero], src[zero]], axis=1) + offset
     return src[keep] + offset, dst[keep] + offset, vec[keep], shift[keep], coincident
+
+
+def _open_pairs(
+    searcher: vesin.NeighborList, pos: np.ndarray, rcut: float, offset: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(i, j, shift)`` of an open-boundary frame, searched group by group when the frame is
+    too wide for one cell list (an atom far from the rest)."""
+    pairs = []
+    for group in _compact_groups(pos, rcut, np.arange(len(pos)), offset):
+        i, j, shift = searcher.compute(pos[group], np.zeros((3, 3)), False, "ijS")
+        pairs.append((group[i], group[j], shift))
+    if len(pairs) == 1:
+        return pairs[0]
+    return tuple(np.concatenate(p) for p in zip(*pairs, strict=True))
+
+
+def _compact_groups(pos: np.ndarray, rcut: float, atoms: np.ndarray, offset: int) -> list:
+    """``atoms`` split at gaps wider than ``rcut`` until every group spans at most
+    ``MAX_OPEN_EXTENT * rcut`` along each axis."""
+    sub = pos[atoms]  # [n, 3]
+    extent = np.ptp(sub, axis=0) if len(atoms) else np.zeros(3)
+    if np.all(extent <= MAX_OPEN_EXTENT * rcut):
+        return [atoms]
+    axis = int(np.argmax(extent))
+    order = np.argsort(sub[:, axis], kind="stable")
+    gaps = np.nonzero(np.diff(sub[order, axis]) > rcut)[0]
+    if len(gaps) == 0:
+        frame = offset // max(len(pos), 1)
+        raise InputError(
+            f"frame {frame}: the atoms span {extent[axis]:.4g} Å along axis {'xyz'[axis]} "
+            f"without a gap wider than rcut {rcut} Å, more than an open-boundary neighbour "
+            f"search handles ({MAX_OPEN_EXTENT} x rcut). Check the coordinate units (Å), or "
+            "give the frame a periodic cell"
+        )
+    groups = []
+    for part in np.split(order, gaps + 1):
+        groups += _compact_groups(pos, rcut, atoms[np.sort(part)], offset)
+    return groups
 
 
 def _sorted_edge_list(parts: list[tuple[np.ndarray, ...]]) -> EdgeList:
@@ -141,6 +184,48 @@ def _sorted_edge_list(parts: list[tuple[np.ndarray, ...]]) -> EdgeList:
         shift=shift[order],
         coincident=coincident[np.lexsort(coincident.T[::-1])],
     )
+
+
+def device_edges(
+    coord: torch.Tensor, cell: torch.Tensor | None, rcut: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Edges of one frame searched where ``coord`` lives (CUDA positions stay on the GPU):
+    ``(src, dst, vec, shift)``, the pairs and order of :func:`build_edges`.
+
+    ``coord``: ``[nat, 3]``; ``cell``: ``[3, 3]`` (rows the cell vectors) or ``None``.
+    ``src``/``dst``/``shift`` int64, ``vec`` float64, all on ``coord``'s device. Uses vesin's
+    torch flavour (``pip install "sezm[gpu]"``). Two scalars are read back to validate the
+    frame (its open-boundary extent, coincident atoms), which raise ``InputError``.
+    """
+    try:
+        from vesin_torch import NeighborList
+    except ImportError:
+        raise ImportError(
+            'device_edges needs vesin-torch: pip install "sezm[gpu]" (or vesin-torch)'
+        ) from None
+    pos = coord.detach().to(torch.float64)  # [nat, 3]
+    if cell is None:
+        extent = float((pos.amax(0) - pos.amin(0)).max()) if len(pos) else 0.0
+        if extent > MAX_OPEN_EXTENT * rcut:
+            raise InputError(
+                f"the atoms span {extent:.4g} Å, more than the device neighbour search handles "
+                f"without a cell ({MAX_OPEN_EXTENT} x rcut); use the CPU search (build_edges)"
+            )
+    box = pos.new_zeros(3, 3) if cell is None else cell.detach().to(pos)
+    searcher = NeighborList(cutoff=rcut * (1.0 + _CUTOFF_PAD), full_list=True)
+    i, j, shift = searcher.compute(pos, box, cell is not None, "ijS")
+    dst, src, shift = i.to(torch.int64), j.to(torch.int64), shift.to(torch.int64)
+    vec = pos[src] + shift.to(pos.dtype) @ box - pos[dst]  # [E, 3]
+    dist2 = vec.square().sum(-1)
+    n_zero = int((dist2 <= ZERO_DIST2).sum())
+    if n_zero:
+        raise InputError(f"{n_zero // 2} pair(s) of coincident atoms (closer than 1e-5 Å)")
+    keep = dist2 <= rcut * rcut
+    src, dst, vec, shift = src[keep], dst[keep], vec[keep], shift[keep]
+    order = torch.arange(len(src), device=src.device)
+    for key in (shift[:, 2], shift[:, 1], shift[:, 0], src, dst):  # lexicographic, dst first
+        order = order[torch.sort(key[order], stable=True).indices]
+    return src[order], dst[order], vec[order], shift[order]
 
 
 def edge_vectors(

@@ -8,14 +8,19 @@ per degree. Two strategies, chosen by size (both give the same numbers up to rou
   batched matmul of 4x4 matrices;
 * ``L >= 2``: one batched matmul with the projected dense ``(E, D_m, D)`` matrices, whose
   per-op cost wins once the blocks grow.
+
+Under :func:`sezm.kernels.fused_rotation` (``DP_TRITON_INFER`` on CUDA), both directions run
+Triton kernels on the flat block values instead (:mod:`sezm.kernels.rotation_triton`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ..kernels import fused_rotation_for
 from .layout import m_major_row_list, packed_index, so3_dim
 
 
@@ -26,6 +31,13 @@ def block_offsets(lmax: int) -> list[int]:
         offsets.append(start)
         start += (2 * l + 1) ** 2
     return offsets
+
+
+@dataclass(frozen=True)
+class FusedOperands:
+    """Operands of the fused (Triton) path: the flat block values ``(E, nnz)`` themselves."""
+
+    blocks: torch.Tensor
 
 
 class EdgeRotation:
@@ -58,7 +70,10 @@ class EdgeRotation:
 
     def matrices(self, blocks: torch.Tensor) -> tuple:
         """Per-forward operands: ``(E, 1)`` entry columns (sparse), or the dense projected
-        ``to_local (E, D_m, D)`` and gain-scaled ``to_global (E, D, D_m)`` matrices."""
+        ``to_local (E, D_m, D)`` and gain-scaled ``to_global (E, D, D_m)`` matrices; under
+        the fused-rotation switch, the block values alone."""
+        if fused_rotation_for(blocks):
+            return FusedOperands(blocks)
         if self.sparse:
             return tuple(c.unsqueeze(1) for c in blocks.unbind(1))
         dense = dense_from_blocks(blocks[:, : block_offsets(self.lmax + 1)[-1]], self.lmax)
@@ -71,6 +86,10 @@ class EdgeRotation:
     def to_local(self, ops: tuple, x: torch.Tensor) -> torch.Tensor:
         """``x (E, D, C)`` global -> ``(E, D_m, C)`` in the edge frame."""
         x = x[:, : so3_dim(self.lmax)]
+        if isinstance(ops, FusedOperands):
+            from ..kernels.rotation_triton import to_local
+
+            return to_local(ops.blocks, x, self.lmax, self.mmax)
         if not self.sparse:
             return torch.bmm(ops[0], x)
         xs = x.unbind(1)
@@ -81,6 +100,10 @@ class EdgeRotation:
     ) -> torch.Tensor:
         """``y (E, D_m, C)`` edge frame -> ``(E, D, C)`` global, truncated degrees rescaled,
         times ``weight (E, 1)`` if given (applied to the matrices, the cheaper side)."""
+        if isinstance(ops, FusedOperands):
+            from ..kernels.rotation_triton import to_global
+
+            return to_global(ops.blocks, y, self.lmax, self.mmax, weight)
         if not self.sparse:
             matrix = ops[1] if weight is None else ops[1] * weight.view(-1, 1, 1)
             return torch.bmm(matrix, y)
@@ -113,4 +136,4 @@ def dense_from_blocks(blocks: torch.Tensor, lmax: int) -> torch.Tensor:
     return flat.view(-1, dim, dim)
 
 
-__all__ = ["EdgeRotation", "block_offsets", "dense_from_blocks", "packed_index"]
+__all__ = ["EdgeRotation", "FusedOperands", "block_offsets", "dense_from_blocks", "packed_index"]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..compat.deepmd import CheckpointError, to_deepmd_state
-from ..data import DataSystem, expand_systems, fields_for_model, model_stats
+from ..data import DataSystem, FileOptions, expand_systems, fields_for_model, model_stats
 from ..model.build import load_model
 from ..model.dens import DensModel
 from ..model.property_model import PropertyModel
@@ -99,12 +99,14 @@ def change_bias(
     head: str | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
+    file_options: FileOptions | None = None,
 ) -> ChangeBiasResult:
     """Write ``checkpoint`` with a new output bias to ``output`` (see the module doc).
 
     ``bias_value`` replaces the data (``system``/``datafile``, ``numb_batch``, ``mode`` are then
     unused); ``head``: the branch of a multi-task checkpoint; ``seed``: of the frame draw when
-    ``numb_batch > 0`` (``None``: random, as DeePMD-kit).
+    ``numb_batch > 0`` (``None``: random, as DeePMD-kit); ``file_options``: how files among
+    the systems are read with ASE.
     """
     path = Path(checkpoint)
     if mode not in MODES:
@@ -133,7 +135,7 @@ def change_bias(
         _set_user_bias(model, path, type_map, bias_value)
         done = "user"
     else:
-        data = _open_data(read_systems(system, datafile), params, numb_batch, seed)
+        data = _open_data(read_systems(system, datafile), params, numb_batch, seed, file_options)
         nbatch = numb_batch or max(len(kept) for kept in data.kept)
         if mode == "change":
             change_out_bias(model, data, {**params, "data_stat_nbatch": nbatch}, seed)
@@ -174,14 +176,27 @@ def _set_user_bias(model, path: Path, type_map: list[str], values: Sequence[floa
         model.out_bias.copy_(torch.as_tensor(values, dtype=torch.float64).view(1, -1, 1))
 
 
-def _open_data(systems: list[str], params: dict, numb_batch: int, seed: int | None):
+def _open_data(
+    systems: list[str],
+    params: dict,
+    numb_batch: int,
+    seed: int | None,
+    file_options: FileOptions | None = None,
+):
     """The systems with batches of one frame; every label optional (model inputs keep
     their own rule)."""
     fields = {
         k: replace(f, must=f.must and k in ("fparam", "aparam", "charge_spin", "spin"))
         for k, f in fields_for_model(params).items()
     }
-    data = DataSystem(systems, params["type_map"], batch_size=1, fields=fields, seed=seed)
+    data = DataSystem(
+        systems,
+        params["type_map"],
+        batch_size=1,
+        fields=fields,
+        file_options=file_options,
+        seed=seed,
+    )
     frames = [len(kept) for kept in data.kept]
     log.info(
         "change-bias on %d system(s), %s frame(s) of each (%d in all)",

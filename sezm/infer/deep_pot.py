@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
 
-from ..geometry.frames import normalize_frames
+from ..geometry.frames import InputError, normalize_frames
 from ..model.build import load_model
 from ..model.dens import DensModel
 from ..model.graph import build_graph
@@ -16,8 +17,17 @@ from ..model.spin import VirtualSpinModel
 from ..runtime import tune_allocator
 from .settings import InferenceSettings
 
+CLOSE_FRACTION = 0.5
+"""Pairs closer than this fraction of the training data's closest pair are warned about."""
+
+
+class InputWarning(UserWarning):
+    """Evaluation input outside what the model was trained or built for."""
+
 
 class _DeepEval:
+    _warned_close = _warned_sel = False
+
     def __init__(
         self, model_file: str | os.PathLike, head: str | None = None, device: str | None = None
     ):
@@ -77,19 +87,12 @@ class _DeepEval:
             coords, cells, atom_types, self.get_ntypes(), self.type_map
         )
         nf, nat = atype.shape
-        if fparam is not None:
-            fparam = np.asarray(fparam, dtype=np.float64).reshape(-1, self.get_dim_fparam())
-            fparam = np.broadcast_to(fparam, (nf, fparam.shape[1]))
-        if aparam is not None:
-            aparam = np.asarray(aparam, dtype=np.float64).reshape(-1, nat, self.get_dim_aparam())
-            aparam = np.broadcast_to(aparam, (nf, nat, aparam.shape[-1]))
-        if spin is not None:
-            if not self.has_spin():
-                raise ValueError("spin given, but this model takes no atomic spins")
-            spin = np.broadcast_to(
-                np.asarray(spin, dtype=np.float64).reshape(-1, nat, 3), (nf, nat, 3)
-            )
-        return build_graph(
+        fparam = _per_frame("fparam", fparam, (self.get_dim_fparam(),), nf, "numb_fparam")
+        aparam = _per_frame("aparam", aparam, (nat, self.get_dim_aparam()), nf, "numb_aparam")
+        if spin is not None and not self.has_spin():
+            raise InputError("spin given, but this model takes no atomic spins")
+        spin = _per_frame("spin", spin, (nat, 3), nf, "spin")
+        graph = build_graph(
             coord,
             cell,
             atype,
@@ -99,6 +102,56 @@ class _DeepEval:
             aparam=aparam,
             charge_spin=charge_spin,
             spin=spin,
+        )
+        self._check_distances(graph)
+        self._check_sel(graph)
+        return graph
+
+    def _check_sel(self, graph) -> None:
+        """Warn (once per model) when an atom has more neighbours than ``sel`` on the paths
+        that keep only the ``sum(sel)`` nearest (dens and spin models, as DeePMD-kit)."""
+        truncates = self.has_spin() or isinstance(self.model, DensModel)
+        if self._warned_sel or not truncates or self.checkpoint is None:
+            return
+        sel = self.model_params["descriptor"].get("sel")
+        cap = int(sum(sel)) if isinstance(sel, (list, tuple)) else int(sel)
+        counts = torch.bincount(graph.dst.reshape(-1))
+        if counts.numel() == 0 or int(counts.max()) <= cap:
+            return
+        self._warned_sel = True
+        atom = int(torch.argmax(counts))
+        nat = graph.atype.shape[1]
+        warnings.warn(
+            f"frame {atom // nat}: atom {atom % nat} has {int(counts.max())} neighbours within "
+            f"rcut {self.get_rcut()} Å, more than sel = {cap}; this model keeps only the {cap} "
+            "nearest (said once per model)",
+            InputWarning,
+            stacklevel=4,
+        )
+
+    def _check_distances(self, graph) -> None:
+        """Warn (once per model) when two atoms are far closer than any pair of the training
+        data (the checkpoint's ``min_nbor_dist``): coordinates in another unit than Å, or a
+        structure the model has never seen."""
+        floor = float(getattr(self.model, "min_nbor_dist", -1.0))
+        if self._warned_close or floor <= 0 or graph.edge_vec.shape[0] == 0:
+            return
+        dist = graph.edge_vec.detach().norm(dim=-1)  # (E,)
+        if graph.edge_mask is not None:
+            dist = torch.where(graph.edge_mask, dist, torch.inf)
+        closest = int(torch.argmin(dist))
+        if float(dist[closest]) >= CLOSE_FRACTION * floor:
+            return
+        self._warned_close = True
+        nat = graph.atype.shape[1]
+        centre, neighbour = int(graph.dst[closest]), int(graph.src[closest])
+        frame, i, j = centre // nat, centre % nat, neighbour % nat
+        warnings.warn(
+            f"frame {frame}: atoms {i} and {j} are {float(dist[closest]):.4g} Å apart, far below "
+            f"the closest pair of the training data ({floor:.4g} Å); are the coordinates in Å? "
+            "(said once per model)",
+            InputWarning,
+            stacklevel=4,
         )
 
     def eval_descriptor(
@@ -115,6 +168,28 @@ class _DeepEval:
                 g.atype, g.src, g.dst, g.edge_vec, g.edge_mask, g.charge_spin, g.spin
             )
         return desc.double().cpu().numpy()
+
+
+def _per_frame(name: str, value, shape: tuple[int, ...], nf: int, key: str) -> np.ndarray | None:
+    """``value`` as ``(nf, *shape)`` float64: given for every frame or once for all of them;
+    a model without this input (its size 0) refuses it by name."""
+    if value is None:
+        return None
+    if shape[-1] == 0:
+        raise InputError(
+            f"{name} given, but this model takes none (fitting_net/{key} is 0); leave it out"
+        )
+    array = np.asarray(value, dtype=np.float64)
+    per_frame = int(np.prod(shape))
+    if array.size not in (per_frame, nf * per_frame):
+        raise InputError(
+            f"{name} has {array.size} values {tuple(array.shape)}; this model takes "
+            f"{per_frame} per frame (shape {shape}, from {key}), for each of the {nf} frame(s) "
+            "or once for all"
+        )
+    if not np.isfinite(array).all():
+        raise InputError(f"{name} holds NaN or inf")
+    return np.broadcast_to(array.reshape(-1, *shape), (nf, *shape))
 
 
 class DeepPot(_DeepEval):

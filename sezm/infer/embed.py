@@ -1,4 +1,4 @@
-"""Model embeddings of npy systems, written to HDF5 in the layout of DeePMD-kit's ``dp embed``.
+"""Model embeddings of systems (npy folders or files ASE reads), written to HDF5 in the layout of DeePMD-kit's ``dp embed``.
 
 One forward pass without forces gives, per frame:
 
@@ -12,7 +12,8 @@ the sum over atoms for intensive properties too, as in DeePMD-kit); ``h_i = d_i`
 fitting has no hidden layer. A frozen ``.pt2`` has no such outputs: embed from its checkpoint.
 
 The file holds the attribute ``type_map`` and one group per system, named by the folder's base
-name (``name_1``, ``name_2``, ... on a clash), with attributes ``nframes`` and ``system`` and the
+name (a file's name, with ``[nat atoms]`` when it holds frames of several sizes; ``name_1``,
+``name_2``, ... on a clash), with attributes ``nframes`` and ``system`` and the
 datasets ``descriptor``, ``atomic_feature``, ``structural_feature`` (``fp32``/``fp64``, or
 ``native``: the descriptor in float64, as DeePMD-kit's descriptor interface gives it, the
 features in the fitting precision) and ``atom_types`` (int32, ``-1`` for padding atoms of
@@ -31,9 +32,10 @@ import h5py
 import numpy as np
 import torch
 
+from ..data.ase_frames import FileOptions
 from ..data.dataset import _graph as data_graph
-from ..data.dataset import fields_for_model
-from ..data.system import System
+from ..data.dataset import fields_for_model, open_systems
+from ..data.system import BaseSystem
 from ..model.energy import EnergyModel
 from ..model.fitting import atom_keep_mask
 from ..model.graph import Graph
@@ -113,7 +115,9 @@ class Embedder:
 
         self._embed: Callable[[Graph], dict[str, torch.Tensor]] = self.dp.settings.compiled(embed)
 
-    def batches(self, system: System) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+    def batches(
+        self, system: BaseSystem
+    ) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
         """``(first frame, atom types (n, nat), embeddings)`` of consecutive frame batches."""
         for start, data in system.chunks(self.batch_atoms):
             inputs = {k: data.get(k) for k in self.inputs}
@@ -129,11 +133,11 @@ class Embedder:
                 out = self._embed(graph)
             yield start, data["atype"], {k: v.detach().cpu().numpy() for k, v in out.items()}
 
-    def write_system(self, h5: h5py.File, path: str | Path, name: str, dtype: str) -> None:
-        system = System(path, self.dp.type_map, fields=self.inputs)
+    def write_system(self, h5: h5py.File, system: BaseSystem, name: str, dtype: str) -> None:
+        """One system's embeddings as the group ``name`` of ``h5``."""
         group = h5.create_group(name)
         group.attrs["nframes"] = system.nframes
-        group.attrs["system"] = str(path)
+        group.attrs["system"] = str(system.path)
         types = group.create_dataset(
             "atom_types", shape=(system.nframes, system.nat), dtype=np.int32, **H5_DATASET
         )
@@ -150,14 +154,21 @@ class Embedder:
                 group[key][start:stop] = value
         log.info(
             "%s: %d frames -> group %r (%s)",
-            path,
+            system.path,
             system.nframes,
             name,
             ", ".join(f"{k} {group[k].shape}" for k in EMBEDDINGS),
         )
 
-    def write(self, systems: Sequence[str | Path], output: str | Path, dtype: str = "fp32") -> Path:
-        """Embeddings of every system in ``systems`` written to the HDF5 file ``output``."""
+    def write(
+        self,
+        systems: Sequence[str | Path],
+        output: str | Path,
+        dtype: str = "fp32",
+        file_options: FileOptions | None = None,
+    ) -> Path:
+        """Embeddings of every system in ``systems`` written to the HDF5 file ``output``
+        (``file_options``: how files among them are read with ASE)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not systems:
@@ -168,7 +179,8 @@ class Embedder:
         with h5py.File(output, "w") as h5:
             h5.attrs["type_map"] = np.array(self.dp.type_map, dtype=h5py.string_dtype())
             for path in systems:
-                self.write_system(h5, path, group_name(path, used), dtype)
+                for system in open_systems(path, self.dp.type_map, self.inputs, file_options):
+                    self.write_system(h5, system, group_name(system.path, used), dtype)
         log.info("embeddings of %d system(s) written to %s", len(systems), output)
         return output
 
@@ -181,6 +193,9 @@ def embed(
     dtype: str = "fp32",
     head: str | None = None,
     device: str | None = None,
+    file_options: FileOptions | None = None,
 ) -> Path:
-    """Write the embeddings of ``systems`` (npy system folders) under ``model`` to ``output``."""
-    return Embedder(model, head=head, device=device).write(systems, output, dtype)
+    """Write the embeddings of ``systems`` (npy system folders or files ASE reads) under
+    ``model`` to ``output``."""
+    embedder = Embedder(model, head=head, device=device)
+    return embedder.write(systems, output, dtype, file_options)

@@ -42,7 +42,14 @@ from typing import TextIO
 import numpy as np
 
 from ..compat.deepmd import CheckpointError
-from ..data import DataError, System, expand_systems, fields_for_model
+from ..data import (
+    BaseSystem,
+    DataError,
+    FileOptions,
+    expand_systems,
+    fields_for_model,
+    open_systems,
+)
 from .deep_pot import DeepPot
 
 log = logging.getLogger("sezm.model_devi")
@@ -182,7 +189,7 @@ def _input_fields(models: Sequence[DeepPot]) -> dict:
     return fields
 
 
-def _batches(system: System, batch_atoms: int) -> Iterator[dict[str, np.ndarray]]:
+def _batches(system: BaseSystem, batch_atoms: int) -> Iterator[dict[str, np.ndarray]]:
     """Consecutive frames of ``system``, about ``batch_atoms`` atoms at a time."""
     for start, frames in system.chunks(batch_atoms):
         padded = np.flatnonzero((frames["atype"] < 0).any(axis=1))
@@ -217,7 +224,7 @@ def evaluate(
 
 def _system_devi(
     models: Sequence[DeepPot],
-    system: System,
+    system: BaseSystem,
     out: TextIO,
     frequency: int,
     relative: float | None,
@@ -248,15 +255,17 @@ def model_devi(
     relative_v: float | None = None,
     atomic: bool = False,
     batch_atoms: int = 1024,
+    file_options: FileOptions | None = None,
 ) -> list[np.ndarray]:
     """Model deviation of the committee ``models`` on every system under ``system``, written
     to ``output`` (replaced if it exists); returns one ``(nf, 8 [+ nat])`` table per system,
-    columns ``step`` and :data:`COLUMNS` [and the per-atom force deviations]."""
+    columns ``step`` and :data:`COLUMNS` [and the per-atom force deviations].
+    ``file_options``: how files among the systems are read with ASE."""
     systems = expand_systems(system)  # DataError if none is found
     committee = load_models(models)
     type_map = committee[0].get_type_map()
     fields = _input_fields(committee)
-    opened = [System(path, type_map, fields=fields) for path in systems]  # all checked first
+    opened = [s for p in systems for s in open_systems(p, type_map, fields, file_options)]
     tables = []
     with open(output, "w") as out:
         for sys_ in opened:

@@ -13,7 +13,11 @@ batch of frames (DeePMD-kit's ``lower_input_kind = "graph"``), all tensors on on
 
 and returns a dict, flattened in the order of ``OUTPUT_KEYS``: atom_energy (N, 1), energy (nf, 1), force (N, 3),
 virial (nf, 9), atom_virial (N, 9), all float64. Frame ``f`` owns its first ``n_local[f]``
-nodes; only owned nodes enter ``energy`` (and so the forces and virials). The CSR views are
+nodes; only owned nodes enter ``energy`` (and so the forces and virials).
+
+A spin model (``metadata.is_spin``, both schemes) takes ``spin (N, 3) f64`` right after
+``source_row_ptr`` (DeePMD-kit's graph-spin ABI: the optional inputs follow it) and returns
+``SPIN_OUTPUT_KEYS``: the five above plus ``force_mag (N, 3)`` and ``mask_mag (N, 1)`` bool. The CSR views are
 part of the contract (DeePMD-kit's C++ reader always passes them) but sezm does not read them.
 The package carries ``extra/metadata.json`` (see ``freeze.metadata``); a message-passing model
 also carries the multi-rank package that LAMMPS runs on several MPI ranks (same inputs on one
@@ -29,6 +33,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..compat.deepmd import CheckpointError
 from ..model.graph import Graph
 
 GRAPH_INPUTS = (
@@ -44,27 +49,48 @@ GRAPH_INPUTS = (
     "source_row_ptr",
 )
 OUTPUT_KEYS = ("atom_energy", "energy", "force", "virial", "atom_virial")
+SPIN_INPUT = "spin"  # (N, 3) float64, after GRAPH_INPUTS in a spin package
+SPIN_OUTPUT_KEYS = (
+    "atom_energy",
+    "energy",
+    "force",
+    "force_mag",
+    "virial",
+    "mask_mag",
+    "atom_virial",
+)
 N_PAD_EDGES = 2  # masked dummy edges appended to every edge list (the exported E is >= 2)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """``extra/metadata.json`` of a ``.pt2`` package."""
-    with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if n.endswith("/extra/metadata.json")]
-        if not names:
-            raise ValueError(f"{path}: no extra/metadata.json; not a frozen DeePMD-kit/sezm model")
-        return json.loads(zf.read(names[0]))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"frozen model not found: {os.fspath(path)}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("/extra/metadata.json")]
+            if not names:
+                raise CheckpointError(
+                    f"{path}: no extra/metadata.json; not a frozen DeePMD-kit/sezm model"
+                )
+            return json.loads(zf.read(names[0]))
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path}: not a frozen model (a .pt2 is a zip package written by `sezm freeze` or "
+            f"`dp freeze`; {type(err).__name__}: {err})"
+        ) from None
 
 
 def model_params(meta: dict) -> dict:
     """The ``model`` section keys that name a package's inputs, rebuilt from its metadata.
 
-    An energy ``fitting_net`` with ``numb_fparam``/``default_fparam``/``numb_aparam`` and a
-    ``descriptor`` with ``add_chg_spin_ebd``/``default_chg_spin``: what
-    ``sezm.data.fields_for_model`` reads to know which inputs a system must hold.
+    An energy ``fitting_net`` with ``numb_fparam``/``default_fparam``/``numb_aparam``, a
+    ``descriptor`` with ``add_chg_spin_ebd``/``default_chg_spin`` and, for a spin model, the
+    ``spin`` block: what ``sezm.data.fields_for_model`` reads to know which inputs a system
+    must hold.
     """
     default_fparam = meta.get("default_fparam") if meta.get("has_default_fparam") else None
-    return {
+    params = {
         "type_map": list(meta["type_map"]),
         "fitting_net": {
             "type": "ener",
@@ -77,6 +103,10 @@ def model_params(meta: dict) -> dict:
             "default_chg_spin": meta.get("default_chg_spin"),
         },
     }
+    if meta.get("is_spin"):
+        # sezm records the checkpoint's spin block; DeePMD-kit's metadata has use_spin only
+        params["spin"] = meta.get("sezm", {}).get("spin") or {"use_spin": meta["use_spin"]}
+    return params
 
 
 def no_features_message(path: str | os.PathLike, meta: dict) -> str:
@@ -90,9 +120,10 @@ def no_features_message(path: str | os.PathLike, meta: dict) -> str:
     )
 
 
-def outputs(result) -> dict[str, torch.Tensor]:
-    """A package's results by name (Python returns the dict, older runtimes a flat sequence)."""
-    return dict(result) if isinstance(result, dict) else dict(zip(OUTPUT_KEYS, result))
+def outputs(result, keys: tuple[str, ...] = OUTPUT_KEYS) -> dict[str, torch.Tensor]:
+    """A package's results by name (Python returns the dict, older runtimes a flat sequence
+    in the order of ``keys``, the package's ``metadata.output_keys``)."""
+    return dict(result) if isinstance(result, dict) else dict(zip(keys, result))
 
 
 def graph_inputs(
@@ -150,12 +181,17 @@ class FrozenModel:
         self.metadata = read_metadata(path)
         meta = self.metadata
         if meta.get("lower_input_kind") != "graph":
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: lower_input_kind {meta.get('lower_input_kind')!r}; sezm evaluates "
                 "graph-schema packages (refreeze with `sezm freeze`)"
             )
-        if tuple(meta["output_keys"]) != OUTPUT_KEYS:
-            raise ValueError(f"{path}: unexpected output keys {meta['output_keys']}")
+        self.has_spin = bool(meta.get("is_spin"))
+        self.output_keys = SPIN_OUTPUT_KEYS if self.has_spin else OUTPUT_KEYS
+        if tuple(meta["output_keys"]) != self.output_keys:
+            raise ValueError(
+                f"{path}: output keys {meta['output_keys']}; a sezm "
+                f"{'spin' if self.has_spin else 'energy'} package returns {list(self.output_keys)}"
+            )
         self.path = os.fspath(path)
         self.type_map = list(meta["type_map"])
         self.rcut = float(meta["rcut"])
@@ -205,12 +241,21 @@ class FrozenModel:
     ) -> dict[str, torch.Tensor]:
         nf, nloc = graph.atype.shape
         n_node = torch.full((nf,), nloc, dtype=torch.long)
-        inputs = [*graph_inputs(graph, n_node), *self._extras(graph, nf, nloc)]
-        out = outputs(self._package(*inputs))
-        return {
+        spin = []
+        if self.has_spin:
+            if graph.spin is None:
+                raise ValueError("this is a spin model: give the atomic spins (spin=...)")
+            spin = [graph.spin.to(torch.float64).reshape(nf * nloc, 3).contiguous()]
+        inputs = [*graph_inputs(graph, n_node), *spin, *self._extras(graph, nf, nloc)]
+        out = outputs(self._package(*inputs), self.output_keys)
+        result = {
             "atom_energy": out["atom_energy"].view(nf, nloc),
             "energy": out["energy"].view(nf),
             "force": out["force"].view(nf, nloc, 3),
             "virial": out["virial"].view(nf, 9),
             "atom_virial": out["atom_virial"].view(nf, nloc, 9),
         }
+        if self.has_spin:
+            result["force_mag"] = out["force_mag"].view(nf, nloc, 3)
+            result["mask_mag"] = out["mask_mag"].view(nf, nloc)
+        return result

@@ -7,8 +7,9 @@ variable               values                                   effect
                                                                 (+ force backward) path
 ``DP_TF32_INFER``      ``0`` / ``1`` / ``2`` (default ``0``)    float32 matmul precision
                                                                 highest / high / medium, CUDA only
-``DP_TRITON_INFER``    ``0``-``3`` (default ``0``)              fused kernels: none in sezm, a
-                                                                message says so
+``DP_TRITON_INFER``    ``0``-``3`` (default ``0``)              CUDA only: Triton kernels for
+                                                                the edge-frame rotations (every
+                                                                level >= 1 runs the same ones)
 ``DP_AMP_INFER``       boolean (default off)                    bfloat16 autocast, CUDA only:
                                                                 not available, an error there
 ``SEZM_EDGE_CHUNK``    ``auto`` (default) or edges, ``0`` = off  streamed evaluation
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kernels import fused_rotation, require_triton
 from ..nn.stream import StreamPolicy
 from ..runtime import deterministic_compiled
 
@@ -113,19 +115,29 @@ class InferenceSettings:
         lines = [
             f"inference settings on {device}: compile {'on' if self.compile else 'off'}, "
             f"float32 matmul precision {self.matmul_precision if cuda else 'highest'}, "
-            f"AMP off, fused kernels none, {self.streaming_text}"
+            f"AMP off, fused kernels {self.kernels_text(device)}, {self.streaming_text}"
         ]
         if self.tf32 and not cuda:
             lines.append(f"DP_TF32_INFER={self.tf32} has no effect on {device} (CUDA only)")
         if self.amp and not cuda:
             lines.append(f"DP_AMP_INFER=1 has no effect on {device} (CUDA only)")
-        if self.triton:
-            where = "are not available in sezm" if cuda else f"have no effect on {device}"
+        if self.triton and not cuda:
             lines.append(
-                f"DP_TRITON_INFER={self.triton}: fused Triton kernels {where}; "
-                "the PyTorch path runs (full float32 accumulation)"
+                f"DP_TRITON_INFER={self.triton}: fused Triton kernels have no effect on {device} "
+                "(CUDA only); the PyTorch path runs"
+            )
+        if self.triton and cuda and self.compile:
+            lines.append(
+                f"DP_TRITON_INFER={self.triton} with DP_COMPILE_INFER=1: the compiled graph keeps "
+                "the PyTorch rotations (the fused kernels run in eager evaluation only)"
             )
         return lines
+
+    def kernels_text(self, device: torch.device) -> str:
+        """What runs for ``DP_TRITON_INFER`` on ``device``."""
+        if not self.triton or device.type != "cuda":
+            return "none"
+        return "Triton edge-frame rotations (float32 accumulation)"
 
     def apply(self, model: nn.Module, device: torch.device) -> None:
         """Log the settings, and prepare ``model`` (on ``device``) for them.
@@ -139,19 +151,26 @@ class InferenceSettings:
             raise ValueError(
                 "DP_AMP_INFER=1: bfloat16 inference is not available in sezm; unset DP_AMP_INFER"
             )
+        if self.triton and device.type == "cuda":
+            require_triton(f"DP_TRITON_INFER={self.triton}")
         summary, *notes = self.describe(device)
         log.info(summary)
         for note in notes:
             log.warning(note)
+        self.attach_streaming(model, device)
+        if self.compile:
+            _check_compile()
+            name = "atomic_energy" if hasattr(model, "atomic_energy") else "forward"
+            setattr(model, name, self.compiled(getattr(model, name)))
+
+    def attach_streaming(self, model: nn.Module, device: torch.device) -> None:
+        """Give ``model``'s descriptor (if it has one) the streamed-evaluation policy; it acts
+        only in evaluation mode (see :class:`~sezm.nn.stream.StreamPolicy`)."""
         descriptor = getattr(model, "descriptor", None)
         if descriptor is not None:
             descriptor.streaming = StreamPolicy(
                 descriptor.edge_bytes(), fixed=self.edge_chunk, device=device
             )
-        if self.compile:
-            _check_compile()
-            name = "atomic_energy" if hasattr(model, "atomic_energy") else "forward"
-            setattr(model, name, self.compiled(getattr(model, name)))
 
     def compiled(self, fn: Callable) -> Callable:
         """``fn`` under ``torch.compile`` (dynamic shapes: atom and edge counts vary)."""
@@ -162,14 +181,16 @@ class InferenceSettings:
 
     @contextmanager
     def evaluation(self, device: torch.device) -> Iterator[None]:
-        """Context of one evaluation: the float32 matmul precision on CUDA (then restored)."""
+        """Context of one evaluation: the float32 matmul precision on CUDA (then restored), and
+        the fused edge-frame rotations (:mod:`sezm.kernels`) where ``DP_TRITON_INFER`` asks."""
         if device.type != "cuda":
             yield
             return
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(self.matmul_precision)
         try:
-            yield
+            with fused_rotation(self.triton > 0):
+                yield
         finally:
             torch.set_float32_matmul_precision(previous)
 

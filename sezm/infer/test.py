@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import DataSystem
+from ..data import DataError, DataSystem, FileOptions
 
 log = logging.getLogger("sezm.test")
 
@@ -190,9 +190,11 @@ def run_test(
     numb_test: int = 0,
     detail_file: str | None = None,
     head: str | None = None,
+    file_options: FileOptions | None = None,
 ) -> dict[str, float]:
     """Test ``model`` (a ``.pt`` checkpoint or a frozen ``.pt2``) on every system under
-    ``system``; returns the weighted average errors."""
+    ``system`` (``file_options``: how files there are read with ASE); returns the weighted
+    average errors."""
     import torch
 
     from ..data import fields_for_model
@@ -209,9 +211,13 @@ def run_test(
         k: replace(f, must=(f.must and k in ("fparam", "aparam", "charge_spin")) or k == "spin")
         for k, f in fields_for_model(dp.model_params).items()
     }
-    data = DataSystem(system, dp.get_type_map(), batch_size=1, fields=fields)
+    data = DataSystem(
+        system, dp.get_type_map(), batch_size=1, fields=fields, file_options=file_options
+    )
     limit = numb_test if numb_test > 0 else 2**62
     detail = Path(detail_file) if detail_file else None
+    if detail is not None:  # before the work, not after it
+        detail.parent.mkdir(parents=True, exist_ok=True)
     per_system = []
     for index, sys in enumerate(data.systems):
         log.info("# ---------------output of sezm test--------------- ")
@@ -219,9 +225,17 @@ def run_test(
         run = _property_system if is_property else _energy_system
         with torch.enable_grad():
             errors = run(dp, data, index, limit, detail, index > 0)
+        if not errors:
+            log.warning("%s: no labels the model predicts; nothing to compare", sys.path)
         _report({k: v for k, (v, _) in errors.items()})
         log.info("# ----------------------------------------------- ")
         per_system.append(errors)
+    if not any(per_system):
+        wanted = "property labels" if is_property else "energy, force or virial labels"
+        raise DataError(
+            f"{system}: no {wanted} to test against in any of its {len(per_system)} "
+            "system(s); `sezm test` compares predictions with labels"
+        )
     average = merge(per_system)
     log.info("# ----------weighted average of errors----------- ")
     log.info("# number of systems : %d", len(per_system))

@@ -124,8 +124,8 @@ class DensFitting(nn.Module):
         self, *, ntypes: int, channels: int, condition_lmax: int, latent_lmax: int, fitting: dict
     ) -> None:
         super().__init__()
-        seed, trainable = fitting.get("seed"), fitting.get("trainable", True)
-        dtype = fitting_dtype(fitting.get("precision", "float32"))
+        seed, trainable = fitting["seed"], fitting["trainable"]
+        dtype = fitting_dtype(fitting["precision"])
         self.energy_head = EnergyFitting(
             ntypes=ntypes, dim_descrpt=channels, **{**fitting, "seed": child_seed(seed, 0)}
         )
@@ -143,11 +143,16 @@ class DensFitting(nn.Module):
             head.requires_grad_(trainable)
 
     def forward(self, descriptor, latent, atype, fparam=None, aparam=None):
-        """``(E~ (nf, nloc, 1) float64, F~ clean, eps/sigma)``, the vectors ``(nf, nloc, 3)``."""
+        """``(E~ (nf, nloc, 1) float64, F~ clean, eps/sigma)``, the vectors ``(nf, nloc, 3)``.
+
+        The two vector heads are views of one ``(nf, nloc, 6)`` tensor: a loss that reads only
+        one of them (a clean batch has no denoising term) still gives the other head a zero
+        gradient, not none, so that the optimizer advances its moments every step, as in
+        DeePMD-kit (whose heads share one output tensor)."""
         nf, nloc = atype.shape
         energy = self.energy_head(descriptor, atype, fparam, aparam)
-        clean = self.direct_force_head(latent).view(nf, nloc, 3)
-        noise = self.denoising_head(latent).view(nf, nloc, 3)
+        vectors = torch.cat([self.direct_force_head(latent), self.denoising_head(latent)], -1)
+        clean, noise = vectors.view(nf, nloc, 6).split(3, dim=-1)
         return energy, clean, noise
 
 
@@ -163,17 +168,17 @@ class DensModel(EnergyModel):
 
     def __init__(self, params: dict) -> None:
         super().__init__(params)
-        opts = self.descriptor.opts
+        degrees = self.descriptor.opts.degrees
         if self.inter_potential is not None:
             raise ValueError("the dens model does not support bridging_method (ZBL)")
-        if min(opts.node_init_lmax, opts.node_readout_lmax) < 1:
+        if min(degrees.node_init_lmax, degrees.node_readout_lmax) < 1:
             raise ValueError("the dens model reads and writes l = 1 features: it needs lmax >= 1")
         self.nsel = real_sel(params)
         self.dens_fitting_net = DensFitting(
             ntypes=len(self.type_map),
-            channels=opts.channels,
-            condition_lmax=opts.node_init_lmax,
-            latent_lmax=opts.node_readout_lmax,
+            channels=self.descriptor.dim_out,
+            condition_lmax=degrees.node_init_lmax,
+            latent_lmax=degrees.node_readout_lmax,
             fitting=fitting_options(params),
         )
 
@@ -203,13 +208,11 @@ class DensModel(EnergyModel):
         noise = graph.noise_mask
         if noise is None:
             noise = torch.zeros_like(atype, dtype=torch.bool)
-        embedding = None
-        if noise.any():  # zero for clean atoms, so a clean batch skips it
-            force = graph.force_input
-            force = torch.zeros(*atype.shape, 3, device=atype.device) if force is None else force
-            embedding = self.dens_fitting_net.force_embedding(
-                force.reshape(-1, 3), noise.reshape(-1)
-            )
+        # zero for clean atoms, but built in every batch: its weights then get a zero gradient
+        # in a clean batch and the optimizer steps them as DeePMD-kit's does
+        force = graph.force_input
+        force = torch.zeros(*atype.shape, 3, device=atype.device) if force is None else force
+        embedding = self.dens_fitting_net.force_embedding(force.reshape(-1, 3), noise.reshape(-1))
         desc, latent = self.descriptor(
             atype, src, dst, vec, None, graph.charge_spin, force_embedding=embedding
         )

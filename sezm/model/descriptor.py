@@ -28,7 +28,7 @@ from ..nn.embedding import (
     TypeEmbedding,
 )
 from ..nn.norm import ScalarRMSNorm
-from ..nn.options import DescriptorOptions
+from ..nn.options import DescriptorOptions, GeometryOptions
 from ..nn.radial import BridgingSwitch, InnerClamp, RadialBasis, RadialMLP
 from ..nn.stream import ChunkRadial, StreamPolicy, stream_edges, stream_nodes, up_to
 
@@ -89,106 +89,116 @@ class Descriptor(nn.Module):
         # streamed evaluation (sezm.nn.stream): set by the evaluators, never used in training
         self.streaming: StreamPolicy | None = None
         self.use_spin = None if use_spin is None else [bool(f) for f in use_spin]
-        c, cd, seed = opts.channels, opts.compute_dtype, opts.seed
         self.register_buffer("version_tensor", torch.tensor(LATEST_VERSION, dtype=torch.float64))
-        self.type_embedding = TypeEmbedding(opts.ntypes, c, dtype=cd, seed=child_seed(seed, 0))
-        self.charge_spin_embedding = None
-        if opts.add_chg_spin_ebd:
-            self.charge_spin_embedding = ChargeSpinEmbedding(
-                c, activation_function=opts.activation_function, dtype=cd, seed=child_seed(seed, 7)
-            )
-        self.spin_embedding = None
-        if use_spin is not None:
-            if opts.node_init_lmax < 1:
-                raise ValueError("native spin needs a node degree lmax + extra_node_l >= 1")
-            self.spin_embedding = SpinEmbedding(
-                opts.ntypes,
-                c,
-                self.use_spin,
-                activation_function=opts.activation_function,
-                dtype=cd,
-                seed=child_seed(seed, 8),
-            )
-        self.env_seed_embedding = None
-        if opts.use_env_seed:
-            self._build_env_seed(opts)
-        self.radial_basis = RadialBasis(
-            opts.rcut, opts.basis_type, opts.n_radial, opts.rbf_env_exp, cd
-        )
-        sizes = [opts.n_radial, *opts.radial_hidden, (opts.node_init_lmax + 1) * c]
-        self.radial_embedding = RadialMLP(
-            sizes,
-            activation_function=opts.activation_function,
-            radial_norm=opts.edge_norm,
-            dtype=cd,
-            seed=child_seed(seed, 3),
-        )
-        self.wigner_calc = CheckpointWigner(opts.lmax, cd)
-        self.gie = None
-        self.gie_zonal_wigner_calc = None
-        if opts.use_env_seed and opts.node_init_lmax > 0:
-            self.gie = GeometricInitialEmbedding(opts.node_init_lmax)
-            if opts.extra_node_l > 0:
-                self.gie_zonal_wigner_calc = CheckpointWigner(opts.node_init_lmax, cd)
-        self.inner_clamp = self.bridging_switch = None
-        if opts.inner_clamp is not None:
-            self.inner_clamp = InnerClamp(*opts.inner_clamp)
-            self.bridging_switch = BridgingSwitch(*opts.inner_clamp)
+        self._build_embeddings(opts)
+        self._build_edge_features(opts)
         self.blocks = nn.ModuleList(
-            InteractionBlock(opts, i, child_seed(child_seed(seed, 1), i))
-            for i in range(opts.n_blocks)
+            InteractionBlock(opts, i, child_seed(child_seed(opts.seed, 1), i))
+            for i in range(opts.degrees.n_blocks)
         )
-        self.final_full_attn_res = self.final_block_attn_res = None
-        for mode, index in (("full", 5), ("block", 6)):
-            setting = getattr(opts, f"{mode}_attn_res")
-            if setting != "none":
-                setattr(
-                    self,
-                    f"final_{mode}_attn_res",
-                    depth_attn_res(
-                        setting,
-                        opts.channels,
-                        eps=opts.eps,
-                        bias=opts.mlp_bias,
-                        dtype=opts.compute_dtype,
-                        seed=child_seed(child_seed(seed, index), 2000),
-                    ),
-                )
+        self._build_final_attn_res(opts)
         self._build_readout(opts)
-        self.register_buffer("mean", torch.zeros(0, dtype=opts.dtype))
-        self.register_buffer("stddev", torch.ones(0, dtype=opts.dtype))
-        pairs = {(a, b) for a, b in opts.exclude_types} | {(b, a) for a, b in opts.exclude_types}
-        keep = torch.ones(opts.ntypes, opts.ntypes, dtype=torch.bool)
-        for a, b in pairs:
-            keep[a, b] = False
-        self.register_buffer("pair_keep", keep, persistent=False)
+        self.register_buffer("mean", torch.zeros(0, dtype=opts.basics.dtype))
+        self.register_buffer("stddev", torch.ones(0, dtype=opts.basics.dtype))
+        self.register_buffer("pair_keep", _pair_keep(opts.geometry), persistent=False)
         self.legacy_radial = False  # set for version-1.0 checkpoints
         # Multi-rank freezing only (sezm.infer.comm.GhostExchange): completes per-node edge
         # sums (the bridging gate) over edges that other ranks hold. None everywhere else.
         self.ghost_exchange = None
+        if not opts.trainable:  # DeePMD-kit's `trainable: false`: no parameter is trained
+            self.requires_grad_(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         upgrade_state(state_dict, prefix, self.use_spin)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- construction -------------------------------------------------------------------
+    def _build_embeddings(self, opts: DescriptorOptions) -> None:
+        """Type, frame-charge/spin, native-spin and environment-seed embeddings."""
+        c, cd, seed = opts.basics.channels, opts.basics.compute_dtype, opts.seed
+        act, ntypes = opts.basics.activation_function, opts.geometry.ntypes
+        self.type_embedding = TypeEmbedding(ntypes, c, dtype=cd, seed=child_seed(seed, 0))
+        self.charge_spin_embedding = None
+        if opts.add_chg_spin_ebd:
+            self.charge_spin_embedding = ChargeSpinEmbedding(
+                c, activation_function=act, dtype=cd, seed=child_seed(seed, 7)
+            )
+        self.spin_embedding = None
+        if self.use_spin is not None:
+            if opts.degrees.node_init_lmax < 1:
+                raise ValueError("native spin needs a node degree lmax + extra_node_l >= 1")
+            self.spin_embedding = SpinEmbedding(
+                ntypes,
+                c,
+                self.use_spin,
+                activation_function=act,
+                dtype=cd,
+                seed=child_seed(seed, 8),
+            )
+        self.env_seed_embedding = None
+        if opts.use_env_seed:
+            self._build_env_seed(opts)
+
+    def _build_edge_features(self, opts: DescriptorOptions) -> None:
+        """Radial basis and network, Wigner-D, geometric initial embedding, ZBL bridging."""
+        geometry, degrees, cd = opts.geometry, opts.degrees, opts.basics.compute_dtype
+        self.radial_basis = RadialBasis(
+            geometry.rcut, geometry.basis_type, geometry.n_radial, geometry.rbf_env_exp, cd
+        )
+        rows = degrees.node_init_lmax + 1
+        self.radial_embedding = RadialMLP(
+            [geometry.n_radial, *geometry.radial_hidden, rows * opts.basics.channels],
+            activation_function=opts.basics.activation_function,
+            radial_norm=opts.basics.edge_norm,
+            dtype=cd,
+            seed=child_seed(opts.seed, 3),
+        )
+        self.wigner_calc = CheckpointWigner(degrees.lmax, cd)
+        self.gie = None
+        self.gie_zonal_wigner_calc = None
+        if opts.use_env_seed and degrees.node_init_lmax > 0:
+            self.gie = GeometricInitialEmbedding(degrees.node_init_lmax)
+            if degrees.extra_node_l > 0:
+                self.gie_zonal_wigner_calc = CheckpointWigner(degrees.node_init_lmax, cd)
+        self.inner_clamp = self.bridging_switch = None
+        if geometry.inner_clamp is not None:
+            self.inner_clamp = InnerClamp(*geometry.inner_clamp)
+            self.bridging_switch = BridgingSwitch(*geometry.inner_clamp)
+
+    def _build_final_attn_res(self, opts: DescriptorOptions) -> None:
+        """The descriptor-level depth attention that ends the blocks, if any."""
+        self.final_full_attn_res = self.final_block_attn_res = None
+        mode, basics = opts.residual.depth_mode, opts.basics
+        if mode is None:
+            return
+        final = depth_attn_res(
+            opts.residual.depth_attn_res,
+            basics.channels,
+            eps=basics.eps,
+            bias=basics.mlp_bias,
+            dtype=basics.compute_dtype,
+            seed=child_seed(child_seed(opts.seed, 5 if mode == "full" else 6), 2000),
+        )
+        setattr(self, f"final_{mode}_attn_res", final)
+
     def _build_env_seed(self, opts: DescriptorOptions) -> None:
-        cd = opts.compute_dtype
+        basics = opts.basics
+        cd, c, eps = basics.compute_dtype, basics.channels, basics.eps
         self.env_seed_embedding = EnvironmentSeed(
-            ntypes=opts.ntypes,
-            n_radial=opts.n_radial,
-            channels=opts.channels,
-            mlp_bias=opts.mlp_bias,
-            activation_function=opts.activation_function,
-            eps=opts.eps,
+            ntypes=opts.geometry.ntypes,
+            n_radial=opts.geometry.n_radial,
+            channels=c,
+            mlp_bias=basics.mlp_bias,
+            activation_function=basics.activation_function,
+            eps=eps,
             dtype=cd,
             seed=child_seed(opts.seed, 4),
             use_spin=self.use_spin,
             **opts.env_seed_dims,
         )
-        if opts.edge_norm:
-            self.film_scale_norm = ScalarRMSNorm(opts.channels, eps=opts.eps, dtype=cd)
-            self.film_shift_norm = ScalarRMSNorm(opts.channels, eps=opts.eps, dtype=cd)
+        if basics.edge_norm:
+            self.film_scale_norm = ScalarRMSNorm(c, eps=eps, dtype=cd)
+            self.film_shift_norm = ScalarRMSNorm(c, eps=eps, dtype=cd)
         else:
             self.film_scale_norm = self.film_shift_norm = nn.Identity()
         self.film_scale_strength_log = nn.Parameter(torch.full((1,), math.log(0.01), dtype=cd))
@@ -197,32 +207,32 @@ class Descriptor(nn.Module):
     def _build_readout(self, opts: DescriptorOptions) -> None:
         from ..nn.ffn import EquivariantFFN
 
-        lmax = 0 if opts.so3_readout == "none" else opts.node_readout_lmax
+        basics, readout, latent_lmax = opts.basics, opts.readout, opts.degrees.node_readout_lmax
         kwargs = dict(
-            lmax=lmax,
-            channels=opts.channels,
-            hidden_channels=opts.out_ffn_width,
-            kmax=min(opts.kmax, opts.node_readout_lmax),
-            grid_mlp=opts.so3_readout == "mlp",
+            lmax=0 if readout.so3_readout == "none" else latent_lmax,
+            channels=basics.channels,
+            hidden_channels=readout.width(basics),
+            kmax=min(opts.degrees.kmax, latent_lmax),
+            grid_mlp=readout.so3_readout == "mlp",
             grid_branch=0,
-            dtype=opts.compute_dtype,
+            dtype=basics.compute_dtype,
             s2_activation=False,
-            ffn_so3_grid=opts.so3_readout != "none",
-            activation_function=opts.activation_function,
-            glu_activation=opts.glu_activation,
-            mlp_bias=opts.mlp_bias,
+            ffn_so3_grid=readout.so3_readout != "none",
+            activation_function=basics.activation_function,
+            glu_activation=basics.glu_activation,
+            mlp_bias=basics.mlp_bias,
         )
         seed_out = child_seed(opts.seed, 2)
         self.readout_pre_layers = nn.ModuleList(
             EquivariantFFN(**kwargs, seed=child_seed(seed_out, i))
-            for i in range(opts.readout_layers - 1)
+            for i in range(readout.layers - 1)
         )
         self.output_ffn = EquivariantFFN(**kwargs, seed=seed_out)
 
     # --- forward --------------------------------------------------------------------------
     @property
     def dim_out(self) -> int:
-        return self.opts.channels
+        return self.opts.basics.channels
 
     def forward(
         self,
@@ -244,6 +254,7 @@ class Descriptor(nn.Module):
         (the ``dens`` head's :class:`~sezm.model.dens.ForceEmbedding`).
         """
         opts = self.opts
+        node_init_lmax, dtype = opts.degrees.node_init_lmax, opts.basics.dtype
         nf, nloc = atype.shape
         types = atype.reshape(-1)
         n_nodes = types.shape[0]
@@ -277,23 +288,23 @@ class Descriptor(nn.Module):
         if spin_l1 is not None:  # on-site spin direction, after the degree normalisation
             x = torch.cat([x[:, :1], x[:, 1:4] + spin_l1.unsqueeze(2), x[:, 4:]], dim=1)
         if streamed:
-            radial = ChunkRadial(self._chunk_block_radial, t, opts.node_init_lmax + 1)
+            radial = ChunkRadial(self._chunk_block_radial, t, node_init_lmax + 1)
         else:
             radial = self._block_radial(radial, edges, t, t)  # (E, L0+1, C)
-        x = x.to(opts.dtype)
+        x = x.to(dtype)
         if force_embedding is not None:
             x = x + force_embedding.to(x.dtype)
         if len(self.blocks):
-            block_edges = edges.cast(opts.dtype)
+            block_edges = edges.cast(dtype)
             with self._block_autocast(x.device):
                 x = self._run_blocks(x, block_edges, radial)
         readout = stream_nodes(self._readout, x, chunks=edges.chunks)
-        return readout.view(nf, nloc, opts.channels), x
+        return readout.view(nf, nloc, self.dim_out), x
 
     def _edge_radial(self, edges: EdgeCache) -> torch.Tensor:
         """Radial features ``(E, L0+1, C)`` of the edges, times the envelope (version >= 1.1)."""
-        opts = self.opts
-        radial = self.radial_embedding(edges.rbf).view(-1, opts.node_init_lmax + 1, opts.channels)
+        rows = self.opts.degrees.node_init_lmax + 1
+        radial = self.radial_embedding(edges.rbf).view(-1, rows, self.dim_out)
         return radial if self.legacy_radial else radial * edges.env.unsqueeze(-1)
 
     def _block_radial(
@@ -301,7 +312,7 @@ class Descriptor(nn.Module):
     ) -> torch.Tensor:
         """Radial features of the blocks: plus the type embeddings of both ends ``(E, L0+1, C)``
         (``types (N, C)`` by ``edges.src``, ``centre_types`` by ``edges.dst``)."""
-        dtype = self.opts.dtype
+        dtype = self.opts.basics.dtype
         ends = (types[edges.src] + centre_types[edges.dst]) * edges.keep
         return radial.to(dtype) + ends.to(dtype).unsqueeze(1)
 
@@ -317,7 +328,7 @@ class Descriptor(nn.Module):
             or self.ghost_exchange is not None
             or torch.compiler.is_compiling()
             or not len(self.blocks)
-            or self.opts.dtype != self.opts.compute_dtype
+            or self.opts.basics.dtype != self.opts.basics.compute_dtype
         ):
             return None
         return self.streaming.chunk_for(n_edges)
@@ -325,11 +336,10 @@ class Descriptor(nn.Module):
     def edge_bytes(self) -> int:
         """Estimated working set of one edge in a block's edge work (bytes), for chunk sizes:
         the widest block's ``(D, F C_f)`` message, times the intermediates kept per mixing layer."""
-        opts = self.opts
-        rows = (max(opts.l_schedule) + 1) ** 2
-        width = opts.n_focus * opts.focus_dim
-        itemsize = torch.empty((), dtype=opts.compute_dtype).element_size()
-        return rows * width * itemsize * (8 + 6 * opts.mixing_layers)
+        message = self.opts.message
+        rows = (max(self.opts.degrees.l_schedule, default=0) + 1) ** 2
+        itemsize = torch.empty((), dtype=self.opts.basics.compute_dtype).element_size()
+        return rows * message.width * itemsize * (8 + 6 * message.mixing_layers)
 
     def _block_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         """bfloat16 autocast of the interaction blocks on CUDA: in training with ``use_amp``,
@@ -353,8 +363,8 @@ class Descriptor(nn.Module):
         return self.charge_spin_embedding(charge_spin)
 
     def _edges(self, src, dst, edge_vec, keep, n_nodes) -> EdgeCache:
-        opts = self.opts
-        floor = opts.eps if self.legacy_radial else 0.25
+        opts, geometry = self.opts, self.opts.geometry
+        floor = opts.basics.eps if self.legacy_radial else 0.25
         exchange = self.ghost_exchange
         return build_edge_cache(
             src=src,
@@ -362,22 +372,22 @@ class Descriptor(nn.Module):
             edge_vec=edge_vec,
             keep=keep,
             n_nodes=n_nodes,
-            rcut=opts.rcut,
-            edge_env_exp=opts.edge_env_exp,
+            rcut=geometry.rcut,
+            edge_env_exp=geometry.edge_env_exp,
             radial_basis=self.radial_basis,
             wigner=self.wigner_calc if opts.needs_wigner and len(self.blocks) else None,
-            eps=opts.eps,
+            eps=opts.basics.eps,
             deg_floor=floor,
-            dtype=opts.compute_dtype,
+            dtype=opts.basics.compute_dtype,
             inner_clamp=self.inner_clamp,
             bridging_switch=self.bridging_switch,
-            random_roll=opts.random_gamma and self.training,
+            random_roll=geometry.random_gamma and self.training,
             complete_node_sums=None if exchange is None else exchange.complete_node_sums,
         )
 
     def _film(self, t: torch.Tensor, edges: EdgeCache, types: torch.Tensor, spin=None):
         """``x0 = t (1 + e^a tanh(s)) + e^b tanh(h)`` with ``[s | h]`` from the environment seed."""
-        c = self.opts.channels
+        c = self.dim_out
         film = self.env_seed_embedding(edges, types, spin)  # (N, 2C)
         scale = torch.tanh(self.film_scale_norm(film[:, :c])) * torch.exp(
             self.film_scale_strength_log
@@ -391,7 +401,7 @@ class Descriptor(nn.Module):
         self, x0: torch.Tensor, edges: EdgeCache, radial: torch.Tensor, types, spin=None
     ) -> torch.Tensor:
         n, c = x0.shape
-        dim = so3_dim(self.opts.node_init_lmax)
+        dim = so3_dim(self.opts.degrees.node_init_lmax)
         if self.gie is None:
             return torch.cat([x0.view(n, 1, 1, c), x0.new_zeros(n, dim - 1, 1, c)], dim=1)
         wigner = self.gie_zonal_wigner_calc or self.wigner_calc
@@ -408,29 +418,37 @@ class Descriptor(nn.Module):
         return torch.cat([x0.unsqueeze(1), rest], dim=1).unsqueeze(2)
 
     def _run_blocks(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
-        opts = self.opts
-        dims = [so3_dim(l + opts.extra_node_l) for l in opts.l_schedule]
+        degrees = self.opts.degrees
+        dims = [so3_dim(l + degrees.extra_node_l) for l in degrees.l_schedule]
         final = self.final_full_attn_res or self.final_block_attn_res
         if final is None:
-            for l_block, dim, block in zip(opts.l_schedule, dims, self.blocks):
+            for l_block, dim, block in zip(degrees.l_schedule, dims, self.blocks):
                 x = block(x[:, :dim], edges, up_to(radial, l_block))
             return x
         steps = [
             lambda v, hist, b=block, l=l_block: b.forward_with_history(
                 v, hist, edges, up_to(radial, l)
             )
-            for l_block, block in zip(opts.l_schedule, self.blocks)
+            for l_block, block in zip(degrees.l_schedule, self.blocks)
         ]
-        out = attn_res_blocks(x, steps, dims, final, so3_dim(opts.node_readout_lmax))
-        return out.to(opts.dtype)
+        out = attn_res_blocks(x, steps, dims, final, so3_dim(degrees.node_readout_lmax))
+        return out.to(self.opts.basics.dtype)
 
     def _readout(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, D, 1, C) -> (N, C)``: residual read-out FFNs, then the ``l = 0`` slice."""
-        if self.opts.so3_readout == "none":
+        if self.opts.readout.so3_readout == "none":
             x = x[:, :1]
         else:
-            x = x[:, : so3_dim(self.opts.node_readout_lmax)]
-        x = x.to(self.opts.compute_dtype)
+            x = x[:, : so3_dim(self.opts.degrees.node_readout_lmax)]
+        x = x.to(self.opts.basics.compute_dtype)
         for layer in self.readout_pre_layers:
             x = x + layer(x)
         return (x + self.output_ffn(x))[:, 0, 0, :]
+
+
+def _pair_keep(geometry: GeometryOptions) -> torch.Tensor:
+    """``(ntypes, ntypes)`` bool: False for the excluded type pairs (both orders)."""
+    keep = torch.ones(geometry.ntypes, geometry.ntypes, dtype=torch.bool)
+    for a, b in geometry.exclude_types:
+        keep[a, b] = keep[b, a] = False
+    return keep

@@ -40,31 +40,29 @@ _FITTING_KEYS = {
 
 def bridging_radii(params: dict) -> tuple[float, float] | None:
     """``(r_inner, r_outer)`` when ZBL zone bridging is on, else ``None``."""
-    method = str(params.get("bridging_method", "None")).lower()
-    if method in ("none", ""):
+    method = params["bridging_method"]
+    if method.lower() in ("none", ""):
         return None
-    if method != "zbl":
-        raise ValueError(
-            f"model.bridging_method must be 'ZBL' or 'None', got {params['bridging_method']!r}"
-        )
-    return float(params.get("bridging_r_inner", 0.5)), float(params.get("bridging_r_outer", 0.8))
+    if method.lower() != "zbl":
+        raise ValueError(f"model.bridging_method must be 'ZBL' or 'None', got {method!r}")
+    return float(params["bridging_r_inner"]), float(params["bridging_r_outer"])
 
 
 def fitting_options(params: dict) -> dict:
     """The :class:`EnergyFitting` keyword arguments of a normalised model section."""
-    return {k: v for k, v in params.get("fitting_net", {}).items() if k in _FITTING_KEYS}
+    return {k: v for k, v in params["fitting_net"].items() if k in _FITTING_KEYS}
 
 
 def descriptor_options(params: dict) -> DescriptorOptions:
-    """Descriptor options of a normalised model section (pair exclusions merged in)."""
-    desc = dict(params.get("descriptor", {}))
-    pair_excl = [list(p) for p in params.get("pair_exclude_types", [])]
-    desc_excl = [list(p) for p in desc.get("exclude_types", [])]
-    if pair_excl and desc_excl and sorted(map(sorted, pair_excl)) != sorted(map(sorted, desc_excl)):
-        raise ValueError("model.pair_exclude_types and model.descriptor.exclude_types disagree")
-    desc["exclude_types"] = pair_excl or desc_excl
+    """Descriptor options of a normalised model section, with the model's pair exclusions
+    (``pair_exclude_types``, else the descriptor's ``exclude_types``; the normalisation
+    checked that they agree when both are given) and ZBL radii."""
+    desc = params["descriptor"]
     return DescriptorOptions.from_config(
-        desc, ntypes=len(params["type_map"]), inner_clamp=bridging_radii(params)
+        desc,
+        ntypes=len(params["type_map"]),
+        exclude_types=params["pair_exclude_types"] or desc["exclude_types"],
+        inner_clamp=bridging_radii(params),
     )
 
 
@@ -83,7 +81,7 @@ class EnergyModel(nn.Module):
         self.register_buffer("dens_force_rmsd", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("min_nbor_dist", torch.tensor(-1.0, dtype=torch.float64))
         self.inter_potential = ZBL(self._zbl_types()) if bridging_radii(params) else None
-        self.atom_exclude_types = [int(t) for t in params.get("atom_exclude_types", [])]
+        self.atom_exclude_types = [int(t) for t in params["atom_exclude_types"]]
 
     def _build_descriptor(self, params: dict) -> Descriptor:
         return Descriptor(descriptor_options(params))
@@ -94,7 +92,7 @@ class EnergyModel(nn.Module):
 
     @property
     def rcut(self) -> float:
-        return self.descriptor.opts.rcut
+        return self.descriptor.opts.geometry.rcut
 
     def atomic_energy(
         self, graph: Graph, edge_vec: torch.Tensor, spin: torch.Tensor | None = None

@@ -27,7 +27,7 @@ _FITTING_KEYS = set(inspect.signature(PropertyFitting.__init__).parameters) - {
 class PropertyModel(nn.Module):
     def __init__(self, params: dict) -> None:
         super().__init__()
-        if str(params.get("bridging_method", "None")).lower() not in ("none", ""):
+        if params["bridging_method"].lower() not in ("none", ""):
             raise ValueError("ZBL bridging is not available for property models")
         self.params = params
         self.type_map = list(params["type_map"])
@@ -42,11 +42,11 @@ class PropertyModel(nn.Module):
         self.register_buffer("out_std", torch.ones(1, ntypes, task_dim, dtype=torch.float64))
         self.register_buffer("dens_force_rmsd", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("min_nbor_dist", torch.tensor(-1.0, dtype=torch.float64))
-        self.atom_exclude_types = [int(t) for t in params.get("atom_exclude_types", [])]
+        self.atom_exclude_types = [int(t) for t in params["atom_exclude_types"]]
 
     @property
     def rcut(self) -> float:
-        return self.descriptor.opts.rcut
+        return self.descriptor.opts.geometry.rcut
 
     @property
     def property_name(self) -> str:

@@ -21,6 +21,7 @@ deepspin  atom ``i`` gets a virtual partner ``i'`` of type ``t_i + ntypes`` at `
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -75,7 +76,7 @@ def virtual_scales(spin: dict, use_spin: list[bool]) -> list[float]:
 
 
 def spin_scheme(params: dict) -> str:
-    scheme = str(params["spin"].get("scheme", "deepspin")).lower()
+    scheme = params["spin"]["scheme"].lower()
     if scheme not in SCHEMES:
         raise ValueError(f"spin.scheme must be 'native' or 'deepspin', got {scheme!r}")
     return scheme
@@ -83,7 +84,7 @@ def spin_scheme(params: dict) -> str:
 
 def build_spin_model(params: dict) -> EnergyModel:
     """The spin model of a normalised model section with a ``spin`` block."""
-    fitting = params.get("fitting_net", {}).get("type", "dpa4_ener")
+    fitting = params["fitting_net"]["type"]
     if fitting not in ("dpa4_ener", "sezm_ener"):
         raise ValueError(f"spin models need a dpa4_ener fitting, not {fitting!r}")
     if spin_scheme(params) == "native":
@@ -148,13 +149,13 @@ def virtual_model_params(params: dict) -> dict:
     real = list(p["type_map"])
     nt = len(real)
     use_spin = use_spin_flags(p["spin"], real)
-    desc = p.setdefault("descriptor", {})
+    desc = p["descriptor"]
     desc["sel"] = [2 * real_sel(params) + 1]
     placeholders = [nt + t for t in range(nt) if not use_spin[t]]
     pairs = [[a, b] for a in placeholders for b in range(2 * nt)]
-    real_pairs = [list(x) for x in p.get("pair_exclude_types") or desc.get("exclude_types") or []]
+    real_pairs = [list(x) for x in p["pair_exclude_types"] or desc["exclude_types"]]
     p["pair_exclude_types"] = desc["exclude_types"] = pairs + real_pairs
-    atoms = set(range(nt, 2 * nt)) | {int(t) for t in p.get("atom_exclude_types", [])}
+    atoms = set(range(nt, 2 * nt)) | {int(t) for t in p["atom_exclude_types"]}
     p["atom_exclude_types"] = sorted(atoms)
     p["type_map"] = real + [t + "_spin" for t in real]
     return p
@@ -162,7 +163,7 @@ def virtual_model_params(params: dict) -> dict:
 
 def real_sel(params: dict) -> int:
     """``sum(descriptor.sel)``: the cap on real neighbours of the deepspin path."""
-    sel = params.get("descriptor", {}).get("sel", 120)
+    sel = params["descriptor"]["sel"]
     if isinstance(sel, str):
         raise ValueError(f"the deepspin scheme needs a resolved descriptor.sel, not {sel!r}")
     return int(sum(sel)) if isinstance(sel, (list, tuple)) else int(sel)
@@ -204,7 +205,7 @@ class VirtualSpinModel(EnergyModel):
         scale = _magnetic_mask(self.virtual_scale, graph.atype)  # (nf, n)
         disp = _spins(graph).to(torch.float64) * scale.unsqueeze(-1)  # (nf, n, 3)
         out = super().forward(
-            self.virtual_graph(graph, disp),
+            drop_masked_edges(self.virtual_graph(graph, disp)),
             virial=virial,
             atomic_virial=atomic_virial,
             create_graph=create_graph,
@@ -227,22 +228,25 @@ class VirtualSpinModel(EnergyModel):
 
     def virtual_graph(self, graph: Graph, disp: torch.Tensor) -> Graph:
         """The graph of real and virtual atoms: frame ``f`` holds ``[real 0..n-1, virtual
-        0..n-1]``; ``disp (nf, n, 3)`` are the virtual offsets ``d_i``."""
+        0..n-1]``; ``disp (nf, n, 3)`` are the virtual offsets ``d_i``.
+
+        Every candidate edge is kept, with ``edge_mask`` False (and a zero vector) where it
+        is cut, so the edge count follows from the input alone (no data-dependent shapes:
+        the frozen package traces this); :func:`drop_masked_edges` removes them.
+        """
         nf, n = graph.atype.shape
-        src, dst, vec = _capped_edges(graph, self.real_nsel)
+        src, dst, vec = graph.src, graph.dst, graph.edge_vec
+        capped = capped_edge_mask(graph, self.real_nsel)  # (E,)
         d = disp.reshape(-1, 3)
         real = torch.arange(nf * n, device=vec.device)
         real = real + (real // n) * n  # flat atom -> real node of the doubled frame
-        atoms = torch.nonzero(graph.atype.reshape(-1) >= 0).squeeze(-1)
-        ra, va = real[atoms], real[atoms] + n
+        is_atom = graph.atype.reshape(-1) >= 0  # (nf n,) phantom atoms have no partner
         rs, rd = real[src], real[dst]
-        src2 = torch.cat([va, ra, rs, rs + n, rs, rs + n])
-        dst2 = torch.cat([ra, va, rd, rd, rd + n, rd + n])
-        vec2 = torch.cat(
-            [d[atoms], -d[atoms], vec, vec + d[src], vec - d[dst], vec + d[src] - d[dst]]
-        )
-        length = vec2.norm(dim=-1)
-        keep = (length <= self.rcut) & (vec2.square().sum(-1) > 1e-10)
+        src2 = torch.cat([real + n, real, rs, rs + n, rs, rs + n])
+        dst2 = torch.cat([real, real + n, rd, rd, rd + n, rd + n])
+        vec2 = torch.cat([d, -d, vec, vec + d[src], vec - d[dst], vec + d[src] - d[dst]])
+        candidate = torch.cat([is_atom, is_atom, capped, capped, capped, capped])
+        keep = candidate & (vec2.norm(dim=-1) <= self.rcut) & (vec2.square().sum(-1) > 1e-10)
         atype = graph.atype
         virtual_type = torch.where(atype >= 0, atype + len(self.real_type_map), atype)
         aparam = graph.aparam
@@ -250,17 +254,47 @@ class VirtualSpinModel(EnergyModel):
             aparam = torch.cat([aparam, torch.zeros_like(aparam)], dim=1)
         return Graph(
             atype=torch.cat([atype, virtual_type], dim=1),
-            src=src2[keep],
-            dst=dst2[keep],
-            edge_vec=vec2[keep],
+            src=src2,
+            dst=dst2,
+            edge_vec=torch.where(keep.unsqueeze(-1), vec2, torch.zeros_like(vec2)),
+            edge_mask=keep,
             fparam=graph.fparam,
             aparam=aparam,
             charge_spin=graph.charge_spin,
         )
 
 
+def drop_masked_edges(graph: Graph) -> Graph:
+    """``graph`` without its masked edges (``edge_mask`` None)."""
+    keep = graph.edge_mask
+    return dataclasses.replace(
+        graph,
+        src=graph.src[keep],
+        dst=graph.dst[keep],
+        edge_vec=graph.edge_vec[keep],
+        edge_mask=None,
+    )
+
+
+def capped_edge_mask(graph: Graph, cap: int) -> torch.Tensor:
+    """``(E,)`` bool: the edges of ``graph`` among the ``cap`` nearest (valid) sources of
+    their destination; masked edges are never kept. Ties keep the edge order."""
+    dst, vec = graph.dst, graph.edge_vec
+    valid = torch.ones_like(dst, dtype=torch.bool) if graph.edge_mask is None else graph.edge_mask
+    length = torch.where(valid, vec.norm(dim=-1), torch.full_like(vec[:, 0], torch.inf))
+    order = torch.argsort(length, stable=True)
+    order = order[torch.argsort(dst[order], stable=True)]  # by centre, then by distance
+    counts = torch.zeros(graph.atype.numel(), dtype=torch.long, device=dst.device)
+    counts = counts.index_add(0, dst, torch.ones_like(dst))  # (n_nodes,) edges per centre
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(dst.shape[0], device=dst.device) - first[dst[order]]
+    kept = torch.zeros_like(valid).index_put((order,), rank < cap)
+    return kept & valid
+
+
 def _capped_edges(graph: Graph, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Edges of ``graph`` limited to the ``cap`` nearest sources of each destination."""
+    """Edges of ``graph`` limited to the ``cap`` nearest sources of each destination, ordered
+    by destination, then distance."""
     src, dst, vec = graph.src, graph.dst, graph.edge_vec
     if graph.edge_mask is not None:
         src, dst, vec = src[graph.edge_mask], dst[graph.edge_mask], vec[graph.edge_mask]

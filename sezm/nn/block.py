@@ -16,89 +16,72 @@ from ..geometry.layout import so3_dim
 from .attn_res import block_attn_res_units, depth_attn_res, full_attn_res_units
 from .common import child_seed
 from .edge_cache import EdgeCache
+from .ffn import EquivariantFFN
 from .norm import EquivariantRMSNorm
-from .options import DescriptorOptions
+from .options import BlockDegrees, DescriptorOptions, FFNOptions, LayerBasics, ResidualOptions
 from .so2_conv import SO2Convolution
 from .stream import stream_nodes
 
 
 def _norm_or_identity(
-    enabled: bool, lmax: int, opts: DescriptorOptions, eps: float = 1e-5
+    enabled: bool, lmax: int, basics: LayerBasics, eps: float = 1e-5
 ) -> nn.Module:
     if not enabled:
         return nn.Identity()
-    return EquivariantRMSNorm(lmax, opts.channels, eps=eps, dtype=opts.compute_dtype)
+    return EquivariantRMSNorm(lmax, basics.channels, eps=eps, dtype=basics.compute_dtype)
 
 
 class InteractionBlock(nn.Module):
     def __init__(self, opts: DescriptorOptions, index: int, seed) -> None:
         super().__init__()
-        from .ffn import EquivariantFFN
-
-        lmax = opts.l_schedule[index]
-        mmax = opts.m_schedule[index]
-        kmax = min(opts.kmax, lmax)
-        node_lmax = lmax + opts.extra_node_l
+        basics, residual, ffn = opts.basics, opts.residual, opts.ffn
+        degrees = opts.degrees.block(index)
+        lmax, node_lmax = degrees.lmax, degrees.node_lmax
         self.mp_dim, self.node_dim = so3_dim(lmax), so3_dim(node_lmax)
-        so2_pre, so2_post, ffn_pre, ffn_post = opts.sandwich_norm
-        self.pre_so2_norm = _norm_or_identity(so2_pre, lmax, opts)
+        self.pre_so2_norm = _norm_or_identity(residual.so2_pre_norm, lmax, basics)
         self.post_so2_norm = _norm_or_identity(
-            so2_post, lmax, opts, 1e-5 if opts.edge_norm else 1.0
+            residual.so2_post_norm, lmax, basics, 1e-5 if basics.edge_norm else 1.0
         )
-        self.so2_conv = SO2Convolution(opts, lmax, mmax, kmax, child_seed(seed, 0))
+        self.so2_conv = SO2Convolution(basics, opts.message, degrees, child_seed(seed, 0))
         self.pre_ffn_norms = nn.ModuleList(
-            _norm_or_identity(ffn_pre, node_lmax, opts) for _ in range(opts.ffn_blocks)
+            _norm_or_identity(residual.ffn_pre_norm, node_lmax, basics) for _ in range(ffn.blocks)
         )
         self.post_ffn_norms = nn.ModuleList(
-            _norm_or_identity(ffn_post, node_lmax, opts) for _ in range(opts.ffn_blocks)
+            _norm_or_identity(residual.ffn_post_norm, node_lmax, basics) for _ in range(ffn.blocks)
         )
         self.ffns = nn.ModuleList(
-            EquivariantFFN(
-                lmax=node_lmax,
-                channels=opts.channels,
-                hidden_channels=opts.block_ffn_width,
-                kmax=kmax,
-                grid_mlp=opts.grid_mlp[2],
-                grid_branch=opts.grid_branch[2],
-                dtype=opts.dtype,
-                s2_activation=opts.ffn_s2_activation,
-                ffn_so3_grid=opts.ffn_so3_grid,
-                lebedev_quadrature=opts.ffn_lebedev,
-                activation_function=opts.ffn_activation_function,
-                glu_activation=opts.ffn_glu,
-                mlp_bias=opts.mlp_bias,
-                seed=child_seed(child_seed(seed, 1), k),
-            )
-            for k in range(opts.ffn_blocks)
+            _block_ffn(basics, ffn, degrees, child_seed(child_seed(seed, 1), k))
+            for k in range(ffn.blocks)
         )
-        self.depth_mode = (
-            "full"
-            if opts.full_attn_res != "none"
-            else ("block" if opts.block_attn_res != "none" else None)
-        )
+        self.depth_mode = residual.depth_mode
         if self.depth_mode is not None:
-            mode = opts.full_attn_res if self.depth_mode == "full" else opts.block_attn_res
-            s = child_seed(seed, 2 if self.depth_mode == "full" else 3)
-            kw = dict(eps=opts.eps, bias=opts.mlp_bias, dtype=opts.compute_dtype)
-            setattr(
-                self,
-                f"{self.depth_mode}_attn_res_so2",
-                depth_attn_res(mode, opts.channels, seed=child_seed(s, 0), **kw),
-            )
-            setattr(
-                self,
-                f"{self.depth_mode}_attn_res_ffns",
-                nn.ModuleList(
-                    depth_attn_res(mode, opts.channels, seed=child_seed(s, k + 1), **kw)
-                    for k in range(opts.ffn_blocks)
-                ),
-            )
+            self._build_depth_attention(basics, residual, ffn.blocks, seed)
         self.adam_ffn_layer_scales = None
-        if opts.layer_scale:
+        if basics.layer_scale:
             self.adam_ffn_layer_scales = nn.ParameterList(
-                nn.Parameter(torch.full((opts.channels,), 1e-3, dtype=opts.dtype))
-                for _ in range(opts.ffn_blocks)
+                nn.Parameter(torch.full((basics.channels,), 1e-3, dtype=basics.dtype))
+                for _ in range(ffn.blocks)
             )
+
+    def _build_depth_attention(
+        self, basics: LayerBasics, residual: ResidualOptions, n_ffn: int, seed
+    ) -> None:
+        mode = residual.depth_attn_res
+        s = child_seed(seed, 2 if self.depth_mode == "full" else 3)
+        kw = dict(eps=basics.eps, bias=basics.mlp_bias, dtype=basics.compute_dtype)
+        setattr(
+            self,
+            f"{self.depth_mode}_attn_res_so2",
+            depth_attn_res(mode, basics.channels, seed=child_seed(s, 0), **kw),
+        )
+        setattr(
+            self,
+            f"{self.depth_mode}_attn_res_ffns",
+            nn.ModuleList(
+                depth_attn_res(mode, basics.channels, seed=child_seed(s, k + 1), **kw)
+                for k in range(n_ffn)
+            ),
+        )
 
     def so2_unit(self, x: torch.Tensor, edges: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
         """Update from message passing, ``(N, D_node, 1, C)``; rows above the MP degree are 0."""
@@ -142,3 +125,23 @@ class InteractionBlock(nn.Module):
             return full_attn_res_units(x, history, units, attns)
         out, summary = block_attn_res_units(x, history, units, attns)
         return out, [summary]
+
+
+def _block_ffn(basics: LayerBasics, ffn: FFNOptions, degrees: BlockDegrees, seed) -> nn.Module:
+    """One FFN of a block, on node features of degree ``degrees.node_lmax``."""
+    return EquivariantFFN(
+        lmax=degrees.node_lmax,
+        channels=basics.channels,
+        hidden_channels=ffn.width(basics.channels),
+        kmax=degrees.kmax,
+        grid_mlp=ffn.grid.mlp,
+        grid_branch=ffn.grid.branches,
+        dtype=basics.dtype,
+        s2_activation=ffn.s2_activation,
+        ffn_so3_grid=ffn.so3_grid,
+        lebedev_quadrature=ffn.lebedev,
+        activation_function=ffn.activation_function,
+        glu_activation=ffn.glu,
+        mlp_bias=basics.mlp_bias,
+        seed=seed,
+    )

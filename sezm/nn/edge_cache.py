@@ -74,7 +74,13 @@ class EdgeCache:
         wigner = None if self.wigner is None else self.wigner.to(dtype)
         gate = None if self.src_gate is None else self.src_gate.to(dtype)
         return EdgeCache(
-            self.src, self.dst, self.n_nodes, **conv, wigner=wigner, src_gate=gate, chunks=self.chunks
+            self.src,
+            self.dst,
+            self.n_nodes,
+            **conv,
+            wigner=wigner,
+            src_gate=gate,
+            chunks=self.chunks,
         )
 
     def chunk_tensors(self, chunk: EdgeChunk) -> tuple:

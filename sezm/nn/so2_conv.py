@@ -28,7 +28,7 @@ from .common import child_seed, normal_
 from .edge_cache import EdgeCache
 from .linear import ChannelLinear, SO3Linear
 from .norm import ReducedEquivariantRMSNorm, ScalarRMSNorm
-from .options import DescriptorOptions
+from .options import BlockDegrees, GridProduct, LayerBasics, MessageOptions
 from .so2 import RadialDegreeMixer, SO2Linear
 from .stream import stream_edges, stream_nodes
 
@@ -42,13 +42,15 @@ class SO2MixingStack:
     (``attach``), which is where checkpoints keep them.
     """
 
-    def __init__(self, opts: DescriptorOptions, lmax: int, mmax: int, seed) -> None:
+    def __init__(
+        self, basics: LayerBasics, message: MessageOptions, lmax: int, mmax: int, seed
+    ) -> None:
         from .activation import GatedActivation
         from .grid_net import S2GridNet
 
-        n, cf, nf = opts.mixing_layers, opts.focus_dim, opts.n_focus
-        s2 = opts.so2_s2_activation
-        cd = opts.compute_dtype
+        n, cf, nf = message.mixing_layers, message.focus_dim, message.n_focus
+        s2 = message.s2_activation
+        dtype, cd, bias = basics.dtype, basics.compute_dtype, basics.mlp_bias
         degrees = m_major_degrees(lmax, mmax)
         self.so2_linears = nn.ModuleList(
             SO2Linear(
@@ -57,15 +59,15 @@ class SO2MixingStack:
                 in_channels=cf,
                 out_channels=2 * cf if s2 and i < n - 1 else cf,
                 n_focus=nf,
-                dtype=opts.dtype,
-                mlp_bias=opts.mlp_bias,
+                dtype=dtype,
+                mlp_bias=bias,
                 seed=child_seed(child_seed(seed, 0), i),
             )
             for i in range(n)
         )
         self.so2_inter_norms = nn.ModuleList(
             ReducedEquivariantRMSNorm(lmax, mmax, cf, degrees, n_focus=nf, eps=1e-5, dtype=cd)
-            if opts.so2_norm and i < n - 1
+            if message.so2_norm and i < n - 1
             else nn.Identity()
             for i in range(n)
         )
@@ -86,8 +88,8 @@ class SO2MixingStack:
                         dtype=cd,
                         layout="fndc",
                         coefficient_layout="m_major",
-                        grid_method="lebedev" if opts.so2_lebedev else "e3nn",
-                        mlp_bias=opts.mlp_bias,
+                        grid_method=message.grid_method,
+                        mlp_bias=bias,
                         seed=s,
                     )
                 )
@@ -99,32 +101,32 @@ class SO2MixingStack:
                         channels=cf,
                         n_focus=nf,
                         dtype=cd,
-                        activation_function=opts.so2_activation_function,
-                        mlp_bias=opts.mlp_bias,
+                        activation_function=message.activation_function,
+                        mlp_bias=bias,
                         layout="fndc",
                         seed=s,
                     )
                 )
         self.non_linearities = nn.ModuleList(acts)
         self.so2_layer_attn_res = None
-        if opts.so2_attn_res != "none":
+        if message.layer_attn_res != "none":
             from .attn_res import DepthAttnRes
 
             self.so2_layer_attn_res = nn.ModuleList(
                 DepthAttnRes(
                     channels=nf * cf,
-                    input_dependent=opts.so2_attn_res == "dependent",
-                    eps=opts.eps,
-                    bias=opts.mlp_bias,
+                    input_dependent=message.layer_attn_res == "dependent",
+                    eps=basics.eps,
+                    bias=bias,
                     dtype=cd,
                     seed=child_seed(child_seed(seed, 5), i),
                 )
                 for i in range(n)
             )
         self.adam_so2_layer_scales = None
-        if opts.layer_scale:
+        if basics.layer_scale:
             self.adam_so2_layer_scales = nn.ParameterList(
-                nn.Parameter(torch.full((nf, cf), 1e-3, dtype=opts.dtype)) for _ in range(n)
+                nn.Parameter(torch.full((nf, cf), 1e-3, dtype=dtype)) for _ in range(n)
             )
 
     def attach(self, owner: nn.Module) -> None:
@@ -182,19 +184,21 @@ class SO2MixingStack:
 class SO2Convolution(nn.Module):
     """Message passing of one interaction block (see module docstring)."""
 
-    def __init__(self, opts: DescriptorOptions, lmax: int, mmax: int, kmax: int, seed) -> None:
+    def __init__(
+        self, basics: LayerBasics, message: MessageOptions, degrees: BlockDegrees, seed
+    ) -> None:
         super().__init__()
-        c, nf, cf = opts.channels, opts.n_focus, opts.focus_dim
-        cw = nf * cf
-        dtype, cd = opts.dtype, opts.compute_dtype
+        lmax, mmax = degrees.lmax, degrees.mmax
+        c, nf, cf, cw = basics.channels, message.n_focus, message.focus_dim, message.width
+        dtype, cd, bias = basics.dtype, basics.compute_dtype, basics.mlp_bias
         self.lmax, self.mmax, self.n_focus, self.focus_dim = lmax, mmax, nf, cf
-        self.eps, self.compute_dtype, self.dtype = opts.eps, cd, dtype
-        self.edge_cartesian = opts.block_edge_cartesian(lmax)
+        self.eps, self.compute_dtype, self.dtype = basics.eps, cd, dtype
+        self.edge_cartesian = message.block_edge_cartesian(lmax)
         self.pre_focus_mix = SO3Linear(
-            lmax, c, cw, dtype=dtype, mlp_bias=opts.mlp_bias, seed=child_seed(seed, 2)
+            lmax, c, cw, dtype=dtype, mlp_bias=bias, seed=child_seed(seed, 2)
         )
         self.post_focus_mix = SO3Linear(
-            lmax, cw, c, dtype=dtype, mlp_bias=opts.mlp_bias, seed=child_seed(seed, 3), init_std=0.0
+            lmax, cw, c, dtype=dtype, mlp_bias=bias, seed=child_seed(seed, 3), init_std=0.0
         )
         self.radial_hidden_proj = (
             ChannelLinear(c, cw, dtype=dtype, bias=False, seed=child_seed(seed, 6))
@@ -203,12 +207,15 @@ class SO2Convolution(nn.Module):
         )
         self.register_buffer("degree_index_full", degree_of_rows(lmax), persistent=False)
         self.register_buffer("degree_index_m", m_major_degrees(lmax, mmax), persistent=False)
-        self._build_message_path(opts, lmax, mmax, kmax, seed)
-        self._build_aggregation(opts, lmax, seed)
-        self._build_focus_competition(opts, seed)
+        self._build_message_path(basics, message, degrees, seed)
+        self._build_aggregation(basics, message, seed)
+        self._build_focus_competition(basics, message, seed)
 
     # --- construction -------------------------------------------------------------------
-    def _build_message_path(self, opts, lmax, mmax, kmax, seed) -> None:
+    def _build_message_path(
+        self, basics: LayerBasics, message: MessageOptions, degrees: BlockDegrees, seed
+    ) -> None:
+        lmax, mmax, bias = degrees.lmax, degrees.mmax, basics.mlp_bias
         self.mixing = None
         self.edge_cartesian_tp = None
         if self.edge_cartesian:
@@ -216,52 +223,49 @@ class SO2Convolution(nn.Module):
 
             self.edge_cartesian_tp = EdgeCartesianTensorProduct(
                 lmax=lmax,
-                focus_dim=opts.focus_dim,
-                n_focus=opts.n_focus,
-                n_layers=opts.mixing_layers,
-                activation_function=opts.so2_activation_function,
-                mlp_bias=opts.mlp_bias,
-                eps=opts.eps,
-                dtype=opts.dtype,
+                focus_dim=message.focus_dim,
+                n_focus=message.n_focus,
+                n_layers=message.mixing_layers,
+                activation_function=message.activation_function,
+                mlp_bias=bias,
+                eps=basics.eps,
+                dtype=basics.dtype,
                 seed=child_seed(seed, 0),
             )
-        elif opts.mixing_layers > 0:
-            self.mixing = SO2MixingStack(opts, lmax, mmax, seed)
+        elif message.mixing_layers > 0:
+            self.mixing = SO2MixingStack(basics, message, lmax, mmax, seed)
             self.mixing.attach(self)
         self.radial_degree_mixer = None
-        if not self.edge_cartesian and opts.radial_so2_mode != "none":
+        if not self.edge_cartesian and message.radial_mode != "none":
             self.radial_degree_mixer = RadialDegreeMixer(
                 lmax=lmax,
                 mmax=mmax,
-                channels=opts.n_focus * opts.focus_dim,
-                mode=opts.radial_so2_mode,
-                rank=opts.radial_so2_rank,
-                dtype=opts.dtype,
+                channels=message.width,
+                mode=message.radial_mode,
+                rank=message.radial_rank,
+                dtype=basics.dtype,
                 seed=child_seed(seed, 7),
             )
         self.node_wise_grid_product = _grid_product(
-            opts, "node_wise", lmax, mmax, kmax, child_seed(seed, 8)
+            basics, message, message.node_wise, degrees, child_seed(seed, 8), node_wise=True
         )
         self.message_node_grid_product = _grid_product(
-            opts, "message_node", lmax, mmax, kmax, child_seed(seed, 9)
+            basics, message, message.message_node, degrees, child_seed(seed, 9), node_wise=False
         )
         self.node_cartesian_tp = None
-        spec = opts.block_node_cartesian(lmax)
-        from .cartesian import parse_node_cartesian
-
-        enabled, symmetric, layers = parse_node_cartesian(spec)
-        if enabled:
+        spec = message.block_node_cartesian(lmax)
+        if spec.enabled:
             from .cartesian import NodeCartesianTensorProduct
 
             self.node_cartesian_tp = NodeCartesianTensorProduct(
                 lmax=lmax,
-                focus_dim=opts.focus_dim,
-                n_focus=opts.n_focus,
-                n_layers=layers,
-                symmetric=symmetric,
-                activation_function=opts.so2_activation_function,
-                mlp_bias=opts.mlp_bias,
-                dtype=opts.dtype,
+                focus_dim=message.focus_dim,
+                n_focus=message.n_focus,
+                n_layers=spec.n_layers,
+                symmetric=spec.symmetric,
+                activation_function=message.activation_function,
+                mlp_bias=bias,
+                dtype=basics.dtype,
                 seed=child_seed(seed, 10),
             )
         self.needs_local_frame = not self.edge_cartesian and (
@@ -270,57 +274,55 @@ class SO2Convolution(nn.Module):
             or self.node_wise_grid_product is not None
         )
 
-    def _build_aggregation(self, opts: DescriptorOptions, lmax: int, seed) -> None:
-        self.n_heads = opts.n_atten_head
+    def _build_aggregation(self, basics: LayerBasics, message: MessageOptions, seed) -> None:
+        attention, lmax = message.attention, self.lmax
+        self.n_heads = attention.n_heads
         if self.n_heads == 0:
             return
-        cd = opts.compute_dtype
-        cw = opts.n_focus * opts.focus_dim
-        self.attn_focus = 1 if opts.atten_f_mix else opts.n_focus
-        self.attn_width = cw if opts.atten_f_mix else opts.focus_dim
+        cd, cw = basics.compute_dtype, message.width
+        self.attn_focus = 1 if attention.f_mix else message.n_focus
+        self.attn_width = cw if attention.f_mix else message.focus_dim
         fa, ca, h = self.attn_focus, self.attn_width, self.n_heads
         s = child_seed(seed, 4)
-        self.attn_qk_norm = ScalarRMSNorm(ca, n_focus=fa, eps=opts.eps, dtype=cd)
+        self.attn_qk_norm = ScalarRMSNorm(ca, n_focus=fa, eps=basics.eps, dtype=cd)
         from .linear import FocusLinear
 
         self.attn_q_proj = FocusLinear(ca, ca, fa, dtype=cd, bias=False, seed=child_seed(s, 0))
         self.attn_k_proj = FocusLinear(ca, ca, fa, dtype=cd, bias=False, seed=child_seed(s, 1))
         self.attn_focus_mix = (
-            SO3Linear(lmax, cw, cw, dtype=cd, seed=child_seed(s, 19)) if opts.atten_f_mix else None
+            SO3Linear(lmax, cw, cw, dtype=cd, seed=child_seed(s, 19)) if attention.f_mix else None
         )
         self.attn_v_proj = (
             SO3Linear(lmax, ca, ca, n_focus=fa, dtype=cd, seed=child_seed(s, 20))
-            if opts.atten_v_proj
+            if attention.v_proj
             else None
         )
         self.attn_o_proj = (
             SO3Linear(lmax, ca, ca, n_focus=fa, dtype=cd, seed=child_seed(s, 21))
-            if opts.atten_o_proj
+            if attention.o_proj
             else None
         )
         self.adamw_attn_logit_w = nn.Parameter(torch.zeros(ca, fa, h, dtype=cd))
         normal_(self.adamw_attn_logit_w, 0.01, child_seed(s, 2))
         self.adamw_attn_z_bias_raw = nn.Parameter(torch.full((fa, h), 0.5413, dtype=cd))
-        self.attn_output_gate_norm = ScalarRMSNorm(ca, n_focus=fa, eps=opts.eps, dtype=cd)
+        self.attn_output_gate_norm = ScalarRMSNorm(ca, n_focus=fa, eps=basics.eps, dtype=cd)
         self.adamw_attn_gate_w = nn.Parameter(torch.zeros(ca, fa, h, dtype=cd))
         normal_(self.adamw_attn_gate_w, 0.01, child_seed(s, 3))
 
-    def _build_focus_competition(self, opts: DescriptorOptions, seed) -> None:
+    def _build_focus_competition(self, basics: LayerBasics, message: MessageOptions, seed) -> None:
         self.focus_compete_norm = None
-        if opts.n_focus == 1:
+        nf, cf, cd = message.n_focus, message.focus_dim, basics.compute_dtype
+        if nf == 1:
             return
-        cd = opts.compute_dtype
         self.focus_compete_norm = (
-            ScalarRMSNorm(opts.focus_dim, n_focus=opts.n_focus, eps=opts.eps, dtype=cd)
-            if opts.edge_norm
+            ScalarRMSNorm(cf, n_focus=nf, eps=basics.eps, dtype=cd)
+            if basics.edge_norm
             else nn.Identity()
         )
-        self.adamw_focus_compete_w = nn.Parameter(
-            torch.zeros(opts.focus_dim, opts.n_focus, dtype=cd)
-        )
+        self.adamw_focus_compete_w = nn.Parameter(torch.zeros(cf, nf, dtype=cd))
         normal_(self.adamw_focus_compete_w, 0.01, child_seed(child_seed(seed, 4), 4))
         self.focus_compete_bias = (
-            nn.Parameter(torch.zeros(opts.n_focus, dtype=cd)) if opts.mlp_bias else None
+            nn.Parameter(torch.zeros(nf, dtype=cd)) if basics.mlp_bias else None
         )
 
     # --- forward --------------------------------------------------------------------------
@@ -526,37 +528,42 @@ class SO2Convolution(nn.Module):
         return out.reshape(n, d, fa * ca).to(self.dtype)
 
 
-def _grid_product(opts: DescriptorOptions, where: str, lmax: int, mmax: int, kmax: int, seed):
-    """Node-wise (edge frame, m-major) or message-node (packed) S2 / SO(3) grid product, if enabled."""
-    s2, so3 = getattr(opts, f"{where}_s2"), getattr(opts, f"{where}_so3")
-    if not (s2 or so3):
+def _grid_product(
+    basics: LayerBasics,
+    message: MessageOptions,
+    path: GridProduct,
+    degrees: BlockDegrees,
+    seed,
+    *,
+    node_wise: bool,
+):
+    """Node-wise (edge frame, m-major) or message-node (packed) S2 / SO(3) grid product, if
+    ``path`` is enabled."""
+    if not path.enabled:
         return None
     from .grid_net import S2GridNet, SO3GridNet
 
-    index = 0 if where == "node_wise" else 1
-    branches = opts.grid_branch[index]
-    op = "branch" if branches > 0 else ("mlp" if opts.grid_mlp[index] else "glu")
-    layout = "m_major" if where == "node_wise" else "packed"
+    lmax, mmax = degrees.lmax, degrees.mmax
     common = dict(
         lmax=lmax,
-        channels=opts.focus_dim,
-        n_focus=opts.n_focus,
+        channels=message.focus_dim,
+        n_focus=message.n_focus,
         mode="cross",
-        op_type=op,
-        dtype=opts.compute_dtype,
+        op_type=path.op.op_type,
+        dtype=basics.compute_dtype,
         layout="flat",
-        coefficient_layout=layout,
-        grid_branches=max(1, branches),
-        mlp_bias=opts.mlp_bias,
+        coefficient_layout="m_major" if node_wise else "packed",
+        grid_branches=max(1, path.op.branches),
+        mlp_bias=basics.mlp_bias,
         residual_scale_init=1e-3,
         seed=seed,
     )
-    if so3:
-        if where == "node_wise":
+    if path.so3:
+        if node_wise:
             common["mmax"] = mmax
-        return SO3GridNet(kmax=kmax, **common)
-    method = "lebedev" if opts.so2_lebedev else "e3nn"
-    if where == "node_wise":
+        return SO3GridNet(kmax=degrees.kmax, **common)
+    method = message.grid_method
+    if node_wise:
         return S2GridNet(mmax=mmax, grid_method=method, **common)
     from .grid import resolve_s2_full_grid_resolution
 

@@ -26,6 +26,7 @@ MIN_CHUNK_EDGES = 1024  # below this, per-chunk overheads (launches, recompute s
 MAX_CHUNK_EDGES = 1 << 16
 CHUNK_BUDGET_BYTES = 256 << 20  # working set of one chunk's edge work, at most
 MEMORY_FRACTION = 64  # ... and at most this fraction of the device's memory
+PLAIN_CHUNKS = 4  # automatic: systems of up to this many chunks take the plain path (no recompute)
 
 
 @dataclass
@@ -34,8 +35,8 @@ class StreamPolicy:
 
     ``fixed``: always stream with chunks of at most this many edges (0: never stream);
     ``None``: automatic, a chunk whose working set (``bytes_per_edge`` per edge, estimated
-    from the model's widths) fits :func:`chunk_budget`; systems with no more edges than one
-    chunk take the plain path, which needs no recomputation.
+    from the model's widths) fits :func:`chunk_budget`; systems of up to ``PLAIN_CHUNKS``
+    chunks take the plain path, which needs no recomputation and is faster while it fits.
     """
 
     bytes_per_edge: int
@@ -50,7 +51,7 @@ class StreamPolicy:
         else:
             size = chunk_budget(self.device) // max(1, self.bytes_per_edge)
             size = min(MAX_CHUNK_EDGES, max(MIN_CHUNK_EDGES, size))
-            chunk = size if n_edges > size else None
+            chunk = size if n_edges > PLAIN_CHUNKS * size else None
         self._report(n_edges, chunk)
         return chunk
 
@@ -79,6 +80,7 @@ def chunk_budget(device: torch.device) -> int:
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return min(CHUNK_BUDGET_BYTES, total // MEMORY_FRACTION)
+
 
 NodeTables = tuple[torch.Tensor | None, ...]
 EdgeWork = Callable[..., torch.Tensor]

@@ -4,8 +4,10 @@
 the tensors under ``model.<branch>.`` and ``_extra_state = {"model_params", "train_infos"}``,
 so DeePMD-kit 3.2 reads sezm checkpoints and vice versa. Numbered files are
 ``<save_dir>/<save_ckpt>-<step>.pt``; ``<save_ckpt>.pt`` is a symlink to the newest one and the
-text file ``checkpoint`` names it. Files are written to a temporary name and renamed, so an
-interrupted save never corrupts the previous checkpoint.
+text file ``checkpoint`` names it. Every file (checkpoints, link, pointer) is written to a
+temporary name ``.<name>.<random>.tmp`` in the same folder and renamed, so an interrupted save
+never corrupts the previous checkpoint; the temporary files a killed save leaves behind are
+removed when the next run starts (:meth:`CheckpointStore.remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -46,6 +49,15 @@ def model_state(
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same directory, then rename over ``path``."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file in the same directory, then rename over ``path``."""
+    _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -54,13 +66,19 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     os.chmod(tmp, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_pattern(target: str) -> re.Pattern:
+    """Names of the temporary files that a save of a file named like ``target`` (a regular
+    expression) creates: ``.<target>.<8 random characters>.tmp`` or ``.<target>.tmp``."""
+    return re.compile(rf"\.(?:{target})(?:\.[a-z0-9_]{{8}})?\.tmp")
 
 
 def keep_counts(training: dict, num_steps: int) -> tuple[int, int]:
@@ -107,6 +125,27 @@ class CheckpointStore:
         )
         return int(text) if text.isdigit() else None
 
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temporary files that killed saves of this store left behind (its own
+        names only: numbered and merged checkpoints, the link, the pointer); the removed paths."""
+        name = re.escape(self.prefix.name)
+        targets = [
+            (self.directory, rf"{name}(?:-\d+|_merged)?\.pt"),
+            (self.prefix.parent, rf"{name}\.pt"),
+        ]
+        if self.pointer is not None:
+            targets.append((self.pointer.parent, re.escape(self.pointer.name)))
+        removed = set()
+        for folder, target in targets:
+            pattern = temp_pattern(target)
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if pattern.fullmatch(path.name) and (path.is_symlink() or path.is_file()):
+                    path.unlink(missing_ok=True)
+                    removed.add(path)
+        return sorted(removed)
+
     def save(self, obj, step: int) -> Path:
         """Write checkpoint ``step``, point the prefix at it, prune older ones."""
         path = self.path_for(step)
@@ -124,7 +163,7 @@ class CheckpointStore:
         os.symlink(target, tmp)
         os.replace(tmp, link)
         if self.pointer is not None:
-            self.pointer.write_text(str(path))
+            atomic_write_text(self.pointer, str(path))
 
     def _prune(self, current: int) -> None:
         if self.max_keep < 1:
@@ -140,3 +179,22 @@ class CheckpointStore:
         kept = [(s, p) for s, p in numbered if s <= current]
         for _, path in kept[: max(0, len(kept) - self.max_keep)]:
             path.unlink(missing_ok=True)
+
+
+#: Model settings that do not shape the network: they never explain a weight mismatch.
+_NOT_ARCHITECTURE = {"seed", "trainable", "info", "precision", "use_amp", "use_compile"}
+
+
+def model_differences(saved: dict, wanted: dict, path: str = "model") -> list[str]:
+    """The settings in which the model section ``saved`` (a checkpoint's ``model_params``)
+    differs from ``wanted`` (this run's), as ``key: saved vs wanted`` lines."""
+    lines = []
+    for key in sorted(set(saved) | set(wanted)):
+        if key in _NOT_ARCHITECTURE or key.startswith("_"):
+            continue
+        a, b = saved.get(key, "(absent)"), wanted.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += model_differences(a, b, f"{path}/{key}")
+        elif a != b:
+            lines.append(f"{path}/{key}: {a!r} in the checkpoint, {b!r} here")
+    return lines

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import time
+from pathlib import Path
 from typing import TextIO
+
+from .checkpoint import atomic_write_text
+
+log = logging.getLogger("sezm.train")
 
 
 class LearningCurve:
@@ -73,3 +79,49 @@ def format_metrics(step: int, tag: str, metrics: dict[str, float], lr: float | N
     text = ", ".join(f"{k} = {v:8.2e}" for k, v in sorted(metrics.items()))
     lr_text = f", lr = {lr:8.2e}" if lr is not None else ""
     return f"batch {step:7d} {tag}: {text}{lr_text}"
+
+
+def repair_curve(path: str | Path, last_step: int) -> bool:
+    """Make ``lcurve.out`` fit for a run that continues after step ``last_step``: keep the
+    comment lines and the complete rows up to ``last_step``, drop the rows after it and any
+    partial row (a write cut by a kill or a full disk: no final newline, another number of
+    columns than the header, or a field that is not a number). Whether a header remains."""
+    file = Path(path)
+    if not file.is_file():
+        return False
+    lines = file.read_text(errors="replace").splitlines(keepends=True)
+    header = [ln for ln in lines if ln.startswith("#") and ln.endswith("\n")]
+    width = len(header[0][1:].split()) if header else None
+    kept, partial, later = [], [], 0
+    for line in lines:
+        if line.startswith("#") or not line.strip():
+            (kept if line.endswith("\n") else partial).append(line)
+            continue
+        fields = line.split()
+        if not line.endswith("\n") or (width and len(fields) != width) or not _numbers(fields):
+            partial.append(line)
+        elif int(float(fields[0])) <= last_step:
+            kept.append(line)
+        else:
+            later += 1
+    if partial:
+        log.warning(
+            "%s: dropped %d partial row(s) (an interrupted write): %s",
+            file,
+            len(partial),
+            "; ".join(repr(ln.rstrip("\n")[:60]) for ln in partial[:3]),
+        )
+    if later:
+        log.info(
+            "%s: dropped %d row(s) after step %d, where this run restarts", file, later, last_step
+        )
+    atomic_write_text(file, "".join(kept))
+    return bool(header) and any(ln.startswith("#") for ln in kept)
+
+
+def _numbers(fields: list[str]) -> bool:
+    try:
+        [float(f) for f in fields]
+    except ValueError:
+        return False
+    return True

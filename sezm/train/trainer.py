@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compat.deepmd import load_checkpoint, load_into, read_model_params, to_deepmd_state
+from ..compat.deepmd import (
+    CheckpointError,
+    load_checkpoint,
+    load_into,
+    read_model_params,
+    to_deepmd_state,
+)
 from ..config import check_trainable
 from ..data import DataError, DataSystem, StatFile, fields_for_model, model_stats, update_sel
 from ..data.dataset import Batch
@@ -45,7 +52,7 @@ from ..model.graph import Graph, build_graph
 from ..model.property_model import PropertyModel
 from ..nn.lora import apply_lora, has_lora, merged_state_dict, strip_lora
 from ..runtime import tune_allocator
-from .checkpoint import CheckpointStore, atomic_save, keep_counts, model_state
+from .checkpoint import CheckpointStore, atomic_save, keep_counts, model_differences, model_state
 from .compile import CompiledEnergyGradient, TrainingForward, supports_compile
 from .distributed import (
     Distributed,
@@ -57,6 +64,14 @@ from .distributed import (
     zero_stage,
 )
 from .ema import EMA
+from .faults import (
+    StopSignals,
+    TrainingError,
+    TrainingStopped,
+    is_out_of_memory,
+    non_finite_message,
+    out_of_memory_message,
+)
 from .finetune import FinetuneRule, change_out_bias, finetune_rules, transfer_weights
 from .losses import DensBatch, DensLoss, build_loss
 from .lr import LearningRate
@@ -64,7 +79,7 @@ from .monitor import Monitor
 from .multitask import MultiTaskCurve, case_indices, model_prob, multitask_state, share_params
 from .optim import build_optimizer, clip_grad_norm, set_lr
 from .precision import Precision, evaluation_settings
-from .progress import LearningCurve, StepTimer, format_metrics
+from .progress import LearningCurve, StepTimer, format_metrics, repair_curve
 from .validation import FullValidator, evaluate_energy, full_validators
 
 log = logging.getLogger("sezm.train")
@@ -141,6 +156,7 @@ class Trainer:
         self._build_optimization()
         if self.resume.restart:
             self._restore_run_state()
+            self._check_steps_left()
         self.validators = self._build_validators()
         self.monitor = Monitor(tr, active=self.dist.is_main)
         self._log_settings()
@@ -180,6 +196,7 @@ class Trainer:
             fast = supports_compile(task.model)
             task.precision = Precision.resolve(task.params, self.device, evaluation, fast)
             task.model.descriptor.amp_eval = task.precision.eval_amp
+            evaluation.attach_streaming(task.model, self.device)  # validation forwards
             if task.precision.compile:
                 compiled[name] = CompiledEnergyGradient(task.model)
             if evaluation.compile and fast:
@@ -341,10 +358,29 @@ class Trainer:
             ckpt = load_checkpoint(path, task.name if self.multi_task else None)
             if r.restart and any(".A_" in k for k in ckpt.state):
                 self._apply_lora()  # resume the adapters themselves, not their folded sum
-            load_into(task.model, {k: v.to(self.device) for k, v in ckpt.state.items()}, path)
+            try:
+                load_into(task.model, {k: v.to(self.device) for k, v in ckpt.state.items()}, path)
+            except CheckpointError as err:
+                raise self._other_model(path, ckpt, task) or err from None
             self._ckpts[task.name] = ckpt
         log.info("weights from %s (step %s)", path, ckpt.train_infos.get("step"))
         return True
+
+    def _other_model(self, path: str, ckpt, task: Task) -> CheckpointError | None:
+        """The error of a ``--restart``/``--init-model`` checkpoint of another model than the
+        input describes, in the input's terms (``None`` if the settings agree)."""
+        differences = model_differences(ckpt.model_params, task.params)
+        if not differences:
+            return None
+        option = "--restart" if self.resume.restart else "--init-model"
+        shown = "\n  ".join(differences[:12])
+        more = f"\n  ... and {len(differences) - 12} more" if len(differences) > 12 else ""
+        return CheckpointError(
+            f"{option} {path}: the checkpoint holds another model than the input describes:\n"
+            f"  {shown}{more}\n"
+            "Train with the input the checkpoint was made with, or start a new model from its "
+            "weights with --finetune (or --init-model with --use-pretrain-script)"
+        )
 
     def _finetune(self, path: str) -> None:
         for task in self.tasks.values():
@@ -471,6 +507,18 @@ class Trainer:
                 self._task_rng.bit_generator.state = rng["draw"]
         log.info("restarting at step %d", self.start_step)
 
+    def _check_steps_left(self) -> None:
+        """A restart at or past the end of the run has nothing to train: say so (instead of
+        reporting success with no checkpoint written)."""
+        if self.start_step < self.numb_steps:
+            return
+        raise TrainingError(
+            f"--restart {self.resume.restart}: the checkpoint is at step {self.start_step} and "
+            f"`training/numb_steps` is {self.numb_steps}: nothing left to train. Raise "
+            f"`training/numb_steps` (or pass --numb-steps N with N > {self.start_step}) to "
+            "train further"
+        )
+
     def _rank_rng(self, run: dict) -> dict | None:
         """This rank's saved sampler state; a run on another number of processes restores
         rank 0's only (the other ranks keep their fresh, rank-seeded streams)."""
@@ -521,7 +569,9 @@ class Trainer:
             torch.get_num_threads(),
             describe(self.dist, self.zero_stage),
         )
-        log.info("precision: descriptor %s, fitting %s", desc.precision, first.fitting_net.dtype)
+        log.info(
+            "precision: descriptor %s, fitting %s", desc.basics.precision, first.fitting_net.dtype
+        )
         for name, task in self.tasks.items():
             for line in task.precision.describe(task.params):
                 log.info("%s%s", f"{name}: " if self.multi_task else "", line)
@@ -643,13 +693,38 @@ class Trainer:
         task = self._draw_task()
         batch = task.train_data.next_batch(task.model.rcut, self.device)
         loss, metrics = self._step_loss(task, batch, lr, training=True)
+        self._check_finite(step, "the loss", loss, task, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norms = self._clip(step, watch)
+        if norms is not None:
+            self._check_finite(step, "the gradient norm", norms[0], task, batch)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self._ema_models)
         return task, loss.detach(), metrics, norms
+
+    def _check_finite(self, step: int, what: str, value: torch.Tensor, task: Task, batch) -> None:
+        """Stop before the optimizer step when ``value`` is NaN or infinite on any process,
+        naming the step and this process's batch (no checkpoint is written)."""
+        bad = not bool(torch.isfinite(value).all())
+        if not self._on_any_rank(bad):
+            return
+        if not bad:
+            raise TrainingError(f"step {step + 1}: {what} is not finite on another process")
+        system = task.train_data.systems[batch.system].path
+        frames = [int(f) for f in np.asarray(batch.frames).reshape(-1)]
+        raise TrainingError(
+            non_finite_message(step + 1, what, float(value.detach()), str(system), frames)
+        )
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """``flag`` or-ed over the processes of a multi-process run (one small all-reduce)."""
+        if not self.dist.enabled:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def _clip(self, step: int, watch: bool):
         """Clip the gradient norm to ``gradient_max_norm`` (if > 0): ``(norm before clipping,
@@ -661,53 +736,92 @@ class Trainer:
         if watch:
             named = self.model.named_parameters()
             per_param = [(n, float(p.grad.norm())) for n, p in named if p.grad is not None]
-        norm = clip_grad_norm(self.model.parameters(), max_norm)
-        if not torch.isfinite(norm):
-            raise FloatingPointError(f"step {step + 1}: non-finite gradient norm {float(norm)}")
-        return norm, per_param
+        return clip_grad_norm(self.model.parameters(), max_norm), per_param
 
     def run(self) -> None:
+        """Train from :attr:`start_step` to ``numb_steps``; a stop signal ends the run after
+        the step in progress with a checkpoint (:class:`TrainingStopped`)."""
+        self._remove_stale_temps()
+        if self.numb_steps == 0:
+            self._save_untrained()
+            return
         timer = StepTimer(self.start_step, self.numb_steps)
         log.info("training %d steps (from step %d)", self.numb_steps, self.start_step)
-        with self._learning_curve() as curve:
+        with StopSignals() as stops, self._learning_curve() as curve:
             self.monitor.start()
             try:
-                self._loop(curve, timer)
+                self._loop(curve, timer, stops)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                raise TrainingError(self._out_of_memory(err)) from err
             finally:
                 self.monitor.close()
         steps, mean = timer.steps_run(self.numb_steps), timer.mean_step_time(self.numb_steps)
-        if self.numb_steps > self.start_step:
-            last = self.numb_steps - 1
-            if self.config["training"].get("change_bias_after_training"):
-                self._change_bias_after_training(last)
-            if self.lora and self.dist.is_main:
-                self.save_merged(last, self.lr.value(last))
-                if self.ema is not None:
-                    self.save_merged(last, self.lr.value(last), use_ema=True)
-        latest = self.store.path_for(self.numb_steps)
-        if steps:
+        last = self.numb_steps - 1
+        if self.config["training"].get("change_bias_after_training"):
+            self._change_bias_after_training(last)
+        if self.lora and self.dist.is_main:
+            self.save_merged(last, self.lr.value(last))
+            if self.ema is not None:
+                self.save_merged(last, self.lr.value(last), use_ema=True)
+        log.info(
+            "finished: ran steps %d-%d, mean step time %.3f s over these %d steps; "
+            "latest checkpoint %s",
+            self.start_step + 1,
+            self.numb_steps,
+            mean,
+            steps,
+            self.store.path_for(self.numb_steps),
+        )
+
+    def _save_untrained(self) -> None:
+        """``numb_steps: 0``: no step to train; the model with its data statistics is saved as
+        checkpoint 0 (as DeePMD-kit does)."""
+        path = self.save(-1, self.lr.value(0))
+        if path is not None:
             log.info(
-                "finished: ran steps %d-%d, mean step time %.3f s over these %d steps; "
-                "latest checkpoint %s",
-                self.start_step + 1,
-                self.numb_steps,
-                mean,
-                steps,
-                latest,
-            )
-        else:
-            log.info(
-                "finished: no step to run (at step %d of %d)", self.start_step, self.numb_steps
+                "training/numb_steps is 0: no training step; saved the untrained model (data "
+                "statistics, initial weights) as %s",
+                path,
             )
 
-    def _loop(self, curve, timer: StepTimer) -> None:
+    def _remove_stale_temps(self) -> None:
+        """Temporary files of saves that were killed in an earlier run (rank 0)."""
+        if not self.dist.is_main:
+            return
+        for store in (self.store, self.ema_store):
+            removed = store.remove_stale_temps()
+            if removed:
+                log.info(
+                    "removed %d temporary file(s) of an interrupted earlier save: %s",
+                    len(removed),
+                    ", ".join(str(p) for p in removed),
+                )
+
+    def _out_of_memory(self, err: BaseException) -> str:
+        first = self.tasks[next(iter(self.tasks))]
+        desc = first.params["descriptor"]
+        size = ", ".join(f"{k} {desc[k]}" for k in ("channels", "lmax", "n_blocks") if k in desc)
+        step = getattr(self, "_step_in_progress", self.start_step + 1)
+        return out_of_memory_message(
+            step,
+            str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__,
+            first.train_data.batch_size,
+            desc.get("sel"),
+            size,
+            str(self.device),
+        )
+
+    def _loop(self, curve, timer: StepTimer, stops: StopSignals) -> None:
         tr = self.config["training"]
         disp_freq, save_freq = int(tr.get("disp_freq", 1000)), int(tr.get("save_freq", 1000))
         self.model.train()
         acc: dict[str, dict[str, float]] = {n: {} for n in self.tasks}
         counts = dict.fromkeys(self.tasks, 0)
+        saved = None
         for step in range(self.start_step, self.numb_steps):
-            shown = step + 1
+            shown = self._step_in_progress = step + 1
             self.monitor.step_begins()
             lr = self.lr.value(step)
             set_lr(self.optimizer, lr)
@@ -725,8 +839,12 @@ class Trainer:
             self._full_validation(step, lr)
             if shown == self.numb_steps or (save_freq > 0 and shown % save_freq == 0):
                 self.save(step, lr)
+                saved = shown
             if self.monitor.due(shown):
                 self.monitor.scalars(shown, task.name, lr, loss, metrics, *(norms or (None,)))
+            if shown < self.numb_steps and self._on_any_rank(stops.received is not None):
+                path = self.save(step, lr) if saved != shown else self.store.path_for(shown)
+                raise TrainingStopped(stops.received or signal.SIGTERM, shown, path)
 
     @contextlib.contextmanager
     def _learning_curve(self):
@@ -735,10 +853,9 @@ class Trainer:
             yield None
             return
         disp_file = self.config["training"].get("disp_file", "lcurve.out")
-        if self.resume.restart:
-            _truncate_curve(disp_file, self.start_step)
+        fresh = not (self.resume.restart and repair_curve(disp_file, self.start_step))
         file = Path(disp_file)
-        fresh = not self.resume.restart or not file.is_file() or file.stat().st_size == 0
+        file.parent.mkdir(parents=True, exist_ok=True)
         with open(file, "a" if self.resume.restart else "w", buffering=1) as handle:
             if self.multi_task:
                 yield MultiTaskCurve(handle, list(self.tasks), fresh)
@@ -791,6 +908,7 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def _model_state(self, lr: float, step: int) -> dict:
+        step = max(step, 0)  # the untrained model of `numb_steps: 0` is saved as step 0
         if self.multi_task:
             return multitask_state(dict(self.model.items()), self.model_params, lr, step)
         return model_state(self.model, self.model_params, lr, step, infos=self.train_infos)
@@ -921,20 +1039,6 @@ def unlabelled_metrics(loss: Any, systems: list) -> frozenset[str]:
         if not any(all(s.present.get(k, False) for k in labels[item]) for s in systems):
             hidden.update(names(item))
     return frozenset(hidden)
-
-
-def _truncate_curve(path: str, last_step: int) -> None:
-    """Drop learning-curve lines after ``last_step`` so a restart continues the file exactly."""
-    file = Path(path)
-    if not file.is_file():
-        return
-    lines = file.read_text().splitlines(keepends=True)
-    kept = [
-        ln
-        for ln in lines
-        if ln.startswith("#") or not ln.strip() or int(ln.split()[0]) <= last_step
-    ]
-    file.write_text("".join(kept))
 
 
 def write_out_json(config: dict, path: str | os.PathLike = "out.json") -> None:

@@ -4,16 +4,22 @@ Run with the oracle venv (DeePMD-kit 3.2): ``/tmp/oracle/bin/python <this file>`
 ``tests/data/train_steps/``:
 
 * ``system/``: water ``data_0`` of the test systems (4 frames, 192 atoms) with virial and
-  atomic-energy labels added (a fixed random draw), so that every ``ener`` term is active;
+  atomic-energy labels added (a fixed random draw), so that every ``ener`` term is active; the
+  spin cases train on ``tests/data/spin/NiO`` (3 frames, 16 Ni + 16 O, spins and magnetic
+  forces), the property case on ``tests/data/systems/property/data_0``;
 * ``steps.npz``: per case ``<case>/config`` (the full input, JSON, with the system path
   relative to this folder), ``init/<key>`` (DeePMD-kit's initial state, the same for every case of
   the base model: the weights are the seeded ones, ``out_bias``/``out_std`` come from the data
-  statistics; a case with its own model, the property one, has ``<case>/init/<key>``),
+  statistics; a case with its own model has ``<case>/init/<key>``, or names in
+  ``<case>/init_of`` the group it shares with the other cases of its model: ``dens/init``),
   per step ``s`` of ``STEPS`` ``<case>/<s>/frame`` (the frame trained on), ``/lr``, ``/loss``,
   ``/metric/<name>``; ``<case>/grad/<param>`` the first step's gradients after clipping, as
   the optimizer sees them (cases in ``GRAD_CASES``, one per loss and clipping setting);
   ``<case>/param/<param>`` the weights after the last step; ``<case>/ema/<param>`` the EMA
-  weights at the end;
+  weights at the end; for the ``dens`` cases also ``<case>/<s>/torch_seed``, the seed of the
+  global torch generator set before the step's forward pass (the corruption is drawn from it;
+  the seeds are chosen so that the steps are denoising, clean, denoising batches), and
+  ``<case>/<s>/noise_mask``, the corrupted atoms (``np.packbits`` of the ``(nloc,)`` mask);
 * ``optimizer.npz``: DeePMD-kit's ``HybridMuonOptimizer`` alone, per mode in ``MUON_MODES``,
   on the model's parameters (names, shapes and initial values of ``init/``) fed the same
   full-rank random gradients ``grad/<s>/<param>`` for ``STEPS`` steps at learning rates ``lr``:
@@ -40,7 +46,11 @@ OUT = TESTS / "data" / "train_steps"
 STEPS = 3
 GRAD_CASES = (
     "adam_mse", "muon_mae_norm", "muon_mse_atom_ener", "muon_no_wd_no_clip", "property_adam",
+    "dens_adam_mae", "dens_muon_mse_all", "spin_native_adam", "spin_deepspin_adam_mae",
 )  # fmt: skip
+# dens cases: per step, denoising batch (True) or clean batch (False); the generator seeds the
+# global torch RNG before each step so that the corruption draws give this pattern
+DENS_PATTERN = (True, False, True)
 
 MODEL = {
     "type": "dpa4",
@@ -93,6 +103,29 @@ PROPERTY_MODEL = {
         "neuron": [0], "precision": "float32", "seed": 7,
     },
 }  # fmt: skip
+DENS_MODEL = {
+    **MODEL, "descriptor": {**MODEL["descriptor"], "sel": 30},  # the dens path caps at sum(sel)
+}  # fmt: skip
+LOSS_DENS = {
+    "type": "dens", "loss_func": "mae", "start_pref_e": 20, "limit_pref_e": 10,
+    "start_pref_f": 20, "limit_pref_f": 5, "dens_prob": 0.5, "dens_std": 0.025,
+    "dens_corrupt_ratio": 0.5, "dens_denoising_pos_coefficient": 10.0,
+}  # fmt: skip
+SPIN_DESCRIPTOR = {**MODEL["descriptor"], "rcut": 4.5, "n_atten_head": 1}
+SPIN_MODELS = {
+    scheme: {
+        "type": "dpa4", "type_map": ["Ni", "O"],
+        "descriptor": {**SPIN_DESCRIPTOR, "sel": sel},
+        "fitting_net": {"neuron": [0], "precision": "float32", "seed": 7},
+        "spin": {"use_spin": [True, False], "scheme": scheme, **extra},
+    }
+    for scheme, sel, extra in (("native", 60, {}), ("deepspin", 16, {"virtual_scale": [0.314]}))
+}  # fmt: skip
+LOSS_SPIN = {
+    "type": "ener_spin", "start_pref_e": 0.02, "limit_pref_e": 1.0, "start_pref_fr": 1000,
+    "limit_pref_fr": 1.0, "start_pref_fm": 1000, "limit_pref_fm": 10.0,
+}  # fmt: skip
+SPIN_SYSTEMS = ["../spin/NiO"]
 CASES = {
     "adam_mse": {"optimizer": {"type": "Adam"}, "loss": LOSS_MSE},
     "adamw_mse": {"optimizer": {"type": "AdamW", "weight_decay": 0.01}, "loss": LOSS_MSE},
@@ -113,6 +146,21 @@ CASES = {
         "model": PROPERTY_MODEL, "optimizer": {"type": "Adam"},
         "loss": {"type": "property", "metric": ["mae", "rmse"], "loss_func": "smooth_mae", "beta": 1.0},
         "systems": ["../systems/property/data_0"],
+    },
+    "dens_adam_mae": {
+        "model": DENS_MODEL, "init": "dens", "optimizer": {"type": "Adam"}, "loss": LOSS_DENS,
+    },
+    "dens_muon_mse_all": {
+        "model": DENS_MODEL, "init": "dens", "optimizer": MUON,
+        "loss": {**LOSS_DENS, "loss_func": "mse", "dens_corrupt_ratio": None},
+    },
+    "spin_native_adam": {
+        "model": SPIN_MODELS["native"], "optimizer": {"type": "Adam"}, "loss": LOSS_SPIN,
+        "systems": SPIN_SYSTEMS,
+    },
+    "spin_deepspin_adam_mae": {
+        "model": SPIN_MODELS["deepspin"], "optimizer": {"type": "Adam"},
+        "loss": {**LOSS_SPIN, "loss_func": "mae"}, "systems": SPIN_SYSTEMS,
     },
     "muon_ema_wsd": {
         "optimizer": MUON, "loss": LOSS_MAE, "ema": True,
@@ -200,12 +248,57 @@ def config_of(case: dict) -> dict:
     }  # fmt: skip
 
 
+def dens_seeds(prob: float) -> list[int]:
+    """Global torch seeds, one per step, whose first uniform gives ``DENS_PATTERN`` (the
+    dens loss draws its denoising-batch uniform first)."""
+
+    def denoising(seed: int) -> bool:
+        gen = torch.Generator().manual_seed(seed)
+        return bool(torch.rand((), dtype=torch.float64, generator=gen) < prob)
+
+    seeds, seed = [], 0
+    for want in DENS_PATTERN:
+        while denoising(seed) != want:
+            seed += 1
+        seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def capture_noise_mask(trainer, masks: list) -> None:
+    """Record the corrupted-atom mask of each dens forward pass."""
+    loss = trainer.loss
+    prepare = loss._prepare_dens_inputs
+
+    def prepared(*args, **kwargs):
+        result = prepare(*args, **kwargs)
+        masks.append(result[3].detach().numpy().copy())  # (nf, nloc) bool
+        return result
+
+    loss._prepare_dens_inputs = prepared
+
+
+def init_group(name: str, case: dict) -> str:
+    """Where a case's initial state is stored: the base model's start is shared (``init``),
+    a case with its own model has ``<case>/init`` or the group named by its ``init`` key."""
+    if "model" not in case:
+        return "init"
+    return f"{case.get('init', name)}/init"
+
+
 def record(name: str, case: dict) -> dict[str, np.ndarray]:
     config = config_of(case)
     trainer = get_trainer(normalize(copy.deepcopy(config)))
     wrapper, out = trainer.wrapper, {}
     out[f"{name}/config"] = np.array(json.dumps(config))
-    init = f"{name}/init" if "model" in case else "init"  # the base model's start is shared
+    init = init_group(name, case)
+    if init != f"{name}/init" and init != "init":
+        out[f"{name}/init_of"] = np.array(init)
+    dens = case["loss"]["type"] == "dens"
+    seeds = dens_seeds(case["loss"]["dens_prob"]) if dens else []
+    masks: list[np.ndarray] = []
+    if dens:
+        capture_noise_mask(trainer, masks)
     for key, value in wrapper.state_dict().items():
         if torch.is_tensor(value) and value.dtype.is_floating_point:
             out[f"{init}/{key}"] = value.detach().numpy().copy()
@@ -213,6 +306,8 @@ def record(name: str, case: dict) -> dict[str, np.ndarray]:
         lr = trainer.scheduler.get_last_lr()[0]
         trainer.optimizer.zero_grad(set_to_none=True)
         inputs, labels, log = trainer._next_training_batch("Default")
+        if dens:  # the corruption draws come from the global RNG: a known state per step
+            torch.manual_seed(seeds[step])
         _, loss, more = wrapper(**inputs, cur_lr=lr, label=labels, task_key="Default")
         loss.backward()
         if trainer.gradient_max_norm > 0:
@@ -224,6 +319,10 @@ def record(name: str, case: dict) -> dict[str, np.ndarray]:
         p = f"{name}/{step}"
         out[f"{p}/frame"] = np.array(int(np.asarray(log["fid"]).reshape(-1)[0]))
         out[f"{p}/lr"], out[f"{p}/loss"] = np.array(lr), np.array(loss.item())
+        if dens:
+            out[f"{p}/torch_seed"] = np.array(seeds[step])
+            out[f"{p}/noise_mask"] = np.packbits(masks[-1].reshape(-1))
+            assert bool(masks[-1].any()) == DENS_PATTERN[step], (name, step)
         for k, v in more.items():
             out[f"{p}/metric/{k}"] = np.array(float(v))
         for k, prm in wrapper.named_parameters():
@@ -244,7 +343,8 @@ def main() -> None:
     arrays: dict[str, np.ndarray] = {}
     for name, case in CASES.items():
         out = record(name, case)
-        for key in [k for k in out if k.startswith("init/")]:
+        group = init_group(name, case) + "/"
+        for key in [k for k in out if k.startswith(group)]:
             value = out.pop(key)
             assert key not in arrays or np.array_equal(arrays[key], value), key
             arrays[key] = value
