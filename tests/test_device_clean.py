@@ -91,7 +91,9 @@ def test_a_host_constant_is_caught(monkeypatch):
 @pytest.mark.parametrize("frame", ["water_pbc_0", "water_triclinic", "water_nopbc", "small_cell"])
 def test_device_neighbour_search_matches_host(frame):
     """vesin's torch flavour (used for positions on CUDA) finds the host search's edges."""
-    pytest.importorskip("vesin_torch", reason='vesin-torch is not installed (pip install "sezm[gpu]")')
+    pytest.importorskip(
+        "vesin_torch", reason='vesin-torch is not installed (pip install "sezm[gpu]")'
+    )
     data = np.load(PARITY / "tiny" / "expected.npz")
     coord = data[f"{frame}/coord"]
     box = data[f"{frame}/box"] if f"{frame}/box" in data.files else None

@@ -89,6 +89,20 @@ def test_tf32_context_only_on_cuda():
     assert torch.get_float32_matmul_precision() == before
 
 
+def test_triton_level_without_triton_is_a_clear_error(monkeypatch):
+    import sezm.kernels
+
+    monkeypatch.setattr(sezm.kernels, "triton_available", lambda: False)
+    settings = InferenceSettings(triton=1)
+    with (
+        pytest.raises(RuntimeError, match=r"DP_TRITON_INFER.*pip install triton"),
+        settings.evaluation(torch.device("cuda")),
+    ):
+        pass
+    with InferenceSettings(triton=0).evaluation(torch.device("cuda")):  # off: nothing needed
+        pass
+
+
 def test_read_once_at_construction(monkeypatch, caplog):
     monkeypatch.setenv("DP_TF32_INFER", "1")
     monkeypatch.setenv("DP_TRITON_INFER", "on")

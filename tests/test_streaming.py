@@ -20,8 +20,8 @@ from test_physics import COMBOS, model_of
 from sezm.infer.settings import InferenceSettings, parse_edge_chunk
 from sezm.model.build import load_model
 from sezm.model.graph import build_graph
-from sezm.nn.edge_cache import plan_chunks
-from sezm.nn.stream import MIN_CHUNK_EDGES, PLAIN_CHUNKS, StreamPolicy
+from sezm.nn.edge_cache import merge_chunks, plan_chunks
+from sezm.nn.stream import ATOM_CHUNK_RATIO, MIN_CHUNK_EDGES, PLAIN_CHUNKS, StreamPolicy
 
 TOL = 1e-12
 ONE_CHUNK, PER_ATOM, SOME_ATOMS = 10**9, 1, 29
@@ -152,28 +152,13 @@ def parity_graph(case: str, model):
     )
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "spin_native",
-        "spin_deepspin",
-        "dens",
-        "property",
-        "fparam1",
-        "chg_spin",
-        "mixed_type",
-        "zbl_radii",
-        "lora",
-        "case_film",
-        "excl_model",
-        "no_env_seed",
-        "radial_gauss",
-        "mini",
-    ],
-)
+STORED = sorted(d.name for d in PARITY.iterdir() if (d / "model.pt").is_file())
+
+
+@pytest.mark.parametrize("case", STORED)
 def test_streamed_equals_plain_on_stored_models(case: str) -> None:
-    """Options the physics combinations do not build (spin, dens, property, frame inputs, ...),
-    from the stored checkpoints, evaluated in float64."""
+    """Every stored parity checkpoint, including options the physics combinations do not build
+    (spin, dens, property, frame inputs, LoRA, ...), evaluated in float64."""
     model, _ = load_model(PARITY / case / "model.pt", precision="float64")
     graph = parity_graph(case, model)
 
@@ -188,3 +173,19 @@ def test_streamed_equals_plain_on_stored_models(case: str) -> None:
 
     want = run(None)
     assert_same(run(SOME_ATOMS), want)
+
+
+def test_atom_chunks_join_whole_chunks_up_to_the_atom_limit() -> None:
+    dst = torch.repeat_interleave(torch.arange(10), 3)  # 10 atoms, 3 edges each
+    chunks = plan_chunks(dst, 10, 6)  # two atoms per chunk
+    merged = merge_chunks(chunks, 5)
+    assert [(c.node_start, c.node_stop) for c in merged] == [(0, 4), (4, 8), (8, 10)]
+    assert [(c.edge_start, c.edge_stop) for c in merged] == [(0, 12), (12, 24), (24, 30)]
+    assert merge_chunks(chunks, 1) == chunks
+
+
+def test_per_atom_work_in_merged_batches_equals_plain() -> None:
+    model = model_of("so3_grids")
+    system = SYSTEMS["crystal"]
+    want = outputs(model, system, None)
+    assert_same(outputs(model, system, ATOM_CHUNK_RATIO * SOME_ATOMS), want)

@@ -144,6 +144,20 @@ def test_dispatch_only_inside_the_switch(kernels):
         assert not isinstance(rotation.matrices(blocks), FusedOperands)
 
 
+def test_settings_switch_the_kernels_on_for_cuda_only(kernels):
+    """``DP_TRITON_INFER`` acts through the evaluation context, on CUDA devices only."""
+    from sezm.infer.settings import InferenceSettings
+
+    blocks, _ = operands(2, torch.float32, n_edges=5)
+    rotation = EdgeRotation(2, 1)
+    with InferenceSettings(triton=1).evaluation(torch.device("cuda")):
+        assert isinstance(rotation.matrices(blocks), FusedOperands)  # interpreter: CPU tensors
+    with InferenceSettings(triton=1).evaluation(torch.device("cpu")):
+        assert not isinstance(rotation.matrices(blocks), FusedOperands)
+    with InferenceSettings(triton=0).evaluation(torch.device("cuda")):
+        assert not isinstance(rotation.matrices(blocks), FusedOperands)
+
+
 def test_model_energy_and_forces_match_dense(kernels, monkeypatch):
     """The tiny parity model on its 6-atom frame: fused rotations give the dense numbers."""
     import sezm

@@ -63,7 +63,9 @@ class Check:
     def section(self, title: str, body: Callable[[Check], None], needs_s: float) -> None:
         self.add("", f"## {title}", "")
         if self.left() < needs_s:
-            self.add(f"skipped: {self.left():.0f} s of the budget left, the section needs ~{needs_s:.0f} s")
+            self.add(
+                f"skipped: {self.left():.0f} s of the budget left, the section needs ~{needs_s:.0f} s"
+            )
             return
         start = time.perf_counter()
         try:
@@ -126,7 +128,9 @@ def parity(c: Check) -> None:
 
     full_float32()
     cases = ["tiny"] if c.dry_run else ENERGY_CASES
-    c.add("| case | frames | max abs dE/atom (eV) | max abs dF (eV/Å) | max abs dvirial/atom | match |")
+    c.add(
+        "| case | frames | max abs dE/atom (eV) | max abs dF (eV/Å) | max abs dvirial/atom | match |"
+    )
     c.add("|---|---|---|---|---|---|")
     failures = 0
     for case in cases:
@@ -138,8 +142,12 @@ def parity(c: Check) -> None:
             get = functools.partial(frame_entry, data, frame)
             nat = len(get("atype"))
             box = get("box")
-            kwargs = {k: get(k)[None] for k in ("fparam", "aparam", "charge_spin") if get(k) is not None}
-            e, f, v = dp.eval(get("coord")[None], None if box is None else box[None], get("atype"), **kwargs)
+            kwargs = {
+                k: get(k)[None] for k in ("fparam", "aparam", "charge_spin") if get(k) is not None
+            }
+            e, f, v = dp.eval(
+                get("coord")[None], None if box is None else box[None], get("atype"), **kwargs
+            )
             ref_f, ref_v = get("force"), get("virial").reshape(-1)
             de = abs(float(e.reshape(-1)[0] - get("energy")[0])) / nat
             df = float(np.abs(f.reshape(-1, 3) - ref_f).max())
@@ -148,8 +156,13 @@ def parity(c: Check) -> None:
             ok &= dv <= 1e-5 + 1e-4 * np.abs(ref_v).max() / nat
             worst = np.maximum(worst, [de, df, dv])
         failures += not ok
-        c.add(f"| {case} | {len(frames)} | {worst[0]:.2e} | {worst[1]:.2e} | {worst[2]:.2e} | {'yes' if ok else '**NO**'} |")
-    c.add("", f"{len(cases) - failures} of {len(cases)} cases match (README tolerances of tests/data/parity)")
+        c.add(
+            f"| {case} | {len(frames)} | {worst[0]:.2e} | {worst[1]:.2e} | {worst[2]:.2e} | {'yes' if ok else '**NO**'} |"
+        )
+    c.add(
+        "",
+        f"{len(cases) - failures} of {len(cases)} cases match (README tolerances of tests/data/parity)",
+    )
 
 
 def frame_entry(data, frame: str, key: str):
@@ -167,8 +180,10 @@ def triton_rotation(c: Check) -> None:
         return
     from sezm.kernels import rotation_triton as kernels
 
-    n_edges, channels = (300, 16) if c.dry_run else (400_000, 64)
-    c.add("| lmax, mmax | dtype | max abs err forward (to_local, to_global) | max abs err gradients (blocks, x, y, w) | dense / fused ms (fwd + bwd) |")
+    n_edges, channels = (300, 16) if c.dry_run else (200_000, 64)  # Mini at 8k atoms: ~700k edges
+    c.add(
+        "| lmax, mmax | dtype | max abs err forward (to_local, to_global) | max abs err gradients (blocks, x, y, w) | dense / fused ms (fwd + bwd) |"
+    )
     c.add("|---|---|---|---|---|")
     for lmax, mmax in [(2, 1), (4, 2), (6, 2)][: 1 if c.dry_run else 3]:
         for dtype in (torch.float32, torch.float64):
@@ -193,10 +208,14 @@ def triton_rotation(c: Check) -> None:
             t_fused = time.perf_counter() - t_fused
         de = abs(float(got[0][0, 0] - ref[0][0, 0])) / len(atype)
         df = float(np.abs(got[1] - ref[1]).max())
-        c.add(f"- {case}, {len(atype)} atoms (DeepPot.eval, incl. neighbour search): fused vs dense |dE|/atom {de:.2e} eV, max|dF| {df:.2e} eV/Å; {t_dense * 1e3:.1f} ms dense, {t_fused * 1e3:.1f} ms fused")
+        c.add(
+            f"- {case}, {len(atype)} atoms (DeepPot.eval, incl. neighbour search): fused vs dense |dE|/atom {de:.2e} eV, max|dF| {df:.2e} eV/Å; {t_dense * 1e3:.1f} ms dense, {t_fused * 1e3:.1f} ms fused"
+        )
 
 
-def rotation_case(c: Check, kernels, lmax: int, mmax: int, dtype, n_edges: int, channels: int) -> str:
+def rotation_case(
+    c: Check, kernels, lmax: int, mmax: int, dtype, n_edges: int, channels: int
+) -> str:
     """One table row: fused against dense, forward and every input gradient, and times."""
     from sezm.geometry.edge_frame import edge_quaternion
     from sezm.geometry.rotate import EdgeRotation
@@ -208,8 +227,12 @@ def rotation_case(c: Check, kernels, lmax: int, mmax: int, dtype, n_edges: int, 
     blocks = blocks.detach().requires_grad_()
     rot = EdgeRotation(lmax, mmax)
     dim, dm = (lmax + 1) ** 2, len(rot.rows)
-    x = torch.randn(n_edges, dim, channels, dtype=dtype, device=c.device, generator=gen).requires_grad_()
-    y = torch.randn(n_edges, dm, channels, dtype=dtype, device=c.device, generator=gen).requires_grad_()
+    x = torch.randn(
+        n_edges, dim, channels, dtype=dtype, device=c.device, generator=gen
+    ).requires_grad_()
+    y = torch.randn(
+        n_edges, dm, channels, dtype=dtype, device=c.device, generator=gen
+    ).requires_grad_()
     w = torch.rand(n_edges, 1, dtype=dtype, device=c.device, generator=gen).requires_grad_()
 
     def dense_pass():
@@ -248,8 +271,23 @@ def throughput(c: Check) -> None:
     from sezm.model.graph import build_graph
 
     full_float32()
-    sizes = [(1, 1, 1)] if c.dry_run else [(1, 1, 1), (2, 2, 2), TARGET_ATOMS, (4, 4, 4), (5, 5, 5), (6, 6, 6), (7, 7, 7), (8, 8, 8)]
-    c.add("| model | atoms | edges | neighbour search (host vesin) ms | model ms | atoms/ms | peak GPU MB | MB/atom |")
+    sizes = (
+        [(1, 1, 1)]
+        if c.dry_run
+        else [
+            (1, 1, 1),
+            (2, 2, 2),
+            TARGET_ATOMS,
+            (4, 4, 4),
+            (5, 5, 5),
+            (6, 6, 6),
+            (7, 7, 7),
+            (8, 8, 8),
+        ]
+    )
+    c.add(
+        "| model | atoms | edges | neighbour search (host vesin) ms | model ms | atoms/ms | peak GPU MB | MB/atom |"
+    )
     c.add("|---|---|---|---|---|---|---|---|")
     for case in ("tiny", "mini"):
         model, _ = load_model(PARITY / case / "model.pt")
@@ -272,8 +310,14 @@ def throughput(c: Check) -> None:
             except torch.OutOfMemoryError:
                 c.add(f"| {case} | {len(atype)} | {len(graph.src)} | | out of memory | | | |")
                 break
-            peak = torch.cuda.max_memory_allocated(c.device) / 2**20 if c.device.type == "cuda" else float("nan")
-            c.add(f"| {case} | {len(atype)} | {len(graph.src)} | {t_nl * 1e3:.0f} | {seconds * 1e3:.2f} | {len(atype) / (seconds * 1e3):.1f} | {peak:.0f} | {peak / len(atype):.3f} |")
+            peak = (
+                torch.cuda.max_memory_allocated(c.device) / 2**20
+                if c.device.type == "cuda"
+                else float("nan")
+            )
+            c.add(
+                f"| {case} | {len(atype)} | {len(graph.src)} | {t_nl * 1e3:.0f} | {seconds * 1e3:.2f} | {len(atype) / (seconds * 1e3):.1f} | {peak:.0f} | {peak / len(atype):.3f} |"
+            )
             del graph
         del model
 
@@ -286,7 +330,9 @@ def training(c: Check, variants: tuple[tuple[str, dict], ...]) -> None:
 
     source = WATER / ("input.json" if c.dry_run else "input_mini.json")
     steps, every = (6, 2) if c.dry_run else (60, 15)
-    c.add(f"input {source.relative_to(ROOT)}, {steps} steps, mean over the display intervals after the first two")
+    c.add(
+        f"input {source.relative_to(ROOT)}, {steps} steps, mean over the display intervals after the first two"
+    )
     for label, model_keys in variants:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
@@ -299,9 +345,15 @@ def training(c: Check, variants: tuple[tuple[str, dict], ...]) -> None:
             with contextlib.chdir(work), capture_log(log_file):
                 if c.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(c.device)
-                sezm_main(["train", "input.json", "--skip-neighbor-stat", "--device", str(c.device)])
+                sezm_main(
+                    ["train", "input.json", "--skip-neighbor-stat", "--device", str(c.device)]
+                )
             mean = step_time(log_file.read_text(), every)
-            peak = torch.cuda.max_memory_allocated(c.device) / 2**20 if c.device.type == "cuda" else float("nan")
+            peak = (
+                torch.cuda.max_memory_allocated(c.device) / 2**20
+                if c.device.type == "cuda"
+                else float("nan")
+            )
             c.add(f"- {label}: {mean * 1e3:.1f} ms/step, peak GPU memory {peak:.0f} MB")
 
 
@@ -349,7 +401,9 @@ def frozen_on_cuda(c: Check) -> None:
     extras = fz.extra_inputs(model)
     lower = fz.GraphLower(model, extras).eval()
     to_dev = lambda ts: tuple(t.to(c.device) for t in ts)  # noqa: E731
-    sample = to_dev(fz.lower_inputs(model, fz.sample_frames(len(model.type_map), (5, 7, 9), seed=1)))
+    sample = to_dev(
+        fz.lower_inputs(model, fz.sample_frames(len(model.type_map), (5, 7, 9), seed=1))
+    )
     t = time.perf_counter()
     program = fz._export(lower, sample, fz.dynamic_shapes(extras))
     t_export = time.perf_counter() - t
@@ -359,14 +413,17 @@ def frozen_on_cuda(c: Check) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path))
         t_compile = time.perf_counter() - t
         package = torch._inductor.aoti_load_package(os.fspath(path))
-        inputs = to_dev(fz.lower_inputs(model, fz.sample_frames(len(model.type_map), (23, 31), seed=2), seed=2))
+        inputs = to_dev(
+            fz.lower_inputs(model, fz.sample_frames(len(model.type_map), (23, 31), seed=2), seed=2)
+        )
         got = fz.outputs(package(*inputs), fz.output_keys(model))
         ref = fz.outputs(lower(*inputs), fz.output_keys(model))
         size = path.stat().st_size / 2**20
-    errors = {k: float((got[k] - ref[k]).abs().max()) for k in ref}
+    errors = {k: float((got[k] - ref[k]).detach().abs().max()) for k in ref}
     c.add(
         f"- export {t_export:.1f} s, AOTInductor compile {t_compile:.1f} s, package {size:.1f} MB",
-        "- max |pt2 - eager| on CUDA: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()),
+        f"- max |pt2 - eager| on {c.device}: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()),
     )
 
 
@@ -377,8 +434,14 @@ def main() -> None:
     ap.add_argument("--cpu-dry-run", action="store_true")
     args = ap.parse_args()
     if not args.cpu_dry_run and not torch.cuda.is_available():
-        raise SystemExit("gpu_check: no CUDA device; use --cpu-dry-run to check the script on a CPU")
-    out = args.out or (Path(os.environ["OUT"]) / "gpu_summary.md" if os.environ.get("OUT") else ROOT / "benchmarks" / "gpu" / "summary.md")
+        raise SystemExit(
+            "gpu_check: no CUDA device; use --cpu-dry-run to check the script on a CPU"
+        )
+    out = args.out or (
+        Path(os.environ["OUT"]) / "gpu_summary.md"
+        if os.environ.get("OUT")
+        else ROOT / "benchmarks" / "gpu" / "summary.md"
+    )
     if args.cpu_dry_run:  # Triton's interpreter; read when triton is first imported
         os.environ["TRITON_INTERPRET"] = "1"
     device = torch.device("cpu" if args.cpu_dry_run else "cuda")

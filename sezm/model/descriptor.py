@@ -19,7 +19,13 @@ from ..geometry.wigner import WignerD
 from ..nn.attn_res import attn_res_blocks, depth_attn_res
 from ..nn.block import InteractionBlock
 from ..nn.common import child_seed
-from ..nn.edge_cache import EdgeCache, build_edge_cache, plan_chunks, sorted_by_destination
+from ..nn.edge_cache import (
+    EdgeCache,
+    build_edge_cache,
+    merge_chunks,
+    plan_chunks,
+    sorted_by_destination,
+)
 from ..nn.embedding import (
     ChargeSpinEmbedding,
     EnvironmentSeed,
@@ -30,7 +36,14 @@ from ..nn.embedding import (
 from ..nn.norm import ScalarRMSNorm
 from ..nn.options import DescriptorOptions, GeometryOptions
 from ..nn.radial import BridgingSwitch, InnerClamp, RadialBasis, RadialMLP
-from ..nn.stream import ChunkRadial, StreamPolicy, stream_edges, stream_nodes, up_to
+from ..nn.stream import (
+    ATOM_CHUNK_RATIO,
+    ChunkRadial,
+    StreamPolicy,
+    stream_edges,
+    stream_nodes,
+    up_to,
+)
 
 #: Format version of the descriptor state (DeePMD-kit 3.2 numbering). 1.0 used a tiny degree
 #: floor and no envelope on the radial features; 1.1 and later share today's maths, except for
@@ -281,6 +294,7 @@ class Descriptor(nn.Module):
         edges = self._edges(src, dst, edge_vec, keep, n_nodes)
         if chunk is not None:
             edges.chunks = plan_chunks(dst, n_nodes, chunk)
+            edges.atom_chunks = merge_chunks(edges.chunks, max(1, chunk // ATOM_CHUNK_RATIO))
         streamed = edges.chunks is not None
         radial = None if streamed else self._edge_radial(edges)  # (E, L0+1, C)
         x0 = t if self.env_seed_embedding is None else self._film(t, edges, types, spin)
@@ -298,7 +312,7 @@ class Descriptor(nn.Module):
             block_edges = edges.cast(dtype)
             with self._block_autocast(x.device):
                 x = self._run_blocks(x, block_edges, radial)
-        readout = stream_nodes(self._readout, x, chunks=edges.chunks)
+        readout = stream_nodes(self._readout, x, chunks=edges.atom_chunks)
         return readout.view(nf, nloc, self.dim_out), x
 
     def _edge_radial(self, edges: EdgeCache) -> torch.Tensor:

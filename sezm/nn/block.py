@@ -107,7 +107,7 @@ class InteractionBlock(nn.Module):
         """Plain residual path: ``(N, D_node, 1, C) -> (N, D_node, 1, C)``."""
         x = x + self.so2_unit(x, edges, radial)
         for k in range(len(self.ffns)):
-            x = x + self.ffn_unit(x, k, edges.chunks)
+            x = x + self.ffn_unit(x, k, edges.atom_chunks)
         return x
 
     def forward_with_history(
@@ -116,7 +116,7 @@ class InteractionBlock(nn.Module):
         """Depth-attention path: returns the block output and the sources it adds to the history
         (every unit output for ``full_attn_res``, the block summary for ``block_attn_res``)."""
         units = [lambda v: self.so2_unit(v, edges, radial)]
-        units += [lambda v, k=k: self.ffn_unit(v, k, edges.chunks) for k in range(len(self.ffns))]
+        units += [lambda v, k=k: self.ffn_unit(v, k, edges.atom_chunks) for k in range(len(self.ffns))]
         attns = [
             getattr(self, f"{self.depth_mode}_attn_res_so2"),
             *getattr(self, f"{self.depth_mode}_attn_res_ffns"),

@@ -32,6 +32,7 @@ class EdgeCache:
     wigner: torch.Tensor | None = None  # (E, sum_l (2l+1)^2) Wigner-D block entries
     src_gate: torch.Tensor | None = None  # (E, 1) bridging source-freeze gate
     chunks: tuple[EdgeChunk, ...] | None = None  # streamed evaluation plan (edges sorted by dst)
+    atom_chunks: tuple[EdgeChunk, ...] | None = None  # the same, merged for per-atom work
     _projections: dict = field(default_factory=dict)
 
     @property
@@ -132,6 +133,21 @@ def chunk_cache(chunk: EdgeChunk, *tensors: torch.Tensor | None) -> EdgeCache:
         wigner=wigner,
         src_gate=src_gate,
     )
+
+
+def merge_chunks(chunks: tuple[EdgeChunk, ...], max_atoms: int) -> tuple[EdgeChunk, ...]:
+    """Consecutive chunks joined into runs of at most ``max_atoms`` atoms (a chunk that is
+    larger on its own stays whole): fewer, larger batches for per-atom work."""
+    merged = [chunks[0]]
+    for chunk in chunks[1:]:
+        last = merged[-1]
+        if chunk.node_stop - last.node_start <= max_atoms:
+            merged[-1] = EdgeChunk(
+                last.node_start, chunk.node_stop, last.edge_start, chunk.edge_stop
+            )
+        else:
+            merged.append(chunk)
+    return tuple(merged)
 
 
 def sorted_by_destination(

@@ -346,7 +346,7 @@ class SO2Convolution(nn.Module):
 
             sources, centres = (*sources, radial.types), (*centres, radial.types)
             out = stream_edges(chunk_messages, sources, centres, edges)
-        return stream_nodes(self._node_update, out, x, chunks=edges.chunks)
+        return stream_nodes(self._node_update, out, x, chunks=edges.atom_chunks)
 
     def _node_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Aggregated ``out (n, D, Cw)`` and the centres' ``x (n, D, Cw)`` -> update ``(n, D, C)``."""

@@ -26,6 +26,10 @@ MIN_CHUNK_EDGES = 1024  # below this, per-chunk overheads (launches, recompute s
 MAX_CHUNK_EDGES = 1 << 16
 CHUNK_BUDGET_BYTES = 256 << 20  # working set of one chunk's edge work, at most
 MEMORY_FRACTION = 64  # ... and at most this fraction of the device's memory
+# per-atom work (FFN grids, read-out) runs in batches of edge chunks merged up to
+# ``edges per chunk / ATOM_CHUNK_RATIO`` atoms: its working set is a few hundred floats per grid
+# point and atom, about that of ATOM_CHUNK_RATIO edges
+ATOM_CHUNK_RATIO = 48
 PLAIN_CHUNKS = 4  # automatic: systems of up to this many chunks take the plain path (no recompute)
 
 
