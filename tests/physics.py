@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from sezm.geometry import edge_frame
+from sezm.infer.check.symmetry import random_rotation
 from sezm.model.graph import Graph, build_graph
 
 EXACT = 1e-9
@@ -98,13 +99,6 @@ def random_crystal(nat: int, ntypes: int, seed: int, *, length: float = 3.2) -> 
     return System(np.array(coord), atype, cell)
 
 
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """Uniform proper rotation matrix (det +1)."""
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 # --- evaluation --------------------------------------------------------------------------------
