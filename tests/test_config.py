@@ -543,6 +543,11 @@ def test_bundled_examples_are_complete_inputs(path):
     """The README's examples normalise and name data that exists next to them."""
     config = normalize_input(json.loads(path.read_text()), source=str(path))
     assert config["learning_rate"]["start_lr"] > 0 and config["training"]["numb_steps"] > 0
-    for key in ("training_data", "validation_data"):
-        for system in config["training"][key]["systems"]:
-            assert (path.parent / system / "type.raw").is_file(), system
+    training = config["training"]
+    sections = list(training.get("data_dict", {}).values()) or [training]  # multi-task: per branch
+    assert sections
+    for section in sections:
+        assert section["training_data"] is not None
+        for key in ("training_data", "validation_data"):
+            for system in (section[key] or {"systems": []})["systems"]:
+                assert (path.parent / system / "type.raw").is_file(), system
