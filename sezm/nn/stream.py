@@ -81,8 +81,10 @@ def chunk_budget(device: torch.device) -> int:
     """Bytes one chunk's edge work may use on ``device``."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-    else:
+    elif hasattr(os, "sysconf"):
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:  # no portable way to ask (Windows): assume a machine of 16 GiB
+        total = 16 << 30
     return min(CHUNK_BUDGET_BYTES, total // MEMORY_FRACTION)
 
 
