@@ -45,7 +45,7 @@ from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from ..config.errors import did_you_mean
-from ..geometry.frames import MIN_CELL_FLATNESS, MIN_CELL_VOLUME
+from ..geometry.frames import cell_volume_and_flatness, degenerate_cells
 from .system import BaseSystem, DataError, Field
 
 DEFAULT_KEYS = {
@@ -230,9 +230,8 @@ class FrameFile:
             )
         box = np.asarray(atoms.cell.array, dtype=np.float64)
         _check_finite(box, where, "cell")
-        volume = abs(float(np.linalg.det(box)))
-        flatness = volume / max(float(np.prod(np.linalg.norm(box, axis=1))), 1e-300)
-        if volume < MIN_CELL_VOLUME or flatness < MIN_CELL_FLATNESS:
+        volume, _ = cell_volume_and_flatness(box)
+        if degenerate_cells(box):
             raise DataError(
                 f"{where}: periodic (pbc True) but the cell {box.tolist()} is degenerate "
                 f"(volume {volume:.4g} Å^3); give three independent lattice vectors, or "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry.frames import MIN_CELL_FLATNESS, MIN_CELL_VOLUME
+from ..geometry.frames import cell_volume_and_flatness, degenerate_cells
 
 _SCAN_VALUES = 1 << 22  # values per chunk when scanning a file for NaN/inf
 
@@ -483,9 +483,8 @@ class System(BaseSystem):
 
     def _check_cells(self, path: Path) -> None:
         box = np.asarray(_open(path), dtype=np.float64).reshape(-1, 3, 3)  # (nf, 3, 3)
-        volume = np.abs(np.linalg.det(box))
-        flatness = volume / np.maximum(np.prod(np.linalg.norm(box, axis=2), axis=1), 1e-300)
-        bad = np.flatnonzero((volume < MIN_CELL_VOLUME) | (flatness < MIN_CELL_FLATNESS))
+        volume, _ = cell_volume_and_flatness(box)
+        bad = np.flatnonzero(degenerate_cells(box))
         if bad.size:
             f = int(bad[0])
             raise DataError(

@@ -23,6 +23,19 @@ MIN_CELL_VOLUME = 1e-3
 MIN_CELL_FLATNESS = 1e-5
 """Cells with ``|det| / (|a| |b| |c|)`` below this have nearly dependent vectors."""
 
+
+def cell_volume_and_flatness(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``|det|`` and ``|det| / (|a| |b| |c|)`` of cells ``box (..., 3, 3)`` (rows are vectors)."""
+    volume = np.abs(np.linalg.det(box))
+    flatness = volume / np.maximum(np.prod(np.linalg.norm(box, axis=-1), axis=-1), 1e-300)
+    return volume, flatness
+
+
+def degenerate_cells(box: np.ndarray) -> np.ndarray:
+    """Whether each cell of ``box (..., 3, 3)`` is too small or too flat to be a lattice."""
+    volume, flatness = cell_volume_and_flatness(box)
+    return (volume < MIN_CELL_VOLUME) | (flatness < MIN_CELL_FLATNESS)
+
 _LIST_LIMIT = 5  # offenders listed in a message before "... and N more"
 
 
@@ -187,9 +200,8 @@ def _check_cells(cell: np.ndarray) -> None:
                 f"frame {frame}: cell contains NaN or inf: {box.tolist()}; "
                 "give finite lattice vectors, or cells=None for a non-periodic system"
             )
-        volume = abs(float(np.linalg.det(box)))
-        flatness = volume / max(float(np.prod(np.linalg.norm(box, axis=1))), 1e-300)
-        if volume < MIN_CELL_VOLUME or flatness < MIN_CELL_FLATNESS:
+        volume, flatness = cell_volume_and_flatness(box)
+        if degenerate_cells(box):
             raise InputError(
                 f"frame {frame}: degenerate cell, volume {volume:.4g} Å^3 "
                 f"(|det| / (|a||b||c|) = {flatness:.3g}); its vectors are (nearly) linearly "

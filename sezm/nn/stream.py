@@ -117,11 +117,7 @@ def stream_edges(
             *(None if t is None else t[span] for t in per_edge),
             *edges.chunk_tensors(chunk),
         )
-        if torch.is_grad_enabled():
-            out = checkpoint(_run_chunk, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            out = _run_chunk(*args)
-        outputs.append(out)
+        outputs.append(_recomputed(_run_chunk, *args))
     return torch.cat(outputs)
 
 
@@ -163,12 +159,16 @@ def stream_nodes(
     outputs = []
     for chunk in chunks:
         rows = tuple(t[chunk.node_start : chunk.node_stop] for t in tensors)
-        if torch.is_grad_enabled():
-            out = checkpoint(node_work, *rows, use_reentrant=False, preserve_rng_state=False)
-        else:
-            out = node_work(*rows)
-        outputs.append(out)
+        outputs.append(_recomputed(node_work, *rows))
     return torch.cat(outputs)
+
+
+def _recomputed(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``fn(*args)``; when a gradient will be taken, its intermediates are dropped and recomputed
+    in the backward pass (non-reentrant checkpointing; evaluation draws no random numbers)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def _run_chunk(
