@@ -236,6 +236,10 @@ class FrozenModel:
             extras.append(torch.as_tensor(cs, dtype=torch.float64).reshape(-1, 2).expand(nf, 2))
         return [t.contiguous() for t in extras]
 
+    def run_package(self, *inputs: torch.Tensor):
+        """The compiled package on the graph-contract inputs; its raw outputs."""
+        return self._package(*inputs)
+
     def __call__(
         self, graph: Graph, *, virial: bool = True, atomic_virial: bool = False, **_
     ) -> dict[str, torch.Tensor]:
@@ -247,7 +251,7 @@ class FrozenModel:
                 raise ValueError("this is a spin model: give the atomic spins (spin=...)")
             spin = [graph.spin.to(torch.float64).reshape(nf * nloc, 3).contiguous()]
         inputs = [*graph_inputs(graph, n_node), *spin, *self._extras(graph, nf, nloc)]
-        out = outputs(self._package(*inputs), self.output_keys)
+        out = outputs(self.run_package(*inputs), self.output_keys)
         result = {
             "atom_energy": out["atom_energy"].view(nf, nloc),
             "energy": out["energy"].view(nf),

@@ -167,7 +167,7 @@ class FrozenLower:
         self.frozen = frozen
 
     def __call__(self, *inputs: torch.Tensor):
-        return self.frozen._package(*inputs)
+        return self.frozen.run_package(*inputs)
 
 
 def model_source(dp: DeepPot) -> str:
