@@ -6,9 +6,10 @@
 Each engine runs in its own process (same thread count), evaluating energy + forces + virial
 of one 192-atom periodic water frame; the two are run alternately for ``--rounds`` rounds and
 the best time of each round is kept, so background load affects both alike. Reports the median
-over rounds, throughput in atoms/s, the ratio upstream / sezm, and peak resident memory of
-each process. ``--replicate`` repeats the cell n = k^3 times (192 n atoms) for the
-throughput curve; a size an engine cannot run (e.g. out of memory) is reported as failed.
+over rounds, throughput in atoms/s, the ratio upstream / sezm, peak resident memory of each
+process, and the machine's load average (other work on the cores moves the times).
+``--replicate`` repeats the cell n = k^3 times (192 n atoms) for the throughput curve; a size
+an engine cannot run (e.g. out of memory) is reported as failed.
 Without an oracle interpreter only sezm is timed.
 """
 
@@ -136,6 +137,7 @@ def main() -> None:
                 mem = [_peak(ours), _peak(theirs)]
                 if all(mem):
                     line += f", memory x{mem[0] / mem[1]:.2f} of deepmd-kit's"
+            line += f" [load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores]"
             print(line, flush=True)
 
 

@@ -141,8 +141,8 @@ def replay(args: argparse.Namespace) -> None:
         result = task.model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             sys.exit(f"initial state of {name}: {result}")
-    if trainer.ema is not None:
-        trainer.ema = EMA(trainer._ema_models, trainer.ema.decay)
+    if trainer.setup.ema is not None:
+        trainer.setup.ema = EMA(trainer.setup.ema_models, trainer.setup.ema.decay)
     plan = iter(record["steps"])
     current: dict = {}
 
@@ -153,7 +153,7 @@ def replay(args: argparse.Namespace) -> None:
 
     for task in trainer.tasks.values():
         task.train_data.next_batch = next_batch
-    trainer._draw_task = lambda: trainer.tasks[record["steps"][current["n"]]["task"]]
+    trainer.setup.draw.next = lambda: record["steps"][current["n"]]["task"]
     print(f"# {args.recipe}: {args.steps} steps on DeePMD-kit's batches from its initial state")
     print(
         f"# {'step':>5} {'branch':>8} {'lr':>9} {'loss DeePMD':>13} {'loss sezm':>13} {'rel diff':>9}"
@@ -162,10 +162,10 @@ def replay(args: argparse.Namespace) -> None:
     early: dict[str, float] = {}
     for n, up in enumerate(record["steps"]):
         current["n"] = n
-        lr = trainer.lr.value(n)
-        set_lr(trainer.optimizer, lr)
+        lr = trainer.setup.lr.value(n)
+        set_lr(trainer.setup.optimizer, lr)
         torch.set_rng_state(up["rng"])  # the same dens corruption draws
-        task, loss, _, _ = trainer._train_step(n, lr, False)
+        task, loss, _, _ = trainer.steps.train_step(n, lr, False)
         assert task.name == up["task"]
         rel = abs(float(loss) - up["loss"]) / abs(up["loss"])
         worst[task.name] = max(worst.get(task.name, 0.0), rel)

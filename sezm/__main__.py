@@ -1,3 +1,5 @@
+"""``python -m sezm``: the ``sezm`` command line."""
+
 from .cli import console
 
 console()

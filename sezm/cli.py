@@ -57,6 +57,7 @@ def _read_input(path: str) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """``sezm train``: train (or restart, fine-tune) a model from a DeePMD-kit input file."""
     from .train.distributed import close, init_from_env
 
     ctx = init_from_env()  # under torchrun: one process per rank
@@ -77,7 +78,8 @@ def _train(args: argparse.Namespace, write_files: bool) -> None:
         override_numb_steps,
     )
     from .train.faults import TrainingStopped
-    from .train.trainer import Resume, Trainer, write_out_json
+    from .train.resume import Resume
+    from .train.trainer import Trainer, write_out_json
 
     raw = _read_input(args.input)
     if args.numb_steps is not None:  # before the checks: they see the steps that will run
@@ -125,6 +127,7 @@ def _with_pt(path: str | None) -> str | None:
 
 
 def cmd_neighbor_stat(args: argparse.Namespace) -> None:
+    """``sezm neighbor-stat``: minimal distance and largest neighbour count per type in ``rcut``."""
     from .data.neighbor_stat import neighbor_stat_command
 
     neighbor_stat_command(
@@ -133,6 +136,7 @@ def cmd_neighbor_stat(args: argparse.Namespace) -> None:
 
 
 def cmd_test(args: argparse.Namespace) -> None:
+    """``sezm test``: a model's errors on labelled systems (detail tables, parity plots)."""
     from .infer.test import run_test
 
     log.info("testing model %s on the systems under %s", args.model, args.system)
@@ -160,6 +164,7 @@ def _parity_plot(detail: str, output: str) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
+    """``sezm embed``: per-atom descriptors of every frame of the systems, written to one file."""
     from .data import expand_systems
     from .infer.embed import embed
 
@@ -182,11 +187,18 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_freeze(args: argparse.Namespace) -> None:
+    """``sezm freeze``: a checkpoint compiled into a ``.pt2`` package, reloaded and checked."""
     from .infer.freeze import FreezeError, freeze
 
     log.info("freezing %s into %s.pt2", args.checkpoint, args.output)
     with _exit_on(FreezeError, "freeze failed: "):
-        report = freeze(args.checkpoint, args.output, head=args.head, with_comm=args.with_comm)
+        report = freeze(
+            args.checkpoint,
+            args.output,
+            head=args.head,
+            with_comm=args.with_comm,
+            device=args.device,
+        )
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
     errs = ", ".join(f"{k} {v:.2g}" for k, v in report.errors.items())
     log.info("wrote %s (%s)", report.path, secs)
@@ -194,6 +206,7 @@ def cmd_freeze(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
+    """``sezm plot``: learning curves of ``lcurve.out`` files as one PNG."""
     from .plot import PlotError, plot_lcurves
 
     with _exit_on(PlotError):  # not a learning curve, or matplotlib missing
@@ -203,6 +216,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_model_devi(args: argparse.Namespace) -> None:
+    """``sezm model-devi``: the spread of several models' forces and virials on each frame."""
     from .infer.model_devi import model_devi
 
     if args.frequency < 0 or min(args.relative or 0, args.relative_v or 0) < 0:
@@ -221,6 +235,7 @@ def cmd_model_devi(args: argparse.Namespace) -> None:
 
 
 def cmd_change_bias(args: argparse.Namespace) -> None:
+    """``sezm change-bias``: a checkpoint with a new per-type output bias."""
     from .infer.change_bias import ChangeBiasError, change_bias
 
     with _exit_on(ChangeBiasError, "change-bias failed: "):
@@ -239,6 +254,7 @@ def cmd_change_bias(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
+    """``sezm check``: physics checks of a model; exit status 1 if any fails."""
     from .infer.check import CheckError, CheckOptions, check, format_table
 
     options = CheckOptions(
@@ -268,12 +284,14 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
+    """``sezm show``: the requested attributes of a checkpoint or frozen model."""
     from .infer.show import show
 
     show(args.model, args.attributes)
 
 
 def cmd_doc_train_input(args: argparse.Namespace) -> None:
+    """``sezm doc-train-input``: the documentation of every input key (rst, JSON, JSON schema)."""
     from .config.doc import doc_train_input
 
     text = doc_train_input(args.out_type, multi_task=args.multi_task)
@@ -285,6 +303,7 @@ def cmd_doc_train_input(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sezm`` argument parser: global options and one sub-command per ``cmd_*``."""
     from .runtime import version_text
 
     parser = argparse.ArgumentParser(
@@ -475,6 +494,12 @@ def _add_freeze(sub) -> None:
         action="store_false",
         help="skip the multi-rank (MPI) package: about half the freeze time, single-rank LAMMPS "
         "only (default: the package is included)",
+    )
+    frz.add_argument(
+        "--device",
+        default="cpu",
+        help="device the package is compiled for and runs on: cpu (default) or cuda; on cuda, "
+        "DP_TRITON_INFER=1 puts the fused Triton rotations into the package",
     )
 
 

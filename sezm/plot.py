@@ -114,6 +114,15 @@ def read_lcurve(path: str | Path) -> Lcurve:
         text = path.read_text(errors="replace")
     except OSError as err:
         raise PlotError(f"{path}: cannot read it ({err.strerror or err})") from None
+    names, rows = _read_table(path, text)
+    columns = {k: np.array([r.get(k, math.nan) for r in rows]) for k in names}
+    errors = {parse_column(k): v for k, v in columns.items() if parse_column(k) is not None}
+    return Lcurve(path, columns["step"], columns.get("lr"), errors)
+
+
+def _read_table(path: Path, text: str) -> tuple[list[str], list[dict[str, float]]]:
+    """Every column name seen (in order, over the repeated headers of a restarted run) and one
+    ``{name: value}`` per row of numbers."""
     lines = text.splitlines()
     # a last row without its newline may still be being written by a running training
     unfinished = len(lines) if not text.endswith("\n") else 0
@@ -124,34 +133,44 @@ def read_lcurve(path: str | Path) -> Lcurve:
         if not line.strip():
             continue
         if line.lstrip().startswith("#"):
-            tokens = line.lstrip().lstrip("#").split()
-            if tokens and tokens[0] == "step":  # the header (again after a restart)
-                header = _check_header(path, number, tokens)
-                names.update(dict.fromkeys(header))
-            elif header is None and tokens:
-                raise PlotError(f"{path}: line {number} is not the header; {EXPECTED}")
+            header = _comment_line(path, number, line, header)
+            names.update(dict.fromkeys(header or ()))
             continue
         if header is None:
             raise PlotError(f"{path}: no header line before line {number}; {EXPECTED}")
         tokens = line.split()
         if number == unfinished and (len(tokens) != len(header) or not _numbers(tokens)):
             break
-        if len(tokens) != len(header):
-            raise PlotError(
-                f"{path}: line {number} has {len(tokens)} values, the header names "
-                f"{len(header)} columns; {EXPECTED}"
-            )
-        try:
-            rows.append({k: float(t) for k, t in zip(header, tokens)})
-        except ValueError:
-            raise PlotError(f"{path}: line {number} is not all numbers; {EXPECTED}") from None
+        rows.append(_row(path, number, header, tokens))
     if header is None:
         raise PlotError(f"{path}: no header line; {EXPECTED}")
     if not rows:
         raise PlotError(f"{path}: has a header but no rows yet")
-    columns = {k: np.array([r.get(k, math.nan) for r in rows]) for k in names}
-    errors = {parse_column(k): v for k, v in columns.items() if parse_column(k) is not None}
-    return Lcurve(path, columns["step"], columns.get("lr"), errors)
+    return list(names), rows
+
+
+def _comment_line(path: Path, number: int, line: str, header: list[str] | None) -> list[str] | None:
+    """The header in force after a ``#`` line: a new one where the line is a header (again after
+    a restart), else ``header``; a comment before the first header is an error."""
+    tokens = line.lstrip().lstrip("#").split()
+    if tokens and tokens[0] == "step":
+        return _check_header(path, number, tokens)
+    if header is None and tokens:
+        raise PlotError(f"{path}: line {number} is not the header; {EXPECTED}")
+    return header
+
+
+def _row(path: Path, number: int, header: list[str], tokens: list[str]) -> dict[str, float]:
+    """One row of numbers by column name; an error naming the line if it does not fit the header."""
+    if len(tokens) != len(header):
+        raise PlotError(
+            f"{path}: line {number} has {len(tokens)} values, the header names "
+            f"{len(header)} columns; {EXPECTED}"
+        )
+    try:
+        return {k: float(t) for k, t in zip(header, tokens)}
+    except ValueError:
+        raise PlotError(f"{path}: line {number} is not all numbers; {EXPECTED}") from None
 
 
 def _numbers(tokens: list[str]) -> bool:
@@ -198,6 +217,8 @@ def _title(quantity: str) -> tuple[str, str]:
 
 
 def import_matplotlib():
+    """matplotlib's ``Figure``, Agg canvas, ``Line2D`` and a log-tick formatter that writes
+    plain numbers between 0.01 and 1000; :class:`PlotError` with the pip extra if it is missing."""
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notes
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -246,87 +267,116 @@ def plot_lcurves(
     if not panels:
         names = ", ".join(str(c.path) for c in curves)
         raise PlotError(f"{names}: every error column is nan; nothing to plot")
-    with_lr = any(c.lr is not None and np.isfinite(c.lr).any() for c in curves)
-    kinds = {c.kind for curve in curves for c in curve.plotted()}
+    with_lr = any(_has_lr(c) for c in curves)
+    groups = _Groups.of(curves)
 
-    # one colour per (file, branch, kind): the legend names it; line style tells val from trn
-    groups: list[tuple[int, str, str]] = []
-    for i, curve in enumerate(curves):
-        for c in curve.plotted():
-            if (i, c.branch, c.kind) not in groups:
-                groups.append((i, c.branch, c.kind))
-    labels = file_labels([c.path for c in curves])
-
-    def group_label(i: int, branch: str, kind: str) -> str:
-        text = labels[i] + (f" [{branch}]" if branch else "")
-        return text + (f" ({kind.upper()})" if len(kinds) > 1 else "")
-
-    colours = [f"C{n % 10}" for n in range(len(groups))]
-    n_rows = len(panels) + with_lr
     fig = Figure(figsize=(9, 2.9 * len(panels) + 1.9 * with_lr + 0.9), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(
-        n_rows,
+        len(panels) + with_lr,
         1,
         sharex=True,
         squeeze=False,
         gridspec_kw={"height_ratios": [3] * len(panels) + [1.6] * with_lr},
     )[:, 0]
     for ax, quantity in zip(axes, panels):
-        title, unit = _title(quantity)
-        shown = set()
-        for i, curve in enumerate(curves):
-            for c, values in curve.plotted().items():
-                if c.quantity != quantity:
-                    continue
-                colour = colours[groups.index((i, c.branch, c.kind))]
-                val = c.split == "val"
-                ax.plot(
-                    *_finite(curve.step, values),
-                    color=colour,
-                    linestyle="-" if val else "--",
-                    linewidth=1.7 if val else 1.1,
-                    alpha=1.0 if val else 0.8,
-                )
-                shown.add(c.kind)
-        _log_scale(ax, Formatter)
-        what = ", ".join(k.upper() for k in sorted(shown))
-        ax.set_ylabel(f"{what} ({unit})" if unit else what)
-        ax.set_title(f"{title} error" if quantity else title, loc="left", fontsize="medium")
-        ax.grid(True, which="major", alpha=0.35)
-        ax.grid(True, which="minor", alpha=0.12)
+        _draw_errors(ax, quantity, curves, groups, Formatter)
     if with_lr:
-        ax = axes[-1]
-        for i, curve in enumerate(curves):
-            if curve.lr is None or not np.isfinite(curve.lr).any():
-                continue
-            first = next((g for g in groups if g[0] == i), None)
-            colour = colours[groups.index(first)] if first else "k"
-            # earlier files wider: a schedule shared by several runs stays visible
-            ax.plot(
-                *_finite(curve.step, curve.lr),
-                color=colour,
-                linewidth=1.3 + 0.9 * min(len(curves) - 1 - i, 5),
-            )
-        _log_scale(ax, Formatter)
-        ax.set_ylabel("learning rate")
-        ax.grid(True, which="major", alpha=0.35)
+        _draw_learning_rate(axes[-1], curves, groups, Formatter)
     axes[-1].set_xlabel("step")
+    _legend(fig, Line2D, curves, groups)
+    if output is not None:
+        fig.savefig(output, dpi=dpi)
+    return fig
 
-    handles = [Line2D([], [], color=colours[n], linewidth=2) for n in range(len(groups))]
-    names = [group_label(*g) for g in groups]
+
+def _has_lr(curve: Lcurve) -> bool:
+    """Whether ``curve`` has a learning rate to draw (a column with a finite value)."""
+    return curve.lr is not None and np.isfinite(curve.lr).any()
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """The line groups of a figure: one colour per (file index, branch, kind), in the order
+    first drawn; the legend names each, the line style tells validation from training."""
+
+    keys: list[tuple[int, str, str]]
+    labels: list[str]  # per file, see file_labels
+    kinds: set[str]  # every kind drawn; named in the legend only where there are several
+
+    @classmethod
+    def of(cls, curves: Sequence[Lcurve]) -> _Groups:
+        """The groups of the columns that ``curves`` draw."""
+        keys = [(i, c.branch, c.kind) for i, curve in enumerate(curves) for c in curve.plotted()]
+        kinds = {kind for _, _, kind in keys}
+        return cls(list(dict.fromkeys(keys)), file_labels([c.path for c in curves]), kinds)
+
+    def colour(self, key: tuple[int, str, str]) -> str:
+        """The matplotlib colour of group ``key`` (cycling through the ten default colours)."""
+        return f"C{self.keys.index(key) % 10}"
+
+    def label(self, key: tuple[int, str, str]) -> str:
+        """The legend entry of group ``key``: file, then ``[branch]`` and ``(KIND)`` if needed."""
+        i, branch, kind = key
+        text = self.labels[i] + (f" [{branch}]" if branch else "")
+        return text + (f" ({kind.upper()})" if len(self.kinds) > 1 else "")
+
+
+def _draw_errors(ax, quantity: str, curves: Sequence[Lcurve], groups: _Groups, formatter) -> None:
+    """One panel: every file's columns of ``quantity``, validation solid, training dashed."""
+    title, unit = _title(quantity)
+    shown = set()
+    for i, curve in enumerate(curves):
+        for c, values in curve.plotted().items():
+            if c.quantity != quantity:
+                continue
+            val = c.split == "val"
+            ax.plot(
+                *_finite(curve.step, values),
+                color=groups.colour((i, c.branch, c.kind)),
+                linestyle="-" if val else "--",
+                linewidth=1.7 if val else 1.1,
+                alpha=1.0 if val else 0.8,
+            )
+            shown.add(c.kind)
+    _log_scale(ax, formatter)
+    what = ", ".join(k.upper() for k in sorted(shown))
+    ax.set_ylabel(f"{what} ({unit})" if unit else what)
+    ax.set_title(f"{title} error" if quantity else title, loc="left", fontsize="medium")
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+
+
+def _draw_learning_rate(ax, curves: Sequence[Lcurve], groups: _Groups, formatter) -> None:
+    """The learning-rate panel: one line per file, in the colour of its first group."""
+    for i, curve in enumerate(curves):
+        if not _has_lr(curve):
+            continue
+        first = next((g for g in groups.keys if g[0] == i), None)
+        # earlier files wider: a schedule shared by several runs stays visible
+        ax.plot(
+            *_finite(curve.step, curve.lr),
+            color=groups.colour(first) if first else "k",
+            linewidth=1.3 + 0.9 * min(len(curves) - 1 - i, 5),
+        )
+    _log_scale(ax, formatter)
+    ax.set_ylabel("learning rate")
+    ax.grid(True, which="major", alpha=0.35)
+
+
+def _legend(fig, line2d, curves: Sequence[Lcurve], groups: _Groups) -> None:
+    """The legend below the panels: the groups by colour, then the line styles."""
+    handles = [line2d([], [], color=groups.colour(g), linewidth=2) for g in groups.keys]
+    names = [groups.label(g) for g in groups.keys]
     if any(c.has_validation for c in curves):
         handles += [
-            Line2D([], [], color="0.3", linestyle="-", linewidth=1.7),
-            Line2D([], [], color="0.3", linestyle="--", linewidth=1.1),
+            line2d([], [], color="0.3", linestyle="-", linewidth=1.7),
+            line2d([], [], color="0.3", linestyle="--", linewidth=1.1),
         ]
         names += ["validation", "training"]
     else:
-        handles.append(Line2D([], [], color="0.3", linestyle="--", linewidth=1.1))
+        handles.append(line2d([], [], color="0.3", linestyle="--", linewidth=1.1))
         names.append("training (no validation data)")
     fig.legend(
         handles, names, loc="outside lower center", ncols=min(len(names), 4), fontsize="small"
     )
-    if output is not None:
-        fig.savefig(output, dpi=dpi)
-    return fig

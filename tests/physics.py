@@ -4,7 +4,7 @@ Every ``check_*`` function takes a model (an ``EnergyModel``, built in float64) 
 :class:`System`, evaluates the model through the public path ``build_graph -> model(graph)``,
 and raises :class:`PhysicsCheckError` (an ``AssertionError``) naming the quantity, the error
 and the tolerance when a property does not hold. On success it returns the measured errors,
-so tests can log them. A check that cannot fail is worthless: ``tests/test_physics.py`` breaks
+so tests can log them. A check that cannot fail is worthless: ``tests/model/test_physics.py`` breaks
 the model on purpose and asserts that the matching check raises.
 
 Checks: proper rotations (and mirrors of planar systems, which are rotations in disguise),
@@ -97,8 +97,6 @@ def random_crystal(nat: int, ntypes: int, seed: int, *, length: float = 3.2) -> 
     atype = np.arange(nat) % ntypes
     rng.shuffle(atype)
     return System(np.array(coord), atype, cell)
-
-
 
 
 # --- evaluation --------------------------------------------------------------------------------

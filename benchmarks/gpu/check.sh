@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of sezm, one script for one CUDA machine (about 8 minutes on one H200):
-# CUDA parity on tests/data/parity, Triton rotations against dense, evaluation throughput and
-# memory, DPA4-Mini training step times (eager, use_amp, use_compile) and a .pt2 on CUDA.
+# CUDA parity on tests/data/parity, Triton rotations against dense, the neighbour search on the
+# device against the host one, evaluation throughput and memory, DPA4-Mini training step times
+# (eager, use_amp, use_compile), and `sezm freeze --device cuda` of tiny with the PyTorch and
+# with the Triton rotations (DP_TRITON_INFER=1), each reloaded and compared with eager.
 #
 #   bash benchmarks/gpu/check.sh                 # on the GPU machine, from any directory
 #   bash benchmarks/gpu/check.sh --cpu-dry-run   # the same sections on the CPU, tiny sizes

@@ -1,5 +1,6 @@
-"""The GPU check: CUDA parity, Triton rotations against dense, training step times, evaluation
-throughput and memory, and a ``.pt2`` on CUDA, written to one Markdown summary.
+"""The GPU check: CUDA parity, Triton rotations against dense, the neighbour search on the
+device, training step times, evaluation throughput and memory, and ``.pt2`` packages frozen for
+CUDA with and without the Triton rotations, written to one Markdown summary.
 
     python benchmarks/gpu/gpu_check.py [--out FILE] [--budget SECONDS] [--cpu-dry-run]
 
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +191,7 @@ def triton_rotation(c: Check) -> None:
         for dtype in (torch.float32, torch.float64):
             c.add(rotation_case(c, kernels, lmax, mmax, dtype, n_edges, channels))
     if c.dry_run:
-        c.add("- model with fused rotations: not in the dry run (tests/test_triton_rotation.py)")
+        c.add("- model with fused rotations: not in the dry run (tests/nn/test_triton_rotation.py)")
         return
     import sezm
 
@@ -264,8 +266,32 @@ def water_cell(reps: tuple[int, int, int]):
     return big, box * np.array(reps)[:, None], np.tile(atype, len(shifts))
 
 
+def device_neighbours(c: Check) -> None:
+    """vesin-torch on the device against the host search, on the four parity frames."""
+    from sezm.geometry.neighbors import build_edges, device_edge_batch, device_search_available
+
+    if not device_search_available():
+        c.add("skipped: vesin-torch is not installed (DeepPot searches on the host)")
+        return
+    data = np.load(PARITY / "tiny" / "expected.npz")
+    for frame in ("water_pbc_0", "water_triclinic", "water_nopbc", "small_cell"):
+        coord = data[f"{frame}/coord"][None]
+        box = data[f"{frame}/box"][None] if f"{frame}/box" in data.files else None
+        host = build_edges(coord, box, 6.0)
+        src, dst, vec = device_edge_batch(coord, box, 6.0, c.device)
+        same = np.array_equal(src.cpu().numpy(), host.src) and np.array_equal(
+            dst.cpu().numpy(), host.dst
+        )
+        err = float(np.abs(vec.cpu().numpy() - host.vec).max()) if same else float("nan")
+        c.add(
+            f"- {frame}: {len(host)} edges, device edges {'identical' if same else 'DIFFERENT'}"
+            f" (max |dvec| {err:.1e} Å)"
+        )
+
+
 def throughput(c: Check) -> None:
     """Energy + forces + virial on water cells of growing size until memory or time runs out."""
+    from sezm.geometry.neighbors import device_edge_batch, device_search_available
     from sezm.infer.settings import InferenceSettings
     from sezm.model.build import load_model
     from sezm.model.graph import build_graph
@@ -286,9 +312,10 @@ def throughput(c: Check) -> None:
         ]
     )
     c.add(
-        "| model | atoms | edges | neighbour search (host vesin) ms | model ms | atoms/ms | peak GPU MB | MB/atom |"
+        "| model | atoms | edges | neighbour search ms, host vesin / device vesin-torch | model ms | atoms/ms | peak GPU MB | MB/atom |"
     )
     c.add("|---|---|---|---|---|---|---|---|")
+    on_device = device_search_available()
     for case in ("tiny", "mini"):
         model, _ = load_model(PARITY / case / "model.pt")
         model = model.to(c.device).eval().requires_grad_(False)
@@ -301,6 +328,12 @@ def throughput(c: Check) -> None:
             t = time.perf_counter()
             graph = build_graph(coord[None], box[None], atype[None], model.rcut)
             t_nl = time.perf_counter() - t
+            t_dev = float("nan")
+            if on_device:
+                search = functools.partial(
+                    device_edge_batch, coord[None], box[None], model.rcut, c.device
+                )
+                t_dev = c.timed(search, 1 if c.dry_run else 3)
             graph = graph.to(c.device)
             if c.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -316,7 +349,7 @@ def throughput(c: Check) -> None:
                 else float("nan")
             )
             c.add(
-                f"| {case} | {len(atype)} | {len(graph.src)} | {t_nl * 1e3:.0f} | {seconds * 1e3:.2f} | {len(atype) / (seconds * 1e3):.1f} | {peak:.0f} | {peak / len(atype):.3f} |"
+                f"| {case} | {len(atype)} | {len(graph.src)} | {t_nl * 1e3:.0f} / {t_dev * 1e3:.1f} | {seconds * 1e3:.2f} | {len(atype) / (seconds * 1e3):.1f} | {peak:.0f} | {peak / len(atype):.3f} |"
             )
             del graph
         del model
@@ -386,45 +419,69 @@ def capture_log(path: Path):
         handler.close()
 
 
-def frozen_on_cuda(c: Check) -> None:
-    """Export the tiny model's graph contract on the device, AOTInductor-compile it, reload it,
-    and compare it with the same module in eager mode."""
-    from sezm.infer import freeze as fz
-    from sezm.model.build import load_model
+@contextlib.contextmanager
+def environment_variable(name: str, value: str):
+    """``os.environ[name] = value`` within the context, then the previous state."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
-    if c.dry_run:
-        c.add("skipped in the dry run (the CPU freeze is tested by tests/test_freeze.py)")
-        return
+
+def frozen_on_cuda(c: Check) -> None:
+    """``sezm freeze --device cuda`` of ``tiny`` with ``DP_TRITON_INFER=1`` (the Triton kernels
+    compiled into the package), then, if the budget allows, with the PyTorch rotations: export,
+    AOTInductor compile and freeze's own check against eager; then ``DeepPot`` on each package
+    against eager ``DeepPot`` on a water cell, and its evaluation time. The dry run freezes for
+    the CPU (the PyTorch rotations: the kernels are CUDA-only) on the 192-atom cell."""
+    import sezm
+    from sezm.infer import freeze as fz
+    from sezm.infer.pt2 import read_metadata
+    from sezm.kernels import triton_available
+
     full_float32()
-    model, _ = load_model(PARITY / "tiny" / "model.pt")
-    model = model.to(c.device).eval().requires_grad_(False)
-    extras = fz.extra_inputs(model)
-    lower = fz.GraphLower(model, extras).eval()
-    to_dev = lambda ts: tuple(t.to(c.device) for t in ts)  # noqa: E731
-    sample = to_dev(
-        fz.lower_inputs(model, fz.sample_frames(len(model.type_map), (5, 7, 9), seed=1))
-    )
-    t = time.perf_counter()
-    program = fz._export(lower, sample, fz.dynamic_shapes(extras))
-    t_export = time.perf_counter() - t
+    checkpoint = PARITY / "tiny" / "model.pt"
+    coord, box, atype = water_cell((1, 1, 1) if c.dry_run else TARGET_ATOMS)
+    eager = sezm.DeepPot(checkpoint, device=str(c.device))
+    ref = eager.eval(coord[None], box[None], atype)
+    variants = [("Triton rotations", "1"), ("PyTorch rotations", "0")]
+    if c.dry_run or not triton_available():
+        c.add("- Triton package: " + ("not in the dry run" if c.dry_run else "triton absent"))
+        variants = variants[1:]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.pt2"
-        t = time.perf_counter()
-        torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path))
-        t_compile = time.perf_counter() - t
-        package = torch._inductor.aoti_load_package(os.fspath(path))
-        inputs = to_dev(
-            fz.lower_inputs(model, fz.sample_frames(len(model.type_map), (23, 31), seed=2), seed=2)
-        )
-        got = fz.outputs(package(*inputs), fz.output_keys(model))
-        ref = fz.outputs(lower(*inputs), fz.output_keys(model))
-        size = path.stat().st_size / 2**20
-    errors = {k: float((got[k] - ref[k]).detach().abs().max()) for k in ref}
-    c.add(
-        f"- export {t_export:.1f} s, AOTInductor compile {t_compile:.1f} s, package {size:.1f} MB",
-        f"- max |pt2 - eager| on {c.device}: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()),
-    )
+        for label, level in variants:
+            if c.left() < 60:
+                c.add(f"- {label}: skipped, {c.left():.0f} s of the budget left")
+                continue
+            path = Path(tmp) / f"tiny_triton{level}.pt2"
+            with environment_variable("DP_TRITON_INFER", level):
+                report = fz.freeze(checkpoint, path, with_comm=False, device=str(c.device))
+            meta = read_metadata(path)["sezm"]
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+            cubins = sum(n.endswith((".cubin", ".hsaco")) for n in names)
+            dp = sezm.DeepPot(path)
+            got = dp.eval(coord[None], box[None], atype)
+            seconds = c.timed(lambda dp=dp: dp.eval(coord[None], box[None], atype), 3)
+            de = abs(float(got[0][0, 0] - ref[0][0, 0])) / len(atype)
+            df = float(np.abs(got[1] - ref[1]).max())
+            dv = float(np.abs(got[2] - ref[2]).max())
+            checked = ", ".join(f"{k} {v:.1e}" for k, v in report.errors.items())
+            c.add(
+                f"- {label}: export {report.seconds['export']:.1f} s, compile "
+                f"{report.seconds['compile']:.1f} s, {path.stat().st_size / 2**20:.1f} MB, "
+                f"{cubins} kernel binaries, recorded fused_kernels "
+                f"'{meta['inference_settings']['fused_kernels']}' on {meta['device']}",
+                f"  - freeze check max|pt2 - eager|: {checked}",
+                f"  - DeepPot(.pt2) on {len(atype)} atoms against eager: |dE|/atom {de:.1e} eV, "
+                f"max|dF| {df:.1e} eV/Å, max|dV| {dv:.1e} eV; {seconds * 1e3:.1f} ms per eval "
+                "(incl. neighbour search)",
+            )
 
 
 def main() -> None:
@@ -451,9 +508,10 @@ def main() -> None:
     c.section("Environment", environment, 0)
     c.section("CUDA parity (float32, TF32 off)", parity, 60)
     c.section("Triton rotations against dense", triton_rotation, 40)
+    c.section("Neighbour search on the device", device_neighbours, 5)
     c.section("Evaluation throughput (energy + forces + virial)", throughput, 60)
     c.section("Training step, DPA4-Mini", training_eager_and_amp, 60)
-    c.section(".pt2 on CUDA (tiny)", frozen_on_cuda, 90)
+    c.section(".pt2 on CUDA (tiny), PyTorch and Triton rotations", frozen_on_cuda, 120)
     c.section("Training step, DPA4-Mini, use_compile", training_compiled, 120)
     c.write()
     print(f"summary written to {out}")

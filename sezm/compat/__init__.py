@@ -1,0 +1,1 @@
+"""DeePMD-kit compatibility: its checkpoint layout and parameter names mapped onto sezm modules."""

@@ -12,6 +12,8 @@ the same parameter names below the atomic model, so the mapping is a fixed set o
     model.<branch>.{min_nbor_dist, inter_potential.*}               <->  same names
 
 Keys that cannot be represented raise an error naming them; nothing is dropped silently.
+Checkpoint contents are read as stored (:func:`~sezm.config.check_stored_model` only warns), so
+optional entries are looked up with the meaning of their absence.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpo
     raw = _read(path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(raw).__name__}")
-    state = raw.get("model", raw)
+    state = raw.get("model", raw)  # a bare state dict has no "model" level
     extra_state = state.get("_extra_state")
     if not isinstance(extra_state, dict) or "model_params" not in extra_state:
         raise CheckpointError(
@@ -81,7 +83,7 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpo
         path=path,
         model_params=params,
         state=renamed,
-        train_infos=dict(extra_state.get("train_infos", {})),
+        train_infos=dict(extra_state.get("train_infos", {})),  # absent: nothing recorded
         branch=branch,
         extra={k: v for k, v in raw.items() if k != "model"},
     )
@@ -90,6 +92,7 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpo
 def read_model_params(path: str | os.PathLike) -> dict:
     """The whole ``model_params`` of a checkpoint (every branch of a multi-task one)."""
     raw = _read(os.fspath(path))
+    # a bare state dict has no "model" level
     extra = raw.get("model", raw).get("_extra_state") if isinstance(raw, dict) else None
     if not isinstance(extra, dict) or "model_params" not in extra:
         raise CheckpointError(f"{path}: no '_extra_state.model_params'; not a training checkpoint")
@@ -121,7 +124,7 @@ def _select_branch(path: str, params: dict, head: str | None) -> tuple[str, dict
     if head in branches:
         return head, branches[head]
     for name, branch_params in branches.items():
-        if head in branch_params.get("model_branch_alias", []):
+        if head in branch_params.get("model_branch_alias", []):  # absent: no alias
             return name, branch_params
     raise CheckpointError(f"{path}: no head {head!r}; available: {sorted(branches)}")
 

@@ -11,6 +11,7 @@ from .normalize import (
     is_multi_task,
     normalize_input,
     normalize_model,
+    normalize_section,
     override_numb_steps,
 )
 from .rules import DEFAULT_STOP_LR, check_learning_rate, check_trainable
@@ -31,5 +32,6 @@ __all__ = [
     "multitask_model_section",
     "normalize_input",
     "normalize_model",
+    "normalize_section",
     "override_numb_steps",
 ]

@@ -34,6 +34,7 @@ class ConfigWarning(UserWarning):
 
 
 def join_path(*parts: str) -> str:
+    """``a/b/c``: the slash-joined key path of a config entry, empty parts left out."""
     return "/".join(p for p in parts if p)
 
 

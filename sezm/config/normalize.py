@@ -116,6 +116,26 @@ def normalize_model(raw_model: dict[str, Any], source: str | None = None) -> dic
         raise err.with_source(source) from None
 
 
+def normalize_section(name: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate and expand one section of a single-task input besides ``model`` (``loss``,
+    ``learning_rate``, ``optimizer``, ``training``, ``validating``), alone; a new dict.
+
+    The section's own rules apply (for ``learning_rate``: exclusive keys, ``stop_lr`` filled
+    in); the rules that relate sections (a warm-up shorter than the run, the keys training
+    needs) do not: they need the whole input, see :func:`normalize_input`.
+    """
+    fields = _schema("input").sub_fields
+    if name == "model" or name not in fields:
+        sections = ", ".join(f"`{k}`" for k in fields if k != "model")
+        raise ConfigError(name, f"not a section normalized alone; use one of {sections}")
+    if not isinstance(raw, dict):
+        raise ConfigError(name, f"expected a dict, got {type(raw).__name__}")
+    section = _apply(fields[name], copy.deepcopy(raw), [name])
+    if name == "learning_rate":
+        check_learning_rate(section)
+    return section
+
+
 def override_numb_steps(raw: dict[str, Any], numb_steps: int) -> dict[str, Any]:
     """``raw`` (not normalized) with ``training/numb_steps`` set to ``numb_steps`` in place of
     any run length it gives (``numb_steps``, ``numb_epoch`` and their aliases); a new dict.

@@ -133,6 +133,7 @@ def property_fitting() -> Argument:
 
 
 def spin_block() -> Argument:
+    """The optional ``model/spin`` block: magnetic types and the spin scheme."""
     return section(
         "spin",
         [
@@ -170,6 +171,7 @@ def spin_block() -> Argument:
 
 
 def lora_block() -> Argument:
+    """The optional ``model/lora`` block: low-rank adapters for fine-tuning."""
     return Argument(
         "lora",
         dict,

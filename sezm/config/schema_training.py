@@ -17,6 +17,8 @@ from .schema_model import model_section, multitask_model_section
 
 
 def learning_rate_section() -> Argument:
+    """The ``learning_rate`` section: start/stop rates and warm-up, then the schedule (``exp``,
+    ``cosine``, ``wsd``) by ``type``."""
     common = [
         req("start_lr", float, "Learning rate after the warm-up."),
         opt("stop_lr", float, None, "Final learning rate. Exclusive with `stop_lr_ratio`."),
@@ -122,6 +124,7 @@ def _muon_common(lr_adjust: float, lr_adjust_coeff: float) -> list[Argument]:
 
 
 def optimizer_section() -> Argument:
+    """The ``optimizer`` section: Adam, AdamW, LKF, AdaMuon or HybridMuon by ``type``."""
     kinds = [
         choice("Adam", _adam_like(0.999, 0.0), "Adam (weight decay as an L2 gradient term)."),
         choice("AdamW", _adam_like(0.999, 0.001), "AdamW (decoupled weight decay)."),
@@ -278,6 +281,8 @@ def _property_loss() -> Argument:
 
 
 def loss_section(name: str = "loss") -> Argument:
+    """The loss section ``name`` (``loss``, or ``loss_dict`` of a multi-task input): ``ener``,
+    ``dens``, ``ener_spin`` or ``property`` by ``type``."""
     kinds = [_ener_loss(), _dens_loss(), _ener_spin_loss(), _property_loss()]
     return section(
         name,
@@ -511,6 +516,8 @@ def _run_fields() -> list[Argument]:
 
 
 def training_section(multi_task: bool = False) -> Argument:
+    """The ``training`` section: its data (per branch in ``data_dict`` when ``multi_task``), then
+    steps, seeds, display, checkpoints and other run settings."""
     if multi_task:
         data = [
             opt("model_prob", dict, {}, "Sampling probability of each branch."),
@@ -547,6 +554,8 @@ _ALL_METRICS = frozenset(validation_metrics("energy") + validation_metrics("spin
 
 
 def validating_section() -> Argument:
+    """The ``validating`` section: periodic validation on the whole validation set, its metric,
+    the best checkpoints it keeps, its output file and how it is evaluated."""
     return section(
         "validating",
         [

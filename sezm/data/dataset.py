@@ -287,18 +287,19 @@ class DataSystem:
         seed: int | None = None,
     ) -> DataSystem:
         """From a normalised ``training_data`` / ``validation_data`` section."""
+        # min_pair_dist is a training_data key only, numb_btch a validation_data key only
+        own = {key: params[key] for key in ("min_pair_dist", "numb_btch") if key in params}
         return cls(
             params["systems"],
             type_map,
-            batch_size=params.get("batch_size", "auto"),
-            auto_prob=params.get("auto_prob", "prob_sys_size"),
-            sys_probs=params.get("sys_probs"),
-            min_pair_dist=params.get("min_pair_dist", 0.0),
-            numb_btch=params.get("numb_btch", 1),
-            rglob_patterns=params.get("rglob_patterns"),
+            batch_size=params["batch_size"],
+            auto_prob=params["auto_prob"],
+            sys_probs=params["sys_probs"],
+            rglob_patterns=params["rglob_patterns"],
             fields=fields,
             file_options=FileOptions.from_config(params),
             seed=seed,
+            **own,
         )
 
     def __len__(self) -> int:
@@ -498,20 +499,19 @@ def fields_for_model(model_params: Mapping) -> dict[str, Field]:
     ``default_fparam``, ``charge_spin`` unless the descriptor has ``default_chg_spin``;
     spin models read atomic ``spin`` (zeros where absent with ``spin.allow_missing_label``).
     """
-    fitting = model_params.get("fitting_net", {})
-    if fitting.get("type") == "property":
-        name, task_dim = fitting["property_name"], int(fitting.get("task_dim", 1))
+    fitting = model_params["fitting_net"]
+    if fitting["type"] == "property":
+        name, task_dim = fitting["property_name"], int(fitting["task_dim"])
         fields = {name: Field((task_dim,), must=True)}
     else:
         fields = dict(LABEL_FIELDS)
-    if fitting.get("numb_fparam", 0) > 0:
-        must = fitting.get("default_fparam") is None
-        fields["fparam"] = Field((fitting["numb_fparam"],), must=must)
-    if fitting.get("numb_aparam", 0) > 0:
+    if fitting["numb_fparam"] > 0:
+        fields["fparam"] = Field((fitting["numb_fparam"],), must=fitting["default_fparam"] is None)
+    if fitting["numb_aparam"] > 0:
         fields["aparam"] = Field((fitting["numb_aparam"],), atomic=True, must=True)
-    descriptor = model_params.get("descriptor", {})
-    if descriptor.get("add_chg_spin_ebd"):
-        fields["charge_spin"] = Field((2,), must=descriptor.get("default_chg_spin") is None)
+    descriptor = model_params["descriptor"]
+    if descriptor["add_chg_spin_ebd"]:
+        fields["charge_spin"] = Field((2,), must=descriptor["default_chg_spin"] is None)
     spin = model_params.get("spin")
     if spin:
         fields["spin"] = _spin_field(spin, model_params.get("type_map"))
@@ -532,5 +532,6 @@ def _spin_field(spin: Mapping, type_map: Sequence[str] | None) -> SpinField:
                 scale = tuple(virtual_scales(dict(spin), list(use_spin)))
         except ValueError:  # the model itself reports an inconsistent spin block
             pass
+    # a frozen model's metadata (DeePMD-kit's) carries use_spin only: labels required
     must = not spin.get("allow_missing_label", False)
     return SpinField((3,), atomic=True, must=must, use_spin=use_spin, virtual_scale=scale)

@@ -136,6 +136,17 @@ def _log_fit_rmse(
     )
 
 
+def output_stat_mode(fitting: Mapping) -> dict[str, bool]:
+    """``distinguish_types`` and ``intensive`` of a fitting's output statistics: a property
+    fitting's own settings; per type and extensive for an energy fitting, which has neither."""
+    if fitting["type"] == "property":
+        return {
+            "distinguish_types": bool(fitting["distinguish_types"]),
+            "intensive": bool(fitting["intensive"]),
+        }
+    return {"distinguish_types": True, "intensive": False}
+
+
 def preset_bias(
     preset_out_bias: Mapping | None, key: str, type_map: Sequence[str], dim: int
 ) -> np.ndarray | None:
@@ -338,14 +349,14 @@ def model_stats(
     ``fitting_net/rcond`` on.
     """
     type_map = list(model_params["type_map"])
-    fitting = model_params.get("fitting_net", {})
-    protect = float(model_params.get("data_stat_protect", 1e-2))
+    fitting = model_params["fitting_net"]
+    protect = float(model_params["data_stat_protect"])
     cache = None if stat_file is None else StatFile(stat_file, type_map, stat_file_mode)
     sampled: list = []
 
     def samples() -> list:
         if not sampled:
-            sampled.extend(data.stat_frames(int(model_params.get("data_stat_nbatch", 10))))
+            sampled.extend(data.stat_frames(int(model_params["data_stat_nbatch"])))
         return sampled
 
     def cached(name: str, compute):
@@ -357,8 +368,8 @@ def model_stats(
         return value
 
     params = {"fparam": (None, None), "aparam": (None, None)}
-    for key, default in (("fparam", fitting.get("default_fparam")), ("aparam", None)):
-        dim = int(fitting.get(f"numb_{key}", 0))
+    for key, default in (("fparam", fitting["default_fparam"]), ("aparam", None)):
+        dim = int(fitting[f"numb_{key}"])
         if dim > 0:
             sums = cached(key, functools.partial(_param_sums, samples, key, dim, default))
             params[key] = avg_inv_std(np.asarray(sums, dtype=np.float64), protect)
@@ -386,10 +397,10 @@ def _observed(samples, type_map: list[str]) -> np.ndarray:
 
 def _output_stat(samples, model_params: Mapping, type_map: list[str], cache: StatFile | None):
     """``(bias, std)`` ``(ntypes, dim)`` of the model's output, cached as a pair."""
-    fitting = model_params.get("fitting_net", {})
-    is_property = fitting.get("type") == "property"
+    fitting = model_params["fitting_net"]
+    is_property = fitting["type"] == "property"
     key = fitting["property_name"] if is_property else "energy"
-    dim = int(fitting.get("task_dim", 1)) if is_property else 1
+    dim = int(fitting["task_dim"]) if is_property else 1
     names = (f"bias_atom_{key}", f"std_atom_{key}")
     stored = None if cache is None else cache.get_pair(*names)
     if stored is not None:
@@ -398,10 +409,9 @@ def _output_stat(samples, model_params: Mapping, type_map: list[str], cache: Sta
         samples(),
         key,
         len(type_map),
-        distinguish_types=bool(fitting.get("distinguish_types", True)) if is_property else True,
-        intensive=bool(fitting.get("intensive", False)) if is_property else False,
-        preset=preset_bias(model_params.get("preset_out_bias"), key, type_map, dim),
-        exclude_types=model_params.get("atom_exclude_types", []),
+        **output_stat_mode(fitting),
+        preset=preset_bias(model_params["preset_out_bias"], key, type_map, dim),
+        exclude_types=model_params["atom_exclude_types"],
     )
     if cache is not None:
         cache.put_pair(*names, result)

@@ -36,6 +36,7 @@ def degenerate_cells(box: np.ndarray) -> np.ndarray:
     volume, flatness = cell_volume_and_flatness(box)
     return (volume < MIN_CELL_VOLUME) | (flatness < MIN_CELL_FLATNESS)
 
+
 _LIST_LIMIT = 5  # offenders listed in a message before "... and N more"
 
 

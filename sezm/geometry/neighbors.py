@@ -18,13 +18,15 @@ Edge ``e`` points from the neighbour ``src`` (message source) to the centre ``ds
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import vesin
 
-from sezm.geometry.frames import InputError
+from sezm.geometry.frames import InputError, check_overlaps
 
 ZERO_DIST2 = 1e-10
 """Pairs with ``|vec|^2`` at or below this (Å^2) are coincident atoms, not edges."""
@@ -186,6 +188,45 @@ def _sorted_edge_list(parts: list[tuple[np.ndarray, ...]]) -> EdgeList:
     )
 
 
+def device_search_available() -> bool:
+    """Whether vesin's torch flavour (``vesin-torch``, the ``gpu`` extra) is installed."""
+    return importlib.util.find_spec("vesin_torch") is not None
+
+
+def _torch_neighbor_list(rcut: float):
+    try:
+        from vesin_torch import NeighborList
+    except ImportError:
+        raise ImportError(
+            'the neighbour search on the device needs vesin-torch: pip install "sezm[gpu]" '
+            "(or vesin-torch)"
+        ) from None
+    return NeighborList(cutoff=rcut * (1.0 + _CUTOFF_PAD), full_list=True)
+
+
+def _search_frame(
+    searcher, pos: torch.Tensor, box: torch.Tensor | None, rcut: float, min_dist: float
+) -> tuple[torch.Tensor, ...]:
+    """One frame on ``pos``'s device, no value read back: ``(src, dst, vec, shift)`` sorted by
+    ``(dst, src, shift)`` as :func:`build_edges`, and ``close ()`` int64, the number of pairs
+    found closer than ``min_dist`` (coincident atoms among them), still on the device.
+
+    ``pos (nat, 3)`` float64; ``box (3, 3)`` float64 or ``None`` for open boundaries.
+    """
+    cell = pos.new_zeros(3, 3) if box is None else box
+    i, j, shift = searcher.compute(pos, cell, box is not None, "ijS")
+    dst, src, shift = i.to(torch.int64), j.to(torch.int64), shift.to(torch.int64)
+    vec = pos[src] + shift.to(pos.dtype) @ cell - pos[dst]  # [E, 3]
+    dist2 = vec.square().sum(-1)  # [E]
+    close = (dist2 < min_dist * min_dist).sum()
+    keep = (dist2 > ZERO_DIST2) & (dist2 <= rcut * rcut)
+    src, dst, vec, shift = src[keep], dst[keep], vec[keep], shift[keep]
+    order = torch.arange(len(src), device=src.device)
+    for key in (shift[:, 2], shift[:, 1], shift[:, 0], src, dst):  # lexicographic, dst first
+        order = order[torch.sort(key[order], stable=True).indices]
+    return src[order], dst[order], vec[order], shift[order], close
+
+
 def device_edges(
     coord: torch.Tensor, cell: torch.Tensor | None, rcut: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,14 +236,10 @@ def device_edges(
     ``coord``: ``[nat, 3]``; ``cell``: ``[3, 3]`` (rows the cell vectors) or ``None``.
     ``src``/``dst``/``shift`` int64, ``vec`` float64, all on ``coord``'s device. Uses vesin's
     torch flavour (``pip install "sezm[gpu]"``). Two scalars are read back to validate the
-    frame (its open-boundary extent, coincident atoms), which raise ``InputError``.
+    frame (its open-boundary extent, coincident atoms), which raise ``InputError``; for host
+    frames, :func:`device_edge_batch` validates on the host instead.
     """
-    try:
-        from vesin_torch import NeighborList
-    except ImportError:
-        raise ImportError(
-            'device_edges needs vesin-torch: pip install "sezm[gpu]" (or vesin-torch)'
-        ) from None
+    searcher = _torch_neighbor_list(rcut)
     pos = coord.detach().to(torch.float64)  # [nat, 3]
     if cell is None:
         extent = float((pos.amax(0) - pos.amin(0)).max()) if len(pos) else 0.0
@@ -211,21 +248,68 @@ def device_edges(
                 f"the atoms span {extent:.4g} Å, more than the device neighbour search handles "
                 f"without a cell ({MAX_OPEN_EXTENT} x rcut); use the CPU search (build_edges)"
             )
-    box = pos.new_zeros(3, 3) if cell is None else cell.detach().to(pos)
-    searcher = NeighborList(cutoff=rcut * (1.0 + _CUTOFF_PAD), full_list=True)
-    i, j, shift = searcher.compute(pos, box, cell is not None, "ijS")
-    dst, src, shift = i.to(torch.int64), j.to(torch.int64), shift.to(torch.int64)
-    vec = pos[src] + shift.to(pos.dtype) @ box - pos[dst]  # [E, 3]
-    dist2 = vec.square().sum(-1)
-    n_zero = int((dist2 <= ZERO_DIST2).sum())
+    box = None if cell is None else cell.detach().to(pos)
+    *edges, n_zero = _search_frame(searcher, pos, box, rcut, math.sqrt(ZERO_DIST2))
+    n_zero = int(n_zero)
     if n_zero:
         raise InputError(f"{n_zero // 2} pair(s) of coincident atoms (closer than 1e-5 Å)")
-    keep = dist2 <= rcut * rcut
-    src, dst, vec, shift = src[keep], dst[keep], vec[keep], shift[keep]
-    order = torch.arange(len(src), device=src.device)
-    for key in (shift[:, 2], shift[:, 1], shift[:, 0], src, dst):  # lexicographic, dst first
-        order = order[torch.sort(key[order], stable=True).indices]
-    return src[order], dst[order], vec[order], shift[order]
+    return tuple(edges)
+
+
+def device_edge_batch(
+    coord: np.ndarray,
+    cell: np.ndarray | None,
+    rcut: float,
+    device: torch.device,
+    min_dist: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`build_edges` of host frames, searched on ``device``: ``(src, dst, vec)`` with
+    flattened atom indices (``f * nat + i``), the same edges in the same order, on ``device``.
+
+    ``coord (nf, nat, 3)``, ``cell (nf, 3, 3) | None``, validated frames (as for
+    :func:`build_edges`). The checks that need the frames' values run on the host arrays
+    (the image count of small cells; open frames wider than a cell list takes, which are
+    searched on the host instead), so the search itself reads one number back per batch: the
+    count of pairs closer than ``min_dist``. When it is not zero, the host search repeats the
+    batch to raise the same ``InputError`` as ``check_overlaps``.
+    """
+    coord = np.asarray(coord, dtype=np.float64)
+    nf, nat = coord.shape[:2]
+    if nf * nat == 0:
+        return _host_edge_tensors(coord, cell, rcut, device, min_dist)
+    if cell is None:
+        extent = max((float(np.ptp(c, axis=0).max()) for c in coord if len(c)), default=0.0)
+        if extent > MAX_OPEN_EXTENT * rcut:
+            return _host_edge_tensors(coord, cell, rcut, device, min_dist)
+    else:
+        for f in range(nf):
+            _check_image_count(np.asarray(cell[f], dtype=np.float64), nat, rcut, f)
+    searcher = _torch_neighbor_list(rcut)
+    pos = torch.as_tensor(coord, device=device)  # [nf, nat, 3]
+    box = None if cell is None else torch.as_tensor(cell, dtype=torch.float64, device=device)
+    parts = [
+        _search_frame(searcher, pos[f], None if box is None else box[f], rcut, min_dist)
+        for f in range(nf)
+    ]
+    src, dst, vec, _, close = zip(*parts, strict=True)
+    if int(torch.stack(close).sum()):  # the one value read back
+        return _host_edge_tensors(coord, cell, rcut, device, min_dist)  # raises
+    return (
+        torch.cat([s + f * nat for f, s in enumerate(src)]),
+        torch.cat([d + f * nat for f, d in enumerate(dst)]),
+        torch.cat(vec),
+    )
+
+
+def _host_edge_tensors(coord, cell, rcut: float, device, min_dist: float):
+    """:func:`build_edges` (and ``check_overlaps``) on the host, as device tensors."""
+    edges = build_edges(coord, cell, rcut)
+    check_overlaps(edges, coord.shape[1], min_dist)
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a, device=device)
+
+    return tensor(edges.src), tensor(edges.dst), tensor(edges.vec)
 
 
 def edge_vectors(

@@ -1,13 +1,22 @@
 """Rotating packed features into the edge frame (m-major, ``|m| <= M``) and back.
 
 The Wigner-D matrix is block diagonal, and a truncated frame keeps only ``2 min(l, M) + 1`` rows
-per degree. Two strategies, chosen by size (both give the same numbers up to rounding):
+per degree. Per edge only the flat block values ``(E, sum (2l+1)^2)`` are stored; each forward
+derives its operands from them. Two strategies, chosen by size (both give the same numbers up to
+rounding):
 
 * ``L <= 1``: each output row is the short sum over its own degree block, as ``(E, 1) * (E, C)``
-  products of the non-zero entries -- a handful of cheap vector ops, faster on CPU than a
-  batched matmul of 4x4 matrices;
-* ``L >= 2``: one batched matmul with the projected dense ``(E, D_m, D)`` matrices, whose
-  per-op cost wins once the blocks grow.
+  products of the block entries accumulated with ``addcmul`` -- a handful of cheap vector ops,
+  faster on CPU than a batched matmul of 4x4 matrices;
+* ``L >= 2``: one batched matmul with projected ``(E, D_m, D)`` matrices, gathered in one
+  ``index_select`` from the block values (the off-diagonal zeros come from one zero column).
+
+Measured on one CPU core (Mini's 17,084 edges, lmax 2, mmax 1, 32 channels), one matmul over
+all degrees beats the compact alternatives: a batched matmul per degree (CPU ``bmm`` runs
+products of fewer than 400 multiply-adds, such as ``3 x 3`` blocks, in a plain loop: 4x slower
+forward and backward) and element-wise sums of ``(E, 1) * (E, C)`` products (2-3x slower at
+``L >= 2``: every product streams a whole ``(E, C)`` slice). The batched matmul is bound by
+the ``(E, D, C)`` features it reads, which the compact forms read just as often.
 
 Under :func:`sezm.kernels.fused_rotation` (``DP_TRITON_INFER`` on CUDA), both directions run
 Triton kernels on the flat block values instead (:mod:`sezm.kernels.rotation_triton`).
@@ -15,22 +24,12 @@ Triton kernels on the flat block values instead (:mod:`sezm.kernels.rotation_tri
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels import fused_rotation_for
-from .layout import m_major_row_list, packed_index, so3_dim
-
-
-def block_offsets(lmax: int) -> list[int]:
-    """Start of each degree's ``(2l+1)^2`` entries in the flat block-diagonal value vector."""
-    offsets, start = [], 0
-    for l in range(lmax + 1):
-        offsets.append(start)
-        start += (2 * l + 1) ** 2
-    return offsets
+from .layout import SphericalLayout, so3_dim
 
 
 @dataclass(frozen=True)
@@ -46,42 +45,46 @@ class EdgeRotation:
     def __init__(self, lmax: int, mmax: int) -> None:
         self.lmax, self.mmax = lmax, mmax
         self.sparse = lmax <= 1
-        offsets = block_offsets(lmax)
-        self.rows = m_major_row_list(lmax, mmax)  # packed row of each local row
-        degree = [math.isqrt(p) for p in range(so3_dim(lmax))]
+        layout = SphericalLayout.of(lmax, mmax)
+        self.n_values = layout.wigner_offsets[-1]  # flat values of degrees 0..lmax
+        self.rows = list(layout.reduced_rows)  # packed row of each local row
+        dim, n_local, degree, gains = layout.dim, len(self.rows), layout.degrees, layout.gains
 
-        def entry(p_row: int, p_col: int) -> int:  # flat index of D[p_row, p_col]
-            l = degree[p_row]
-            n = 2 * l + 1
-            return offsets[l] + (p_row - l * l) * n + (p_col - l * l)
+        def entry(p_row: int, p_col: int) -> int:  # flat index of D[p_row, p_col], or the zero pad
+            position = layout.wigner_entry(p_row, p_col)
+            return self.n_values if position is None else position
 
-        # local row r = sum over packed cols k of its degree: D[rows[r], k] * x[k]
+        # dense operands: flat positions (into the values + one zero column) of the projected
+        # to_local (D_m, D) and to_global (D, D_m) = gain * to_local^T, row-major
+        self.local_entries = [entry(p, k) for p in self.rows for k in range(dim)]
+        self.global_entries = [entry(q, p) for p in range(dim) for q in self.rows]
+        self.global_gains = [gains[p] for p in range(dim) for _ in range(n_local)]
+        # sparse: local row r = sum over packed cols k of its degree: D[rows[r], k] * x[k]
         self.to_local_terms = [
             [(k, entry(p, k)) for k in range(degree[p] ** 2, (degree[p] + 1) ** 2)]
             for p in self.rows
         ]
-        # packed row p = gain(l) * sum over local rows r of degree l: D[rows[r], p] * y[r]
+        # sparse: packed row p = gain(l) * sum over local rows r of degree l: D[rows[r], p] * y[r]
         self.to_global_terms = []
-        for p in range(so3_dim(lmax)):
-            l = degree[p]
-            gain = math.sqrt((2 * l + 1) / (2 * mmax + 1)) if l > mmax else 1.0
-            terms = [(r, entry(q, p)) for r, q in enumerate(self.rows) if degree[q] == l]
-            self.to_global_terms.append((gain, terms))
+        for p in range(dim):
+            terms = [(r, entry(q, p)) for r, q in enumerate(self.rows) if degree[q] == degree[p]]
+            self.to_global_terms.append((gains[p], terms))
 
     def matrices(self, blocks: torch.Tensor) -> tuple:
-        """Per-forward operands: ``(E, 1)`` entry columns (sparse), or the dense projected
+        """Per-forward operands: ``(E, 1)`` entry columns (sparse), or the projected
         ``to_local (E, D_m, D)`` and gain-scaled ``to_global (E, D, D_m)`` matrices; under
         the fused-rotation switch, the block values alone."""
         if fused_rotation_for(blocks):
             return FusedOperands(blocks)
         if self.sparse:
             return tuple(c.unsqueeze(1) for c in blocks.unbind(1))
-        dense = dense_from_blocks(blocks[:, : block_offsets(self.lmax + 1)[-1]], self.lmax)
-        local = dense.index_select(1, torch.tensor(self.rows, device=blocks.device))
-        gain = torch.tensor(
-            [g for g, _ in self.to_global_terms], dtype=blocks.dtype, device=blocks.device
-        )
-        return local, (local.transpose(1, 2) * gain.view(1, -1, 1)).contiguous()
+        n_edge, dim, n_local = blocks.shape[0], so3_dim(self.lmax), len(self.rows)
+        padded = torch.nn.functional.pad(blocks[:, : self.n_values], (0, 1))  # (E, nnz + 1)
+        device = blocks.device
+        local = padded.index_select(1, torch.tensor(self.local_entries, device=device))
+        gains = torch.tensor(self.global_gains, dtype=blocks.dtype, device=device)
+        back = padded.index_select(1, torch.tensor(self.global_entries, device=device)) * gains
+        return local.view(n_edge, n_local, dim), back.view(n_edge, dim, n_local)
 
     def to_local(self, ops: tuple, x: torch.Tensor) -> torch.Tensor:
         """``x (E, D, C)`` global -> ``(E, D_m, C)`` in the edge frame."""
@@ -118,22 +121,10 @@ class EdgeRotation:
 
 def _dot(coeffs: list[torch.Tensor], xs: tuple[torch.Tensor, ...], terms) -> torch.Tensor:
     (k, j), *rest = terms
-    out = coeffs[j] * xs[k]
+    out = coeffs[j] * xs[k]  # (E, C)
     for k, j in rest:
-        out = out + coeffs[j] * xs[k]
+        out = torch.addcmul(out, coeffs[j], xs[k])
     return out
 
 
-def dense_from_blocks(blocks: torch.Tensor, lmax: int) -> torch.Tensor:
-    """Flat block values ``(E, sum (2l+1)^2)`` -> dense block-diagonal ``(E, D, D)``."""
-    dim = so3_dim(lmax)
-    positions = []
-    for l in range(lmax + 1):
-        rows = torch.arange(l * l, (l + 1) ** 2)
-        positions.append((rows[:, None] * dim + rows[None, :]).reshape(-1))
-    flat = blocks.new_zeros(blocks.shape[0], dim * dim)
-    flat[:, torch.cat(positions)] = blocks
-    return flat.view(-1, dim, dim)
-
-
-__all__ = ["EdgeRotation", "FusedOperands", "block_offsets", "dense_from_blocks", "packed_index"]
+__all__ = ["EdgeRotation", "FusedOperands"]

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from .edge_frame import edge_quaternion
-from .layout import packed_index, so3_dim
-from .rotate import dense_from_blocks
+from .layout import SphericalLayout, packed_index, so3_dim
 
 Monomial = tuple[int, int, int, int]  # exponents of (w, x, y, z)
 Poly = dict[Monomial, complex]
@@ -69,39 +68,8 @@ def wigner_monomial_table(l: int) -> tuple[np.ndarray, np.ndarray]:
 
     ``D^l[r, s](q) = sum_t coeff[t, r*(2l+1)+s] * w^e0 x^e1 y^e2 z^e3`` with ``e = exponents[t]``.
     """
-    a = {(1, 0, 0, 0): 1 + 0j, (0, 0, 0, 1): -1j}  # w - i z
-    b = {(0, 0, 1, 0): 1 + 0j, (0, 1, 0, 0): -1j}  # y - i x
-    c = {(0, 0, 1, 0): -1 + 0j, (0, 1, 0, 0): -1j}  # -conj(b)
-    d = {(1, 0, 0, 0): 1 + 0j, (0, 0, 0, 1): 1j}  # conj(a)
-    pa, pb, pc, pd = (_powers(p, 2 * l) for p in (a, b, c, d))
     n = 2 * l + 1
-    fact = math.factorial
-    complex_block: list[list[Poly]] = [[{} for _ in range(n)] for _ in range(n)]
-    for m in range(-l, l + 1):
-        p_deg, q_deg = l + m, l - m
-        for mp in range(-l, l + 1):
-            norm = math.sqrt(fact(l + mp) * fact(l - mp) / (fact(l + m) * fact(l - m)))
-            entry: Poly = defaultdict(complex)
-            for i in range(p_deg + 1):
-                j = l + mp - i
-                if not 0 <= j <= q_deg:
-                    continue
-                weight = norm * math.comb(p_deg, i) * math.comb(q_deg, j)
-                term = _mul(_mul(pa[i], pb[p_deg - i]), _mul(pc[j], pd[q_deg - j]))
-                for e, coef in term.items():
-                    entry[e] += weight * coef
-            complex_block[mp + l][m + l] = entry
-    u = _complex_to_real(l)
-    real_entries: list[dict[Monomial, float]] = []
-    for r in range(n):
-        for s in range(n):
-            acc: dict[Monomial, complex] = defaultdict(complex)
-            for i in np.flatnonzero(u[r]):
-                for j in np.flatnonzero(u[s]):
-                    scale = u[r, i] * np.conj(u[s, j])
-                    for e, coef in complex_block[i][j].items():
-                        acc[e] += scale * coef
-            real_entries.append({e: v.real for e, v in acc.items() if abs(v) > 1e-12})
+    real_entries = _real_block(_complex_block(l), _complex_to_real(l))
     monomials = sorted({e for entry in real_entries for e in entry})
     column = {e: t for t, e in enumerate(monomials)}
     coeff = np.zeros((len(monomials), n * n))
@@ -109,6 +77,48 @@ def wigner_monomial_table(l: int) -> tuple[np.ndarray, np.ndarray]:
         for e, v in entry.items():
             coeff[column[e], k] = v
     return np.array(monomials, dtype=np.int64).reshape(-1, 4), coeff
+
+
+def _complex_block(l: int) -> list[list[Poly]]:
+    """The complex Wigner-D block of degree ``l`` as quaternion polynomials,
+    ``[m' + l][m + l]``, from the Cayley-Klein parameters ``a = w - iz``, ``b = y - ix``."""
+    a = {(1, 0, 0, 0): 1 + 0j, (0, 0, 0, 1): -1j}  # w - i z
+    b = {(0, 0, 1, 0): 1 + 0j, (0, 1, 0, 0): -1j}  # y - i x
+    c = {(0, 0, 1, 0): -1 + 0j, (0, 1, 0, 0): -1j}  # -conj(b)
+    d = {(1, 0, 0, 0): 1 + 0j, (0, 0, 0, 1): 1j}  # conj(a)
+    pa, pb, pc, pd = (_powers(p, 2 * l) for p in (a, b, c, d))
+    n = 2 * l + 1
+    fact = math.factorial
+    block: list[list[Poly]] = [[{} for _ in range(n)] for _ in range(n)]
+    for m in range(-l, l + 1):
+        p_deg, q_deg = l + m, l - m
+        for mp in range(-l, l + 1):
+            norm = math.sqrt(fact(l + mp) * fact(l - mp) / (fact(l + m) * fact(l - m)))
+            entry: Poly = defaultdict(complex)
+            for i in range(max(0, m + mp), min(p_deg, l + mp) + 1):  # j = l + mp - i in [0, q]
+                j = l + mp - i
+                weight = norm * math.comb(p_deg, i) * math.comb(q_deg, j)
+                term = _mul(_mul(pa[i], pb[p_deg - i]), _mul(pc[j], pd[q_deg - j]))
+                for e, coef in term.items():
+                    entry[e] += weight * coef
+            block[mp + l][m + l] = entry
+    return block
+
+
+def _real_block(block: list[list[Poly]], u: np.ndarray) -> list[dict[Monomial, float]]:
+    """Entries ``U D U^H`` of the real block (row-major), each a polynomial ``{monomial: coeff}``."""
+    n = len(block)
+    entries: list[dict[Monomial, float]] = []
+    for r in range(n):
+        for s in range(n):
+            acc: dict[Monomial, complex] = defaultdict(complex)
+            for i in np.flatnonzero(u[r]):
+                for j in np.flatnonzero(u[s]):
+                    scale = u[r, i] * np.conj(u[s, j])
+                    for e, coef in block[i][j].items():
+                        acc[e] += scale * coef
+            entries.append({e: v.real for e, v in acc.items() if abs(v) > 1e-12})
+    return entries
 
 
 def _exact_blocks(q: np.ndarray, l: int) -> np.ndarray:
@@ -194,7 +204,7 @@ class WignerD(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """``q``: ``(E, 4)`` unit quaternions -> ``(E, D, D)`` block-diagonal Wigner-D."""
-        return dense_from_blocks(self.blocks(q), self.lmax)
+        return _dense_from_blocks(self.blocks(q), self.lmax)
 
     def zonal(self, q: torch.Tensor, lmin: int = 1) -> torch.Tensor:
         """Rows ``(l, m=0)`` of the blocks ``l = lmin..lmax``, concatenated: ``(E, D - lmin^2)``.
@@ -212,6 +222,17 @@ class WignerD(nn.Module):
         if not parts:
             return q.new_zeros(q.shape[0], 0)
         return torch.cat(parts, dim=1)
+
+
+def _dense_from_blocks(blocks: torch.Tensor, lmax: int) -> torch.Tensor:
+    """Flat block values ``(E, sum (2l+1)^2)`` -> dense block-diagonal ``(E, D, D)``."""
+    dim = so3_dim(lmax)
+    dense = blocks.new_zeros(blocks.shape[0], dim, dim)
+    for l, start in enumerate(SphericalLayout.of(lmax).wigner_offsets[:-1]):
+        n = 2 * l + 1
+        rows = slice(l * l, l * l + n)
+        dense[:, rows, rows] = blocks[:, start : start + n * n].view(-1, n, n)
+    return dense
 
 
 def spherical_harmonics(points: torch.Tensor, lmax: int) -> torch.Tensor:

@@ -109,38 +109,25 @@ def change_bias(
     the systems are read with ASE.
     """
     path = Path(checkpoint)
-    if mode not in MODES:
-        raise ChangeBiasError(f"mode must be one of {MODES}, not {mode!r}")
-    if path.suffix != ".pt":
-        kind = "a frozen model" if path.suffix in (".pt2", ".pth") else "not a checkpoint"
-        raise ChangeBiasError(
-            f"{path}: {kind}; change-bias reads a training checkpoint (.pt) and writes another "
-            "(change the bias of the checkpoint, then freeze it again)"
-        )
-    if numb_batch < 0:
-        raise ChangeBiasError(f"numb_batch must be >= 0 (0: every frame), not {numb_batch}")
+    _check_request(path, mode, numb_batch)
     model, ckpt = load_model(path, head)
     if device is not None:
         model.to(device)
-    if bias_value is None and mode == "change" and isinstance(model, DensModel):
-        raise ChangeBiasError(
-            f"{path}: a dens model; mode change needs its energy predictions, which sezm's "
-            "change-by-statistic does not compute for dens models (fine-tuning neither); use "
-            "-m set or -b"
-        )
     params = ckpt.model_params
     type_map = list(params["type_map"])
-    before = model.out_bias[0].detach().cpu().numpy().copy()
+    before = model.out_bias[0].detach().cpu().numpy().copy()  # [ntypes, dim]
     if bias_value is not None:
         _set_user_bias(model, path, type_map, bias_value)
         done = "user"
     else:
+        if mode == "change" and isinstance(model, DensModel):
+            raise ChangeBiasError(
+                f"{path}: a dens model; mode change needs its energy predictions, which sezm's "
+                "change-by-statistic does not compute for dens models (fine-tuning neither); "
+                "use -m set or -b"
+            )
         data = _open_data(read_systems(system, datafile), params, numb_batch, seed, file_options)
-        nbatch = numb_batch or max(len(kept) for kept in data.kept)
-        if mode == "change":
-            change_out_bias(model, data, {**params, "data_stat_nbatch": nbatch}, seed)
-        else:
-            _set_by_statistic(model, data, {**params, "data_stat_nbatch": nbatch})
+        _fit_bias(model, data, params, mode, numb_batch, seed)
         done = mode
     after = model.out_bias[0].detach().cpu().numpy().copy()
     if done != "change":  # change_out_bias reports its own change
@@ -156,7 +143,33 @@ def change_bias(
     return ChangeBiasResult(target, type_map, before, after, done)
 
 
+def _check_request(path: Path, mode: str, numb_batch: int) -> None:
+    """Refuse, before loading anything, a mode, file kind or frame count change-bias cannot use."""
+    if mode not in MODES:
+        raise ChangeBiasError(f"mode must be one of {MODES}, not {mode!r}")
+    if path.suffix != ".pt":
+        kind = "a frozen model" if path.suffix in (".pt2", ".pth") else "not a checkpoint"
+        raise ChangeBiasError(
+            f"{path}: {kind}; change-bias reads a training checkpoint (.pt) and writes another "
+            "(change the bias of the checkpoint, then freeze it again)"
+        )
+    if numb_batch < 0:
+        raise ChangeBiasError(f"numb_batch must be >= 0 (0: every frame), not {numb_batch}")
+
+
+def _fit_bias(model, data, params: dict, mode: str, numb_batch: int, seed: int | None) -> None:
+    """A new ``out_bias`` from ``numb_batch`` frames per system (0: all): mode ``change`` adds
+    the fit of what the model misses, mode ``set`` fits the labels alone."""
+    nbatch = numb_batch or max(len(kept) for kept in data.kept)
+    stat_params = {**params, "data_stat_nbatch": nbatch}
+    if mode == "change":
+        change_out_bias(model, data, stat_params, seed)
+    else:
+        _set_by_statistic(model, data, stat_params)
+
+
 def _set_user_bias(model, path: Path, type_map: list[str], values: Sequence[float]) -> None:
+    """``out_bias`` set to ``values``, one per element of ``type_map`` (energy models only)."""
     if isinstance(model, PropertyModel):
         raise ChangeBiasError(
             f"{path}: a property model; bias values (-b) are for energy models only "

@@ -18,6 +18,13 @@ Pipeline (the input/output contract is in ``pt2.py``, the schema choice in ``doc
 
 Spin models (both schemes) use ``SpinGraphLower`` (DeePMD-kit's graph-spin ABI, ``pt2.py``) and
 run on one MPI rank: no with-comm package.
+
+The package is compiled for one device (``device``, default the CPU). On CUDA with
+``DP_TRITON_INFER`` set, the model is traced with the fused edge-frame rotations on: their
+custom operators (``sezm.kernels.rotation_triton``) stay nodes of the exported graph and
+AOTInductor compiles their Triton kernels into the package. On the CPU the package holds the
+PyTorch rotations (the kernels are CUDA-only); a set ``DP_TRITON_INFER`` is logged as having no
+effect. A CUDA package has no with-comm companion (its ghost exchange is checked on the CPU).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from torch import nn
 
 from ..compat.deepmd import load_checkpoint
 from ..geometry.neighbors import build_edges
+from ..kernels import fused_rotation, require_triton
 from ..model import forces as F
 from ..model.build import load_model
 from ..model.dens import DensModel
@@ -304,7 +312,8 @@ def lower_inputs(model: EnergyModel, frames, seed: int = 0) -> tuple[torch.Tenso
         torch.rand(shapes[k], generator=gen, dtype=torch.float64) for k in extra_inputs(model)
     ]
     extras = [2 * x - 1 if k == SPIN_INPUT else x for k, x in zip(extra_inputs(model), extras)]
-    return (*graph_inputs(graph, n_node), *extras)
+    device = model_device(model)
+    return tuple(t.to(device) for t in (*graph_inputs(graph, n_node), *extras))
 
 
 def halo_inputs(model: EnergyModel, frame, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], Halo]:
@@ -398,12 +407,19 @@ def _constraint_message(err: Exception) -> str:
 
 
 def export_lower(model: EnergyModel) -> torch.export.ExportedProgram:
-    """Forward + edge-gradient graph of ``model`` with dynamic atoms, edges and frames."""
+    """Forward + edge-gradient graph of ``model`` with dynamic atoms, edges and frames, traced
+    on the model's device."""
     extras = extra_inputs(model)
     lower = (SpinGraphLower if SPIN_INPUT in extras else GraphLower)(model, extras).eval()
     # Three frames of distinct sizes.
     sample = lower_inputs(model, sample_frames(len(model.type_map), (5, 7, 9), seed=1))
     return _export(lower, sample, dynamic_shapes(extras))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (and so of the tensors it is traced with)."""
+    first = next(iter(model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def export_lower_with_comm(model: EnergyModel) -> torch.export.ExportedProgram:
@@ -416,14 +432,16 @@ def export_lower_with_comm(model: EnergyModel) -> torch.export.ExportedProgram:
 
 
 def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
-    """AOTInductor package at ``path`` (CPU).
+    """AOTInductor package at ``path``, for the device the program was traced on.
 
-    Before torch 2.13, Inductor's vectorised C++ code for some fused backward kernels of larger
-    models does not compile (``decltype evaluates to float``); there the package is built
-    without SIMD vectorisation, which compiles and computes the same numbers, more slowly.
+    On the CPU, before torch 2.13, Inductor's vectorised C++ code for some fused backward
+    kernels of larger models does not compile (``decltype evaluates to float``); there the
+    package is built without SIMD vectorisation, which compiles and computes the same numbers,
+    more slowly.
     """
     options: dict = {"aot_inductor.compile_wrapper_opt_level": "O0"}
-    if torch.__version__ < (2, 13):  # TorchVersion compares with tuples
+    old_torch = torch.__version__ < (2, 13)  # TorchVersion compares with tuples
+    if old_torch and not _traced_on_cuda(program):
         options["cpp.simdlen"] = 1  # no ISA has width 1: scalar C++ loops
         log.warning(
             "freeze: torch %s: building the package without SIMD vectorisation (Inductor "
@@ -435,6 +453,15 @@ def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
         torch._inductor.aoti_compile_and_package(
             program, package_path=os.fspath(path), inductor_configs=options
         )
+
+
+def _traced_on_cuda(program: torch.export.ExportedProgram) -> bool:
+    """Whether the program's graph inputs are CUDA tensors."""
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            return True
+    return False
 
 
 def output_keys(model: EnergyModel) -> tuple[str, ...]:
@@ -456,17 +483,19 @@ ENERGY_OUTPUT_DEF = {
 }
 
 
-def captured_settings(settings: InferenceSettings) -> dict:
+def captured_settings(settings: InferenceSettings, device: torch.device | None = None) -> dict:
     """What the export captures of the inference switches: the values asked for
-    (``DP_TF32_INFER``, ``DP_TRITON_INFER`` at freeze time) and what the package runs. The
-    package is exported on the CPU, where TF32 does not exist and no fused kernels run, so it
-    always runs full float32 matmuls on the PyTorch path; the record says so."""
+    (``DP_TF32_INFER``, ``DP_TRITON_INFER`` at freeze time) and what the package runs. Matmuls
+    are traced at full float32 on every device (``DP_TF32_INFER`` is not baked in); the fused
+    Triton rotations are in a package exported on CUDA with ``DP_TRITON_INFER`` set, and in no
+    other (the PyTorch path); the record says which."""
+    device = torch.device("cpu") if device is None else device
     return {
         "DP_TF32_INFER": settings.tf32,
         "DP_TRITON_INFER": settings.triton,
         "float32_matmul_precision": "highest",
-        "fused_kernels": "none",
-        "exported_on": "cpu",
+        "fused_kernels": settings.kernels_text(device),
+        "exported_on": device.type,
     }
 
 
@@ -475,8 +504,10 @@ def metadata(
     checkpoint: str,
     head: str | None,
     settings: InferenceSettings | None = None,
+    device: torch.device | None = None,
 ) -> dict:
-    """``extra/metadata.json``: the fields DeePMD-kit's C++ reader needs, plus ``sezm``."""
+    """``extra/metadata.json``: the fields DeePMD-kit's C++ reader needs, plus ``sezm``
+    (``device``: the one the package is compiled for, default the CPU)."""
     opts, fit = model.descriptor.opts, model.fitting_net
     spin = model.params.get("spin") or None  # the checkpoint's spin block
     if isinstance(model, VirtualSpinModel):  # the cap on real neighbours, not the doubled sel
@@ -515,7 +546,7 @@ def metadata(
         "sezm": {
             "version": _sezm_version(),
             "torch_version": torch.__version__,
-            "device": "cpu",
+            "device": "cpu" if device is None else device.type,
             "dtype": str(opts.basics.dtype).removeprefix("torch."),
             "compute_dtype": str(opts.basics.compute_dtype).removeprefix("torch."),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
@@ -524,7 +555,7 @@ def metadata(
             "checkpoint": os.path.basename(checkpoint),
             "head": head,
             "min_nbor_dist": float(model.min_nbor_dist),  # training data's closest pair (-1: none)
-            "inference_settings": captured_settings(settings or InferenceSettings()),
+            "inference_settings": captured_settings(settings or InferenceSettings(), device),
             "spin": spin,
         },
     }
@@ -593,6 +624,7 @@ def eager_reference(model: EnergyModel, frames, inputs) -> dict[str, torch.Tenso
     outs, start = [], 0
     for f, (coord, cell, types) in enumerate(frames):
         g, _ = flat_graph([(coord, cell, types)], model.rcut)
+        g = g.to(inputs[0].device)
         nat = len(types)
         g.atype = g.atype.view(1, nat)
         g.fparam = extras["fparam"][f : f + 1] if "fparam" in extras else None
@@ -685,9 +717,27 @@ def compare(path, model: EnergyModel, got: dict, ref: dict) -> dict[str, float]:
 # --- entry point ---------------------------------------------------------------------------
 @dataclass
 class FreezeReport:
+    """What a freeze wrote: the package path, seconds per stage, and the eager-vs-package errors."""
+
     path: Path
     seconds: dict[str, float] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)  # with-comm ones as "with_comm.<key>"
+
+
+def freeze_device(device: str | torch.device | None) -> torch.device:
+    """The device to compile for: ``cpu`` (default) or an available CUDA device."""
+    try:
+        resolved = torch.device(device or "cpu")
+    except RuntimeError as err:
+        raise FreezeError(f"--device {device!r} is not a torch device ({err})") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise FreezeError(f"--device {device}: sezm freezes for cpu or cuda")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FreezeError(
+            f"--device {device}: torch {torch.__version__} sees no CUDA device here; freeze on "
+            "the machine that runs the package, or freeze for cpu"
+        )
+    return resolved
 
 
 def load_energy_model(checkpoint: str | os.PathLike, head: str | None = None):
@@ -710,35 +760,70 @@ def load_energy_model(checkpoint: str | os.PathLike, head: str | None = None):
     return model, ckpt
 
 
-def freeze(
-    checkpoint: str | os.PathLike,
-    output: str | os.PathLike,
-    head: str | None = None,
-    with_comm: bool = True,
-) -> FreezeReport:
-    """Write ``output`` (suffix ``.pt2``) from ``checkpoint`` and verify it against eager.
-
-    ``with_comm``: also build the multi-rank (with-comm) package of a message-passing model
-    (``n_blocks > 0``), which LAMMPS needs on more than one MPI rank; it doubles the time.
-    """
-    start = time.perf_counter()
-    settings = InferenceSettings.from_env()  # captured into the package, as DeePMD-kit does
-    for line in settings.describe(torch.device("cpu")):
-        log.info("freeze: %s", line)
-    model, ckpt = load_energy_model(checkpoint, head)
-    model = model.to("cpu").eval().requires_grad_(False)
-    path = Path(output)
-    if path.suffix != ".pt2":
-        path = path.with_name(path.name + ".pt2")
-    report = FreezeReport(path)
-    spin = getattr(model, "has_spin", False)
-    if spin and with_comm and model.descriptor.opts.degrees.n_blocks > 0:
+def _builds_comm_package(model, with_comm: bool, device: torch.device, checkpoint) -> bool:
+    """Whether this freeze also writes the multi-rank (with-comm) package, logging why not
+    when one was asked for: only message-passing, non-spin models frozen on the CPU have one."""
+    if not with_comm or model.descriptor.opts.degrees.n_blocks == 0:
+        return False
+    if getattr(model, "has_spin", False):
         log.info(
             "freeze: %s is a spin model; sezm builds no multi-rank package for spin models, so "
             "run it on one MPI rank (DeePMD-kit's reader refuses a message-passing package "
             "without one on several ranks)",
             checkpoint,
         )
+        return False
+    if device.type != "cpu":
+        log.info(
+            "freeze: no multi-rank (with-comm) package for %s; run the package on one MPI rank, "
+            "or freeze on the CPU for several",
+            device,
+        )
+        return False
+    return True
+
+
+def _write_comm_package(model, package: Path, report: FreezeReport, lap, t: float) -> float:
+    """Export, compile and verify the with-comm package at ``package``; returns the lap clock."""
+    program = export_lower_with_comm(model)
+    t = lap("export_comm", t)
+    package.parent.mkdir()
+    compile_package(program, package)
+    t = lap("compile_comm", t)
+    errors = verify_with_comm(package, model)
+    report.errors.update({f"with_comm.{k}": v for k, v in errors.items()})
+    return lap("verify_comm", t)
+
+
+def freeze(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    head: str | None = None,
+    with_comm: bool = True,
+    device: str | torch.device | None = None,
+) -> FreezeReport:
+    """Write ``output`` (suffix ``.pt2``) from ``checkpoint`` and verify it against eager.
+
+    ``with_comm``: also build the multi-rank (with-comm) package of a message-passing model
+    (``n_blocks > 0``), which LAMMPS needs on more than one MPI rank; it doubles the time.
+    ``device``: the device the package is compiled for and runs on (default the CPU); on CUDA,
+    ``DP_TRITON_INFER`` puts the fused rotation kernels into the package.
+    """
+    start = time.perf_counter()
+    device = freeze_device(device)
+    settings = InferenceSettings.from_env()  # captured into the package, as DeePMD-kit does
+    fused = settings.triton > 0 and device.type == "cuda"
+    if fused:
+        require_triton(f"DP_TRITON_INFER={settings.triton}")
+    for line in settings.describe(device):
+        log.info("freeze: %s", line)
+    model, ckpt = load_energy_model(checkpoint, head)
+    model = model.to(device).eval().requires_grad_(False)
+    path = Path(output)
+    if path.suffix != ".pt2":
+        path = path.with_name(path.name + ".pt2")
+    report = FreezeReport(path)
+    with_comm = _builds_comm_package(model, with_comm, device, checkpoint)
 
     def lap(name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -746,26 +831,20 @@ def freeze(
         return now
 
     t = time.perf_counter()
-    program = export_lower(model)
+    with fused_rotation(fused):
+        program = export_lower(model)
     t = lap("export", t)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = metadata(model, os.fspath(checkpoint), head, settings)
+    meta = metadata(model, os.fspath(checkpoint), head, settings, device)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         # Records under "model/", the archive name DeePMD-kit's readers look up.
         package = Path(tmp) / "model.pt2"
         compile_package(program, package)
         t = lap("compile", t)
         comm_package = None
-        if with_comm and model.descriptor.opts.degrees.n_blocks > 0 and not spin:
-            comm_program = export_lower_with_comm(model)
-            t = lap("export_comm", t)
+        if with_comm:
             comm_package = Path(tmp) / "with_comm" / "model.pt2"
-            comm_package.parent.mkdir()
-            compile_package(comm_program, comm_package)
-            t = lap("compile_comm", t)
-            errors = verify_with_comm(comm_package, model)
-            report.errors.update({f"with_comm.{k}": v for k, v in errors.items()})
-            t = lap("verify_comm", t)
+            t = _write_comm_package(model, comm_package, report, lap, t)
             meta["has_comm_artifact"] = True
         append_extras(package, meta, ckpt.model_params, comm_package)
         report.errors = {**verify(package, model), **report.errors}

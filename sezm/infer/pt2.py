@@ -170,7 +170,8 @@ def graph_inputs(
 
 
 class FrozenModel:
-    """A ``.pt2`` package behind the call interface of ``EnergyModel`` (CPU packages).
+    """A ``.pt2`` package behind the call interface of ``EnergyModel``, on the device it was
+    compiled for (``metadata.sezm.device``: ``cpu`` or ``cuda``).
 
     ``FrozenModel(path)(graph, atomic_virial=True)`` returns the keys of ``EnergyModel.forward``
     for a ``Graph`` of ``nf`` frames of equal size; ``params`` are the input-defining keys of
@@ -215,13 +216,13 @@ class FrozenModel:
         raise TypeError(no_features_message(self.path, self.metadata))
 
     def _extras(self, graph: Graph, nf: int, nloc: int) -> list[torch.Tensor]:
-        meta, extras = self.metadata, []
+        meta, extras, device = self.metadata, [], graph.atype.device
         if meta["dim_fparam"]:
             fparam = graph.fparam
             if fparam is None:
                 if not meta.get("has_default_fparam"):
                     raise ValueError("this model needs fparam")
-                fparam = torch.tensor(meta["default_fparam"], dtype=torch.float64)
+                fparam = torch.tensor(meta["default_fparam"], dtype=torch.float64, device=device)
             extras.append(fparam.to(torch.float64).reshape(-1, meta["dim_fparam"]).expand(nf, -1))
         if meta["dim_aparam"]:
             if graph.aparam is None:
@@ -233,7 +234,8 @@ class FrozenModel:
                 if meta.get("default_chg_spin") is None:
                     raise ValueError("this model embeds a frame [charge, spin]; pass charge_spin")
                 cs = torch.tensor(meta["default_chg_spin"], dtype=torch.float64)
-            extras.append(torch.as_tensor(cs, dtype=torch.float64).reshape(-1, 2).expand(nf, 2))
+            cs = torch.as_tensor(cs, dtype=torch.float64, device=device)
+            extras.append(cs.reshape(-1, 2).expand(nf, 2))
         return [t.contiguous() for t in extras]
 
     def run_package(self, *inputs: torch.Tensor):
@@ -244,7 +246,7 @@ class FrozenModel:
         self, graph: Graph, *, virial: bool = True, atomic_virial: bool = False, **_
     ) -> dict[str, torch.Tensor]:
         nf, nloc = graph.atype.shape
-        n_node = torch.full((nf,), nloc, dtype=torch.long)
+        n_node = torch.full((nf,), nloc, dtype=torch.long, device=graph.atype.device)
         spin = []
         if self.has_spin:
             if graph.spin is None:

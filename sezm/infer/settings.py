@@ -81,6 +81,9 @@ def parse_level(name: str, raw: str | None, levels: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class InferenceSettings:
+    """The inference switches in force, read from the environment: compile, TF32 matmul
+    precision, Triton rotations, bf16 autocast, edge chunk size (``SEZM_EDGE_CHUNK``)."""
+
     compile: bool = False
     tf32: int = 0  # index into MATMUL_PRECISION
     triton: int = 0

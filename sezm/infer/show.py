@@ -13,6 +13,10 @@ non-zero bias, as DeePMD-kit); a ``.pt2``'s ``extra/metadata.json`` and
 name contains ``descriptor``; ``fitting`` but not ``_networks``) on the model built from the
 configuration, for the first branch of a multi-task model, as DeePMD-kit. The torch and sezm
 versions are part of a ``.pt2``'s metadata; ``.pt`` checkpoints do not record them.
+
+Files are shown as stored, never normalized: a key may be missing (a ``.pt2`` without
+``model_def_script.json`` has a ``type_map`` only; DeePMD-kit's metadata has no ``sezm`` entry),
+so every key is read with a fallback that says what its absence means.
 """
 
 from __future__ import annotations

@@ -86,8 +86,28 @@ def _save(path: Path, table: np.ndarray, header: str, append: bool) -> None:
 def _energy_system(
     dp, data: DataSystem, index: int, limit: int, detail: Path | None, append: bool
 ) -> dict:
+    """Errors of an energy model on system ``index`` (at most ``limit`` frames), as
+    :func:`error_stats` entries; writes the ``detail`` tables when given."""
     system = data.systems[index]
     spin = dp.has_spin()
+    pred, ref = _energy_predictions(dp, data, index, limit)
+    if "force_mag" in pred:  # magnetic atoms only
+        magnetic = ref["mask_mag"].reshape(-1).astype(bool)
+        pred["force_mag"] = pred["force_mag"].reshape(-1, 3)[magnetic]  # [n_magnetic, 3]
+        ref["force_mag"] = ref["force_mag"].reshape(-1, 3)[magnetic]
+    errors = _energy_errors(pred, ref, system.nat, spin, system.pbc)
+    if detail is not None:
+        _write_details(detail, str(system.path), system.nat, pred, ref, append, spin)
+    return errors
+
+
+def _energy_predictions(
+    dp, data: DataSystem, index: int, limit: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Predictions and labels of the first ``limit`` frames of system ``index``, by key
+    (``energy``, ``force``, ``virial``, ``force_mag``; labelled ones only), frames first; the
+    labels also carry ``box`` (periodic systems) and ``mask_mag`` (spin models)."""
+    spin, pbc = dp.has_spin(), data.systems[index].pbc
     preds, refs = defaultdict(list), defaultdict(list)
     seen = 0
     for batch in data.iter_batches(index, dp.get_rcut(), dp.device):
@@ -105,31 +125,30 @@ def _energy_system(
             preds["force_mag"].append(out["force_mag"][:take].detach().cpu().numpy())
             refs["force_mag"].append(labels["force_mag"][:take].cpu().numpy())
             refs["mask_mag"].append(out["mask_mag"][:take].cpu().numpy().reshape(take, -1))
-        if system.pbc:
+        if pbc:
             refs["box"].append(batch.box[:take])
-    nat = system.nat
-    cat = {k: np.concatenate(v) for k, v in preds.items()}
-    ref = {k: np.concatenate(v) for k, v in refs.items()}
     log.info("# number of test data : %d", seen)
+    pred = {k: np.concatenate(v) for k, v in preds.items()}
+    return pred, {k: np.concatenate(v) for k, v in refs.items()}
+
+
+def _energy_errors(pred: dict, ref: dict, nat: int, spin: bool, pbc: bool) -> dict:
+    """MAE/RMSE of energy (total and per atom), force (of every atom: ``fr`` for a spin model),
+    magnetic force and, for a periodic system, virial (total, per atom) and stress
+    (``-virial / volume``, eV/Å³)."""
     errors = {}
-    if "energy" in cat:
-        errors |= error_stats("e", cat["energy"], ref["energy"])
-        errors |= error_stats("ea", cat["energy"], ref["energy"], 1.0 / nat)
-    if "force" in cat:  # of a spin model: the force of every (real) atom
-        errors |= error_stats("fr" if spin else "f", cat["force"], ref["force"])
-    if "force_mag" in cat:  # magnetic atoms only
-        magnetic = ref["mask_mag"].reshape(-1).astype(bool)
-        cat["force_mag"] = cat["force_mag"].reshape(-1, 3)[magnetic]
-        ref["force_mag"] = ref["force_mag"].reshape(-1, 3)[magnetic]
-        if magnetic.any():
-            errors |= error_stats("fm", cat["force_mag"], ref["force_mag"])
-    if "virial" in cat and system.pbc:
-        errors |= error_stats("v", cat["virial"], ref["virial"])
-        errors |= error_stats("va", cat["virial"], ref["virial"], 1.0 / nat)
-        volume = np.abs(np.linalg.det(ref["box"]))[:, None]
-        errors |= error_stats("s", -cat["virial"] / volume, -ref["virial"] / volume)
-    if detail is not None:
-        _write_details(detail, str(system.path), nat, cat, ref, append, spin)
+    if "energy" in pred:
+        errors |= error_stats("e", pred["energy"], ref["energy"])
+        errors |= error_stats("ea", pred["energy"], ref["energy"], 1.0 / nat)
+    if "force" in pred:
+        errors |= error_stats("fr" if spin else "f", pred["force"], ref["force"])
+    if "force_mag" in pred and len(pred["force_mag"]):
+        errors |= error_stats("fm", pred["force_mag"], ref["force_mag"])
+    if "virial" in pred and pbc:
+        errors |= error_stats("v", pred["virial"], ref["virial"])
+        errors |= error_stats("va", pred["virial"], ref["virial"], 1.0 / nat)
+        volume = np.abs(np.linalg.det(ref["box"]))[:, None]  # [n_frames, 1]
+        errors |= error_stats("s", -pred["virial"] / volume, -ref["virial"] / volume)
     return errors
 
 

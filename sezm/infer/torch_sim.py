@@ -25,7 +25,7 @@ import torch
 from ase.data import chemical_symbols
 
 from ..geometry.frames import InputError, check_overlaps
-from ..geometry.neighbors import build_edges
+from ..geometry.neighbors import build_edges, device_edge_batch, device_search_available
 from ..model.dens import DensModel
 from ..model.energy import EnergyModel
 from ..model.graph import Graph
@@ -81,6 +81,8 @@ class SeZMModel(ModelInterface):
         source = model_source(dp)
         self._dp = dp
         self._device = dp.device
+        on_gpu = dp.device.type == "cuda" and device_search_available()
+        self._search_device = dp.device if on_gpu else None  # neighbour search where it runs
         self._dtype = dtype
         self._compute_forces = compute_forces
         self._compute_stress = compute_stress
@@ -116,7 +118,7 @@ class SeZMModel(ModelInterface):
         n_node = torch.bincount(state.system_idx.cpu())  # (n_systems,)
         cells = state.row_vector_cell if periodic else None  # (n_systems, 3, 3), rows a, b, c
         types = self._types(state.atomic_numbers)
-        graph = batch_graph(state.positions, cells, n_node, types, self.rcut)  # on the CPU
+        graph = batch_graph(state.positions, cells, n_node, types, self.rcut, self._search_device)
         frame_inputs = [v.expand(len(n_node), -1) for v in self._frame_inputs.values()]
         inputs = [t.to(self._device) for t in (*graph_inputs(graph, n_node), *frame_inputs)]
         with self._dp.settings.evaluation(self._device):
@@ -242,31 +244,44 @@ def batch_graph(
     n_node: torch.Tensor,
     atype: torch.Tensor,
     rcut: float,
+    search_device: torch.device | None = None,
 ) -> Graph:
     """One flat graph of systems of any sizes: system ``k`` holds nodes ``offset_k + i``.
 
     ``positions (N, 3)`` Å, systems one after the other; ``cells (n_systems, 3, 3)`` with the
     lattice vectors as rows, or ``None`` for open boundaries; ``n_node (n_systems,)``;
-    ``atype (N,)``. Edges never join two systems. Errors name the system.
+    ``atype (N,)``. Edges never join two systems. Errors name the system. With
+    ``search_device``, the neighbour search runs there (vesin-torch) and the graph lives
+    there; otherwise on the CPU.
     """
     coord = positions.detach().to("cpu", torch.float64).numpy()
     boxes = None if cells is None else cells.detach().to("cpu", torch.float64).numpy()
     src, dst, vec = [], [], []
     start = 0
     for k, n in enumerate(n_node.tolist()):
+        frame = coord[None, start : start + n]
         box = None if boxes is None else boxes[k : k + 1]
         try:
-            edges = build_edges(coord[None, start : start + n], box, rcut)
-            check_overlaps(edges, n)
+            s, d, v = _system_edges(frame, box, rcut, search_device)
         except InputError as err:
             raise InputError(f"system {k}: {str(err).removeprefix('frame 0: ')}") from None
-        src.append(edges.src + start)
-        dst.append(edges.dst + start)
-        vec.append(edges.vec)
+        src.append(s + start)
+        dst.append(d + start)
+        vec.append(v)
         start += n
     return Graph(
-        atype=atype.cpu(),
-        src=torch.from_numpy(np.concatenate(src)),
-        dst=torch.from_numpy(np.concatenate(dst)),
-        edge_vec=torch.from_numpy(np.concatenate(vec)),
+        atype=atype.to(search_device or "cpu"),
+        src=torch.cat(src),
+        dst=torch.cat(dst),
+        edge_vec=torch.cat(vec),
     )
+
+
+def _system_edges(frame: np.ndarray, box: np.ndarray | None, rcut: float, device):
+    """``(src, dst, vec)`` tensors of one system ``frame (1, n, 3)``, searched on ``device``
+    (or on the host when ``None``), overlapping atoms refused either way."""
+    if device is not None:
+        return device_edge_batch(frame, box, rcut, device)
+    edges = build_edges(frame, box, rcut)
+    check_overlaps(edges, frame.shape[1])
+    return tuple(torch.from_numpy(a) for a in (edges.src, edges.dst, edges.vec))

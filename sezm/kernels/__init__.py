@@ -7,9 +7,10 @@ switch is a context, not an environment variable read deep in the maths:
 :func:`fused_rotation_for` whether a given tensor takes the fused path.
 
 A tensor takes it when the switch is on and the tensor is on CUDA, or on the CPU while Triton's
-interpreter is on (``TRITON_INTERPRET=1``, how the kernels are tested without a GPU). Code
-being traced (``torch.compile``, ``torch.export`` for ``sezm freeze``) keeps the PyTorch path:
-the kernels are eager-only for now.
+interpreter is on (``TRITON_INTERPRET=1``, how the kernels are tested without a GPU). The
+kernels are custom operators (``torch.library.triton_op``): ``torch.export`` keeps them as
+graph nodes, so ``sezm freeze --device cuda`` with ``DP_TRITON_INFER`` embeds them in the
+``.pt2``. Code compiled by ``torch.compile`` (``DP_COMPILE_INFER``) keeps the PyTorch path.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def fused_rotation(enabled: bool = True) -> Iterator[None]:
 
 def fused_rotation_for(tensor: torch.Tensor) -> bool:
     """Whether rotations of ``tensor`` take the fused path here and now."""
-    if torch.compiler.is_compiling() or not _FUSED_ROTATION.get():
+    if torch.compiler.is_dynamo_compiling() or not _FUSED_ROTATION.get():
         return False
     return tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreter_on())
 

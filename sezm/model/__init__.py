@@ -1,0 +1,1 @@
+"""The DPA4 models (energy, spin, dens, property) built from the descriptor and fitting heads."""

@@ -19,6 +19,7 @@ extended neighbour-list path). The model predicts forces directly, so it has no 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -132,12 +133,9 @@ class DensFitting(nn.Module):
         self.force_embedding = ForceEmbedding(
             condition_lmax, channels, dtype=dtype, seed=child_seed(seed, 1)
         )
-        self.direct_force_head = VectorHead(
-            latent_lmax, channels, dtype=dtype, seed=child_seed(seed, 2)
-        )
-        self.denoising_head = VectorHead(
-            latent_lmax, channels, dtype=dtype, seed=child_seed(seed, 3)
-        )
+        head = functools.partial(VectorHead, latent_lmax, channels, dtype=dtype)
+        self.direct_force_head = head(seed=child_seed(seed, 2))
+        self.denoising_head = head(seed=child_seed(seed, 3))
         trainable = all(trainable) if isinstance(trainable, Sequence) else bool(trainable)
         for head in (self.force_embedding, self.direct_force_head, self.denoising_head):
             head.requires_grad_(trainable)

@@ -33,6 +33,7 @@ from ..nn.embedding import (
     SpinEmbedding,
     TypeEmbedding,
 )
+from ..nn.ffn import EquivariantFFN
 from ..nn.norm import ScalarRMSNorm
 from ..nn.options import DescriptorOptions, GeometryOptions
 from ..nn.radial import BridgingSwitch, InnerClamp, RadialBasis, RadialMLP
@@ -49,6 +50,14 @@ from ..nn.stream import (
 #: floor and no envelope on the radial features; 1.1 and later share today's maths, except for
 #: the native-spin gate of the environment seed (see :func:`upgrade_state`).
 LATEST_VERSION = 1.2
+
+#: The environment-seed FiLM starts as a 1 % modulation of the type embedding.
+FILM_STRENGTH_INIT = 0.01
+#: Floor of the envelope-weighted degree ``sum env^2`` (version >= 1.1): an atom with few, far
+#: neighbours gets messages scaled by at most ``1 / sqrt(0.25) = 2``.
+DEGREE_FLOOR = 0.25
+#: Seed slot of the descriptor-level depth attention (DeePMD-kit's numbering).
+FINAL_ATTN_SEED = 2000
 
 #: Native-spin weights that decide whether spin reaches the output at all.
 _SPIN_ROUTES = (
@@ -190,7 +199,7 @@ class Descriptor(nn.Module):
             eps=basics.eps,
             bias=basics.mlp_bias,
             dtype=basics.compute_dtype,
-            seed=child_seed(child_seed(opts.seed, 5 if mode == "full" else 6), 2000),
+            seed=child_seed(child_seed(opts.seed, 5 if mode == "full" else 6), FINAL_ATTN_SEED),
         )
         setattr(self, f"final_{mode}_attn_res", final)
 
@@ -214,12 +223,11 @@ class Descriptor(nn.Module):
             self.film_shift_norm = ScalarRMSNorm(c, eps=eps, dtype=cd)
         else:
             self.film_scale_norm = self.film_shift_norm = nn.Identity()
-        self.film_scale_strength_log = nn.Parameter(torch.full((1,), math.log(0.01), dtype=cd))
-        self.film_shift_strength_log = nn.Parameter(torch.full((1,), math.log(0.01), dtype=cd))
+        strength = math.log(FILM_STRENGTH_INIT)
+        self.film_scale_strength_log = nn.Parameter(torch.full((1,), strength, dtype=cd))
+        self.film_shift_strength_log = nn.Parameter(torch.full((1,), strength, dtype=cd))
 
     def _build_readout(self, opts: DescriptorOptions) -> None:
-        from ..nn.ffn import EquivariantFFN
-
         basics, readout, latent_lmax = opts.basics, opts.readout, opts.degrees.node_readout_lmax
         kwargs = dict(
             lmax=0 if readout.so3_readout == "none" else latent_lmax,
@@ -281,20 +289,7 @@ class Descriptor(nn.Module):
             spin = spin.reshape(n_nodes, 3)
             spin_l0, spin_l1 = self.spin_embedding(spin, types)  # (N, C), (N, 3, C)
             t = t + spin_l0.to(t.dtype)
-        if src.numel() == 0:  # no pair within rcut: one masked self-edge keeps every shape valid
-            src = dst = torch.zeros(1, dtype=torch.long, device=types.device)
-            edge_vec = torch.cat([edge_vec, edge_vec.new_zeros(1, 3)])
-            edge_mask = torch.zeros(1, dtype=torch.bool, device=types.device)
-        chunk = self._edge_chunk(src.shape[0])
-        if chunk is not None:
-            src, dst, edge_vec, edge_mask = sorted_by_destination(src, dst, edge_vec, edge_mask)
-        keep = self.pair_keep[types[dst], types[src]]
-        if edge_mask is not None:
-            keep = keep & edge_mask
-        edges = self._edges(src, dst, edge_vec, keep, n_nodes)
-        if chunk is not None:
-            edges.chunks = plan_chunks(dst, n_nodes, chunk)
-            edges.atom_chunks = merge_chunks(edges.chunks, max(1, chunk // ATOM_CHUNK_RATIO))
+        edges = self._edge_cache(types, src, dst, edge_vec, edge_mask)
         streamed = edges.chunks is not None
         radial = None if streamed else self._edge_radial(edges)  # (E, L0+1, C)
         x0 = t if self.env_seed_embedding is None else self._film(t, edges, types, spin)
@@ -314,6 +309,26 @@ class Descriptor(nn.Module):
                 x = self._run_blocks(x, block_edges, radial)
         readout = stream_nodes(self._readout, x, chunks=edges.atom_chunks)
         return readout.view(nf, nloc, self.dim_out), x
+
+    def _edge_cache(self, types, src, dst, edge_vec, edge_mask) -> EdgeCache:
+        """Edge geometry of a pass, with the chunk plan when it streams (edges then sorted by
+        destination); excluded type pairs and masked edges are kept with weight 0."""
+        n_nodes = types.shape[0]
+        if src.numel() == 0:  # no pair within rcut: one masked self-edge keeps every shape valid
+            src = dst = torch.zeros(1, dtype=torch.long, device=types.device)
+            edge_vec = torch.cat([edge_vec, edge_vec.new_zeros(1, 3)])
+            edge_mask = torch.zeros(1, dtype=torch.bool, device=types.device)
+        chunk = self._edge_chunk(src.shape[0])
+        if chunk is not None:
+            src, dst, edge_vec, edge_mask = sorted_by_destination(src, dst, edge_vec, edge_mask)
+        keep = self.pair_keep[types[dst], types[src]]
+        if edge_mask is not None:
+            keep = keep & edge_mask
+        edges = self._edges(src, dst, edge_vec, keep, n_nodes)
+        if chunk is not None:
+            edges.chunks = plan_chunks(dst, n_nodes, chunk)
+            edges.atom_chunks = merge_chunks(edges.chunks, max(1, chunk // ATOM_CHUNK_RATIO))
+        return edges
 
     def _edge_radial(self, edges: EdgeCache) -> torch.Tensor:
         """Radial features ``(E, L0+1, C)`` of the edges, times the envelope (version >= 1.1)."""
@@ -378,7 +393,7 @@ class Descriptor(nn.Module):
 
     def _edges(self, src, dst, edge_vec, keep, n_nodes) -> EdgeCache:
         opts, geometry = self.opts, self.opts.geometry
-        floor = opts.basics.eps if self.legacy_radial else 0.25
+        floor = opts.basics.eps if self.legacy_radial else DEGREE_FLOOR
         exchange = self.ghost_exchange
         return build_edge_cache(
             src=src,

@@ -9,33 +9,17 @@ Forces, virials and atomic virials come from one backward pass to the edge vecto
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from ..nn.options import DescriptorOptions
 from . import forces as F
 from .descriptor import Descriptor
-from .fitting import EnergyFitting, atom_keep_mask, energy_out_stat
+from .fitting import EnergyFitting, FittingBase, atom_keep_mask, energy_out_stat
 from .graph import Graph
 from .zbl import ZBL
-
-_FITTING_KEYS = {
-    "neuron",
-    "numb_fparam",
-    "numb_aparam",
-    "default_fparam",
-    "dim_case_embd",
-    "case_film_embd",
-    "activation_function",
-    "precision",
-    "resnet_dt",
-    "trainable",
-    "rcond",
-    "seed",
-    "atom_ener",
-    "use_aparam_as_mask",
-    "bias_out",
-}
 
 
 def bridging_radii(params: dict) -> tuple[float, float] | None:
@@ -48,9 +32,10 @@ def bridging_radii(params: dict) -> tuple[float, float] | None:
     return float(params["bridging_r_inner"]), float(params["bridging_r_outer"])
 
 
-def fitting_options(params: dict) -> dict:
-    """The :class:`EnergyFitting` keyword arguments of a normalised model section."""
-    return {k: v for k, v in params["fitting_net"].items() if k in _FITTING_KEYS}
+def fitting_options(params: dict, fitting: type[FittingBase] = EnergyFitting) -> dict:
+    """The keyword arguments of ``fitting`` (a fitting class) in a normalised model section."""
+    names = set(inspect.signature(fitting.__init__).parameters) - {"self", "ntypes", "dim_descrpt"}
+    return {k: v for k, v in params["fitting_net"].items() if k in names}
 
 
 def descriptor_options(params: dict) -> DescriptorOptions:
@@ -66,33 +51,47 @@ def descriptor_options(params: dict) -> DescriptorOptions:
     )
 
 
-class EnergyModel(nn.Module):
-    def __init__(self, params: dict) -> None:
+class AtomicModel(nn.Module):
+    """What the energy and property models share: the descriptor and fitting of a normalised
+    ``model`` section, the per-type output statistics ``out_bias``/``out_std``
+    ``(1, ntypes, dim_out)``, DeePMD-kit's ``dens_force_rmsd`` and ``min_nbor_dist`` buffers and
+    the ``atom_exclude_types``."""
+
+    def __init__(self, params: dict, fitting: type[FittingBase]) -> None:
         super().__init__()
         self.params = params
         self.type_map = list(params["type_map"])
         ntypes = len(self.type_map)
         self.descriptor = self._build_descriptor(params)
-        self.fitting_net = EnergyFitting(
-            ntypes=ntypes, dim_descrpt=self.descriptor.dim_out, **fitting_options(params)
+        self.fitting_net = fitting(
+            ntypes=ntypes, dim_descrpt=self.descriptor.dim_out, **fitting_options(params, fitting)
         )
-        self.register_buffer("out_bias", torch.zeros(1, ntypes, 1, dtype=torch.float64))
-        self.register_buffer("out_std", torch.ones(1, ntypes, 1, dtype=torch.float64))
+        dim_out = self.fitting_net.dim_out
+        self.register_buffer("out_bias", torch.zeros(1, ntypes, dim_out, dtype=torch.float64))
+        self.register_buffer("out_std", torch.ones(1, ntypes, dim_out, dtype=torch.float64))
         self.register_buffer("dens_force_rmsd", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("min_nbor_dist", torch.tensor(-1.0, dtype=torch.float64))
-        self.inter_potential = ZBL(self._zbl_types()) if bridging_radii(params) else None
         self.atom_exclude_types = [int(t) for t in params["atom_exclude_types"]]
 
     def _build_descriptor(self, params: dict) -> Descriptor:
         return Descriptor(descriptor_options(params))
 
-    def _zbl_types(self) -> list[str]:
-        """Elements of the types that take part in the ZBL repulsion."""
-        return self.type_map
-
     @property
     def rcut(self) -> float:
         return self.descriptor.opts.geometry.rcut
+
+
+class EnergyModel(AtomicModel):
+    """The energy model of a normalised ``model`` section: descriptor, energy fitting, per-type
+    ``out_bias`` and, with ``bridging_method: "ZBL"``, the ZBL repulsion (see the module doc)."""
+
+    def __init__(self, params: dict) -> None:
+        super().__init__(params, EnergyFitting)
+        self.inter_potential = ZBL(self._zbl_types()) if bridging_radii(params) else None
+
+    def _zbl_types(self) -> list[str]:
+        """Elements of the types that take part in the ZBL repulsion."""
+        return self.type_map
 
     def atomic_energy(
         self, graph: Graph, edge_vec: torch.Tensor, spin: torch.Tensor | None = None

@@ -169,6 +169,51 @@ class FittingBase(nn.Module):
         x0 = torch.cat([torch.zeros_like(d), *extras], dim=-1) if vacuum else None
         return x, x0
 
+    def set_networks(self, net: nn.Module, trainable: bool | Sequence[bool], alias: bool) -> None:
+        """Register the (types mixed, only) network as ``filter_layers.networks.0`` (also under
+        ``filter_layers._networks`` with ``alias``, as DeePMD-kit's property head does) and
+        apply ``trainable`` (one flag, or one per type: all must be set)."""
+        nets = nn.ModuleList([net])
+        self.filter_layers = nn.ModuleDict({"networks": nets})
+        if alias:
+            self.filter_layers["_networks"] = nets
+        self.requires_grad_(bool(all(trainable) if isinstance(trainable, Sequence) else trainable))
+
+    @property
+    def net(self) -> nn.Module:
+        return self.filter_layers.networks[0]
+
+    def forward(
+        self,
+        descriptor: torch.Tensor,
+        atype: torch.Tensor,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """descriptor ``(nf, nloc, C)``, lookup-safe atype ``(nf, nloc)``, fparam ``(nf, nfp)``,
+        aparam ``(nf, nloc, nap)`` -> per-atom output ``(nf, nloc, dim_out)`` float64, plus
+        ``bias_atom_e`` (no model statistics, unmasked)."""
+        x, x0 = self.net_input(descriptor, fparam, aparam, vacuum=self.remove_vacuum)
+        y = self.net(x, *self.net_context())
+        if x0 is not None:
+            y = y - self.net(x0, *self.net_context())
+        return (y + self.bias_atom_e[atype].to(y.dtype)).to(torch.float64)
+
+    def atomic_feature(
+        self,
+        descriptor: torch.Tensor,
+        atype: torch.Tensor | None = None,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden activation ``(nf, nloc, neuron[-1])`` in the fitting dtype."""
+        x, _ = self.net_input(descriptor, fparam, aparam)
+        return self.net.hidden(x, *self.net_context())
+
+    def net_context(self) -> tuple[torch.Tensor, ...]:
+        """Extra inputs of the network after ``x`` (the case one-hot of a case-FiLM net)."""
+        return ()
+
 
 class GLULayer(nn.Module):
     """``[v | g] = x W + b``; ``y = v · act(g)``: ``(..., n_in) -> (..., n_out)``."""
@@ -323,37 +368,7 @@ class EnergyFitting(FittingBase):
             film=(dim_case_embd, dim_descrpt) if film else None,
             seed=child_seed(seed, 0),  # the first (and, types mixed, only) network
         )
-        self.filter_layers = nn.ModuleDict({"networks": nn.ModuleList([net])})
-        trainable = all(trainable) if isinstance(trainable, Sequence) else trainable
-        self.requires_grad_(bool(trainable))
+        self.set_networks(net, trainable, alias=False)
 
-    @property
-    def net(self) -> GLUNet:
-        return self.filter_layers.networks[0]
-
-    def forward(
-        self,
-        descriptor: torch.Tensor,
-        atype: torch.Tensor,
-        fparam: torch.Tensor | None = None,
-        aparam: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """descriptor ``(nf, nloc, C)``, lookup-safe atype ``(nf, nloc)``, fparam ``(nf, nfp)``,
-        aparam ``(nf, nloc, nap)`` -> atomic energy ``(nf, nloc, 1)`` float64 (unmasked)."""
-        x, x0 = self.net_input(descriptor, fparam, aparam, vacuum=self.remove_vacuum)
-        energy = self.net(x, self.case_embd)
-        if x0 is not None:
-            energy = energy - self.net(x0, self.case_embd)
-        energy = energy + self.bias_atom_e[atype].to(energy.dtype)
-        return energy.to(torch.float64)
-
-    def atomic_feature(
-        self,
-        descriptor: torch.Tensor,
-        atype: torch.Tensor | None = None,
-        fparam: torch.Tensor | None = None,
-        aparam: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Last hidden GLU activation ``(nf, nloc, neuron[-1])`` in the fitting dtype."""
-        x, _ = self.net_input(descriptor, fparam, aparam)
-        return self.net.hidden(x, self.case_embd)
+    def net_context(self) -> tuple[torch.Tensor, ...]:
+        return (self.case_embd,)

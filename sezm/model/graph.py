@@ -13,6 +13,9 @@ from ..geometry.neighbors import build_edges
 
 @dataclass
 class Graph:
+    """The model input: ``nf`` frames of ``nloc`` atoms as one graph of ``E`` directed edges
+    (atom ``frame * nloc + i``), with the optional per-frame and per-atom inputs."""
+
     atype: torch.Tensor  # (nf, nloc) long
     src: torch.Tensor  # (E,) long, message source (neighbour)
     dst: torch.Tensor  # (E,) long, message destination (centre)

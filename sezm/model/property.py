@@ -119,40 +119,12 @@ class PropertyFitting(FittingBase):
         self.property_name, self.task_dim = property_name, task_dim
         self.intensive, self.distinguish_types = intensive, distinguish_types
         self.neuron = auto_neuron(neuron, self.dim_in)
+        self.remove_vacuum = False
         net = _MLP(
             self.dim_in, task_dim, self.neuron, activation_function, dtype, resnet_dt,
             child_seed(seed, 0),  # the first (and, types mixed, only) network
         )  # fmt: skip
-        nets = nn.ModuleList([net])
-        self.filter_layers = nn.ModuleDict({"networks": nets, "_networks": nets})
-        trainable = all(trainable) if isinstance(trainable, Sequence) else trainable
-        self.requires_grad_(bool(trainable))
-
-    @property
-    def net(self) -> _MLP:
-        return self.filter_layers.networks[0]
-
-    def forward(
-        self,
-        descriptor: torch.Tensor,
-        atype: torch.Tensor,
-        fparam: torch.Tensor | None = None,
-        aparam: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Raw atomic property ``(nf, nloc, task_dim)`` float64 (no out_std/out_bias, unmasked)."""
-        x, _ = self.net_input(descriptor, fparam, aparam)
-        y = self.net(x)
-        return (y + self.bias_atom_e[atype].to(y.dtype)).to(torch.float64)
-
-    def atomic_feature(
-        self,
-        descriptor: torch.Tensor,
-        atype: torch.Tensor | None = None,
-        fparam: torch.Tensor | None = None,
-        aparam: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Last hidden activation ``(nf, nloc, neuron[-1])`` in the fitting dtype."""
-        return self.net.hidden(self.net_input(descriptor, fparam, aparam)[0])
+        self.set_networks(net, trainable, alias=True)
 
 
 def property_output(

@@ -76,6 +76,7 @@ def virtual_scales(spin: dict, use_spin: list[bool]) -> list[float]:
 
 
 def spin_scheme(params: dict) -> str:
+    """``native`` or ``deepspin``: the spin scheme of a model section, lower-cased."""
     scheme = params["spin"]["scheme"].lower()
     if scheme not in SCHEMES:
         raise ValueError(f"spin.scheme must be 'native' or 'deepspin', got {scheme!r}")
@@ -279,29 +280,28 @@ def drop_masked_edges(graph: Graph) -> Graph:
 def capped_edge_mask(graph: Graph, cap: int) -> torch.Tensor:
     """``(E,)`` bool: the edges of ``graph`` among the ``cap`` nearest (valid) sources of
     their destination; masked edges are never kept. Ties keep the edge order."""
-    dst, vec = graph.dst, graph.edge_vec
-    valid = torch.ones_like(dst, dtype=torch.bool) if graph.edge_mask is None else graph.edge_mask
-    length = torch.where(valid, vec.norm(dim=-1), torch.full_like(vec[:, 0], torch.inf))
-    order = torch.argsort(length, stable=True)
-    order = order[torch.argsort(dst[order], stable=True)]  # by centre, then by distance
-    counts = torch.zeros(graph.atype.numel(), dtype=torch.long, device=dst.device)
-    counts = counts.index_add(0, dst, torch.ones_like(dst))  # (n_nodes,) edges per centre
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(dst.shape[0], device=dst.device) - first[dst[order]]
-    kept = torch.zeros_like(valid).index_put((order,), rank < cap)
-    return kept & valid
+    order, kept = _nearest_first(graph, cap)
+    return torch.zeros_like(kept).index_put((order,), kept)
 
 
 def _capped_edges(graph: Graph, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Edges of ``graph`` limited to the ``cap`` nearest sources of each destination, ordered
     by destination, then distance."""
-    src, dst, vec = graph.src, graph.dst, graph.edge_vec
-    if graph.edge_mask is not None:
-        src, dst, vec = src[graph.edge_mask], dst[graph.edge_mask], vec[graph.edge_mask]
-    order = torch.argsort(vec.norm(dim=-1), stable=True)
-    order = order[torch.argsort(dst[order], stable=True)]  # by centre, then by distance
-    counts = torch.bincount(dst, minlength=graph.atype.numel())
+    order, kept = _nearest_first(graph, cap)
+    order = order[kept]
+    return graph.src[order], graph.dst[order], graph.edge_vec[order]
+
+
+def _nearest_first(graph: Graph, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edge order by destination, then distance (masked edges last, ties in edge order), and
+    ``(E,)`` bool in that order: a valid edge among the ``cap`` nearest of its destination."""
+    dst, vec = graph.dst, graph.edge_vec
+    valid = torch.ones_like(dst, dtype=torch.bool) if graph.edge_mask is None else graph.edge_mask
+    length = torch.where(valid, vec.norm(dim=-1), torch.full_like(vec[:, 0], torch.inf))
+    order = torch.argsort(length, stable=True)
+    order = order[torch.argsort(dst[order], stable=True)]
+    counts = torch.zeros(graph.atype.numel(), dtype=torch.long, device=dst.device)
+    counts = counts.index_add(0, dst, torch.ones_like(dst))  # (n_nodes,) edges per centre
     first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order), device=dst.device) - first[dst[order]]
-    kept = order[rank < cap]
-    return src[kept], dst[kept], vec[kept]
+    rank = torch.arange(dst.shape[0], device=dst.device) - first[dst[order]]
+    return order, (rank < cap) & valid[order]

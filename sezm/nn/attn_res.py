@@ -107,30 +107,6 @@ def depth_attn_res(mode: str, channels: int, **kwargs) -> DepthAttnRes | None:
     return DepthAttnRes(channels=channels, input_dependent=mode == "dependent", **kwargs)
 
 
-def attn_res_stack(
-    x: torch.Tensor, branches: Sequence[Unit], attns: Sequence[DepthAttnRes]
-) -> torch.Tensor:
-    """Residual stack with depth attention (``so2_attn_res``), ``x -> x_n``:
-    ``x_k' = attn_k([x_0, d_1, .., d_k], current=x_k)``, ``d_{k+1} = branch_k(x_k')``,
-    ``x_{k+1} = x_k' + d_{k+1}``. ``branch_k`` is the full residual branch (norm, linear,
-    activation, layer scale).
-    """
-    sources = [x]
-    for branch, attn in zip(branches, attns, strict=True):
-        x = attn(sources, x)
-        delta = branch(x)
-        x = x + delta
-        sources.append(delta)
-    return x
-
-
-def residual_units(x: torch.Tensor, units: Sequence[Unit]) -> torch.Tensor:
-    """Standard block: ``x <- x + unit(x)`` for the SO(2) unit, then each FFN unit."""
-    for unit in units:
-        x = x + unit(x)
-    return x
-
-
 def full_attn_res_units(
     x: torch.Tensor,
     history: Sequence[torch.Tensor],

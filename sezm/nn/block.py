@@ -20,11 +20,16 @@ from .ffn import EquivariantFFN
 from .norm import EquivariantRMSNorm
 from .options import BlockDegrees, DescriptorOptions, FFNOptions, LayerBasics, ResidualOptions
 from .so2_conv import SO2Convolution
+from .so2_mixing import LAYER_SCALE_INIT
 from .stream import stream_nodes
+
+#: RMS-norm floor around the residual branches; the post-SO(2) norm without ``edge_norm`` uses
+#: a unit floor, ``x / sqrt(1 + var)``, which keeps small messages small.
+NORM_EPS, UNIT_FLOOR = 1e-5, 1.0
 
 
 def _norm_or_identity(
-    enabled: bool, lmax: int, basics: LayerBasics, eps: float = 1e-5
+    enabled: bool, lmax: int, basics: LayerBasics, eps: float = NORM_EPS
 ) -> nn.Module:
     if not enabled:
         return nn.Identity()
@@ -32,6 +37,8 @@ def _norm_or_identity(
 
 
 class InteractionBlock(nn.Module):
+    """One interaction block: SO(2) message passing then the FFN, each inside its residual unit."""
+
     def __init__(self, opts: DescriptorOptions, index: int, seed) -> None:
         super().__init__()
         basics, residual, ffn = opts.basics, opts.residual, opts.ffn
@@ -40,7 +47,7 @@ class InteractionBlock(nn.Module):
         self.mp_dim, self.node_dim = so3_dim(lmax), so3_dim(node_lmax)
         self.pre_so2_norm = _norm_or_identity(residual.so2_pre_norm, lmax, basics)
         self.post_so2_norm = _norm_or_identity(
-            residual.so2_post_norm, lmax, basics, 1e-5 if basics.edge_norm else 1.0
+            residual.so2_post_norm, lmax, basics, NORM_EPS if basics.edge_norm else UNIT_FLOOR
         )
         self.so2_conv = SO2Convolution(basics, opts.message, degrees, child_seed(seed, 0))
         self.pre_ffn_norms = nn.ModuleList(
@@ -59,7 +66,7 @@ class InteractionBlock(nn.Module):
         self.adam_ffn_layer_scales = None
         if basics.layer_scale:
             self.adam_ffn_layer_scales = nn.ParameterList(
-                nn.Parameter(torch.full((basics.channels,), 1e-3, dtype=basics.dtype))
+                nn.Parameter(torch.full((basics.channels,), LAYER_SCALE_INIT, dtype=basics.dtype))
                 for _ in range(ffn.blocks)
             )
 
@@ -116,7 +123,9 @@ class InteractionBlock(nn.Module):
         """Depth-attention path: returns the block output and the sources it adds to the history
         (every unit output for ``full_attn_res``, the block summary for ``block_attn_res``)."""
         units = [lambda v: self.so2_unit(v, edges, radial)]
-        units += [lambda v, k=k: self.ffn_unit(v, k, edges.atom_chunks) for k in range(len(self.ffns))]
+        units += [
+            lambda v, k=k: self.ffn_unit(v, k, edges.atom_chunks) for k in range(len(self.ffns))
+        ]
         attns = [
             getattr(self, f"{self.depth_mode}_attn_res_so2"),
             *getattr(self, f"{self.depth_mode}_attn_res_ffns"),

@@ -130,7 +130,6 @@ class _CartesianStack(nn.Module):
                 dtype=compute_dtype_of(dtype),
                 activation_function=activation_function,
                 mlp_bias=mlp_bias,
-                layout="ndfc",
                 seed=child_seed(child_seed(seed, 1), i),
             )
             if i < n_layers - 1
@@ -220,6 +219,8 @@ class NodeCartesianTensorProduct(_CartesianStack):
 
 
 class NodeCartesianSpec(NamedTuple):
+    """A parsed ``node_cartesian`` option: on or off, ``Y N + N Y`` (parity) or ``Y N``, layers."""
+
     enabled: bool
     symmetric: bool
     n_layers: int
@@ -246,37 +247,3 @@ def parse_node_cartesian(spec: str | int) -> NodeCartesianSpec:
             f"count, got {spec!r}"
         )
     return NodeCartesianSpec(layers > 0, mode == "parity", layers)
-
-
-def cartesian_message(
-    tp: EdgeCartesianTensorProduct,
-    x: torch.Tensor,
-    src: torch.Tensor,
-    edge_vec: torch.Tensor,
-    radial: torch.Tensor,
-    *,
-    radial_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    focus_alpha: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edge messages of an ``edge_cartesian`` SO(2) convolution (global frame, no Wigner-D).
-
-    ``x (N, D, C_wide)``: node features after ``pre_focus_mix``; ``src (E,)``; ``edge_vec (E, 3)``;
-    ``radial (E, L+1, C)``: fused radial features of the block; ``radial_proj``: the convolution's
-    ``radial_hidden_proj`` (``C -> C_wide``) when the widths differ; ``focus_alpha``: focus
-    competition ``(E, F, Cf) -> (E, F)`` weights (``n_focus > 1`` with ``focus_compete``), fed the
-    radial-weighted source scalar ``x_src[:, 0] * rad[:, 0]``.
-
-    Returns ``(message (E, D, C_wide), rad (E, L+1, C_wide))``; ``rad[:, 0]`` feeds the attention
-    logits of the aggregation.
-    """
-    rad = radial if radial_proj is None else radial_proj(radial)  # (E, L+1, C_wide)
-    x_src = x.index_select(0, src)  # (E, D, C_wide)
-    message = tp(x_src, edge_vec, rad)
-    if focus_alpha is not None:
-        n_edge, dim, width = message.shape
-        gate_src = (x_src[:, 0] * rad[:, 0]).view(n_edge, tp.n_focus, tp.focus_dim)
-        alpha = focus_alpha(gate_src).to(message.dtype)  # (E, F)
-        message = (message.view(n_edge, dim, tp.n_focus, -1) * alpha[:, None, :, None]).view(
-            n_edge, dim, width
-        )
-    return message, rad

@@ -7,6 +7,7 @@ vector is replaced by ``(0, 0, 1)`` (finite everywhere) and every weight is zero
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,9 @@ from .radial import BridgingSwitch, InnerClamp, RadialBasis, c3_envelope
 
 @dataclass
 class EdgeCache:
+    """The geometry of every edge (``E`` edges onto ``N`` nodes), computed once per forward pass
+    and read by every block: indices, envelope, radial basis, edge frame and Wigner-D."""
+
     src: torch.Tensor  # (E,) long
     dst: torch.Tensor  # (E,) long
     n_nodes: int
@@ -68,42 +72,20 @@ class EdgeCache:
         """Copy with float tensors in ``dtype`` (for float64 / float16 blocks)."""
         if self.env.dtype == dtype:
             return self
-        conv = {
-            name: getattr(self, name).to(dtype)
-            for name in ("keep", "vec", "env", "rbf", "quat", "inv_sqrt_deg")
-        }
-        wigner = None if self.wigner is None else self.wigner.to(dtype)
-        gate = None if self.src_gate is None else self.src_gate.to(dtype)
-        return EdgeCache(
-            self.src,
-            self.dst,
-            self.n_nodes,
-            **conv,
-            wigner=wigner,
-            src_gate=gate,
-            chunks=self.chunks,
-        )
+        conv = {n: None if (t := getattr(self, n)) is None else t.to(dtype) for n in _FLOATS}
+        return dataclasses.replace(self, **conv, _projections={})
 
     def chunk_tensors(self, chunk: EdgeChunk) -> tuple:
-        """The per-edge and per-node tensors of one chunk (views), in :func:`chunk_cache` order."""
-        edge = slice(chunk.edge_start, chunk.edge_stop)
-        node = slice(chunk.node_start, chunk.node_stop)
+        """The per-edge rows (:data:`_PER_EDGE`) and the per-node ``inv_sqrt_deg`` of one chunk
+        (views), in :func:`chunk_cache` order."""
+        rows = (getattr(self, name) for name in _PER_EDGE)
+        edges = tuple(None if t is None else t[chunk.edge_start : chunk.edge_stop] for t in rows)
+        return (*edges, self.inv_sqrt_deg[chunk.node_start : chunk.node_stop])
 
-        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[edge]
 
-        return (
-            self.src[edge],
-            self.dst[edge],
-            self.keep[edge],
-            self.vec[edge],
-            self.env[edge],
-            self.rbf[edge],
-            self.quat[edge],
-            self.inv_sqrt_deg[node],
-            rows(self.wigner),
-            rows(self.src_gate),
-        )
+#: Tensors of an :class:`EdgeCache` with one row per edge, and those that hold floats.
+_PER_EDGE = ("src", "dst", "keep", "vec", "env", "rbf", "quat", "wigner", "src_gate")
+_FLOATS = ("keep", "vec", "env", "rbf", "quat", "inv_sqrt_deg", "wigner", "src_gate")
 
 
 @dataclass(frozen=True)
@@ -119,20 +101,11 @@ class EdgeChunk:
 def chunk_cache(chunk: EdgeChunk, *tensors: torch.Tensor | None) -> EdgeCache:
     """An :class:`EdgeCache` of one chunk from :meth:`EdgeCache.chunk_tensors`: destinations are
     renumbered from ``node_start`` so that sums over a chunk's edges land on its own atoms."""
-    src, dst, keep, vec, env, rbf, quat, inv_sqrt_deg, wigner, src_gate = tensors
-    return EdgeCache(
-        src=src,
-        dst=dst - chunk.node_start,
-        n_nodes=chunk.node_stop - chunk.node_start,
-        keep=keep,
-        vec=vec,
-        env=env,
-        rbf=rbf,
-        quat=quat,
-        inv_sqrt_deg=inv_sqrt_deg,
-        wigner=wigner,
-        src_gate=src_gate,
-    )
+    *rows, inv_sqrt_deg = tensors
+    edges = dict(zip(_PER_EDGE, rows, strict=True))
+    edges["dst"] = edges["dst"] - chunk.node_start
+    n_nodes = chunk.node_stop - chunk.node_start
+    return EdgeCache(**edges, n_nodes=n_nodes, inv_sqrt_deg=inv_sqrt_deg)
 
 
 def merge_chunks(chunks: tuple[EdgeChunk, ...], max_atoms: int) -> tuple[EdgeChunk, ...]:

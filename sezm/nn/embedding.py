@@ -5,13 +5,14 @@ Everything here runs in the compute dtype (>= float32).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..geometry.layout import degree_of_rows, so3_dim
+from ..geometry.layout import SphericalLayout, index_tensor, so3_dim
 from .common import Dense, child_seed, normal_
 from .edge_cache import EdgeCache
 from .stream import stream_edges
@@ -39,19 +40,11 @@ class ChargeSpinEmbedding(nn.Module):
 
     def __init__(self, dim: int, *, activation_function: str, dtype: torch.dtype, seed=None):
         super().__init__()
-        self.charge_embedding = TypeEmbedding(
-            200, dim, dtype=dtype, seed=child_seed(seed, 0), padding=False
-        )
-        self.spin_embedding = TypeEmbedding(
-            100, dim, dtype=dtype, seed=child_seed(seed, 1), padding=False
-        )
-        self.mix_layer = Dense(
-            2 * dim,
-            dim,
-            activation_function=activation_function,
-            dtype=dtype,
-            seed=child_seed(seed, 2),
-        )
+        table = functools.partial(TypeEmbedding, dim=dim, dtype=dtype, padding=False)
+        self.charge_embedding = table(200, seed=child_seed(seed, 0))
+        self.spin_embedding = table(100, seed=child_seed(seed, 1))
+        act, mix_seed = activation_function, child_seed(seed, 2)
+        self.mix_layer = Dense(2 * dim, dim, activation_function=act, dtype=dtype, seed=mix_seed)
 
     def forward(self, charge_spin: torch.Tensor) -> torch.Tensor:
         charge = self.charge_embedding(charge_spin[:, 0].long() + 100)
@@ -92,31 +85,14 @@ class EnvironmentSeed(nn.Module):
         super().__init__()
         self.axis_dim, self.embed_dim, self.eps = axis_dim, embed_dim, eps
         rbf_out = max(32, embed_dim - 2 * type_dim)
-        act = activation_function
         s_rbf, s_g = child_seed(seed, 0), child_seed(seed, 2)
-        self.rbf_proj_layer1 = Dense(
-            n_radial,
-            rbf_out,
-            bias=mlp_bias,
-            activation_function=act,
-            dtype=dtype,
-            seed=child_seed(s_rbf, 0),
-        )
-        self.rbf_proj_layer2 = Dense(
-            rbf_out, rbf_out, bias=mlp_bias, dtype=dtype, seed=child_seed(s_rbf, 1)
-        )
+        dense = functools.partial(Dense, bias=mlp_bias, dtype=dtype)
+        hidden = functools.partial(dense, activation_function=activation_function)
+        self.rbf_proj_layer1 = hidden(n_radial, rbf_out, seed=child_seed(s_rbf, 0))
+        self.rbf_proj_layer2 = dense(rbf_out, rbf_out, seed=child_seed(s_rbf, 1))
         self.env_type_embed = TypeEmbedding(ntypes, type_dim, dtype=dtype, seed=child_seed(seed, 1))
-        self.g_layer1 = Dense(
-            rbf_out + 2 * type_dim,
-            hidden_dim,
-            bias=mlp_bias,
-            activation_function=act,
-            dtype=dtype,
-            seed=child_seed(s_g, 0),
-        )
-        self.g_layer2 = Dense(
-            hidden_dim, embed_dim, bias=mlp_bias, dtype=dtype, seed=child_seed(s_g, 1)
-        )
+        self.g_layer1 = hidden(rbf_out + 2 * type_dim, hidden_dim, seed=child_seed(s_g, 0))
+        self.g_layer2 = dense(hidden_dim, embed_dim, seed=child_seed(s_g, 1))
         self.output_proj = Dense(
             embed_dim * axis_dim, 2 * channels, bias=False, dtype=dtype, init="zeros"
         )
@@ -181,7 +157,7 @@ class GeometricInitialEmbedding(nn.Module):
     def __init__(self, lmax: int) -> None:
         super().__init__()
         rows = torch.arange(1, so3_dim(lmax))
-        degrees = degree_of_rows(lmax)[1:]
+        degrees = index_tensor(SphericalLayout.of(lmax).degrees[1:])
         self.register_buffer("non_scalar_row_index", rows)
         self.register_buffer("zonal_m0_col_index_for_row", degrees * (degrees + 1))
         self.register_buffer("radial_slot_index_for_row", degrees - 1)
@@ -239,14 +215,9 @@ class SpinEmbedding(nn.Module):
             raise ValueError(f"use_spin has {len(use_spin)} flags for {ntypes} types")
         self.register_buffer("spin_mask", spin_type_mask(use_spin, dtype), persistent=False)
         self.register_buffer("cart_to_l1", CART_TO_L1.to(dtype), persistent=False)
-        s_mag = child_seed(seed, 0)
+        act, mag_seed = activation_function, child_seed(child_seed(seed, 0), 0)
         self.mag_layer1 = Dense(
-            1,
-            channels,
-            bias=False,
-            activation_function=activation_function,
-            dtype=dtype,
-            seed=child_seed(s_mag, 0),
+            1, channels, bias=False, activation_function=act, dtype=dtype, seed=mag_seed
         )
         self.mag_layer2 = Dense(channels, channels, bias=False, dtype=dtype, init="zeros")
         self.adam_spin_vec_weight = nn.Parameter(torch.zeros(ntypes, channels, dtype=dtype))

@@ -56,33 +56,21 @@ class EquivariantFFN(nn.Module):
         self.so3_linear_1 = SO3Linear(
             lmax, channels, width, dtype=dtype, mlp_bias=mlp_bias, seed=child_seed(seed, 0)
         )
-        grid = dict(
+        common = dict(
             lmax=lmax,
             channels=hidden_channels,
-            mode="self",
-            op_type="branch" if grid_branch > 0 else ("mlp" if grid_mlp else "glu"),
             dtype=compute_dtype,
-            layout="ndfc",
-            grid_branches=max(1, grid_branch),
             mlp_bias=mlp_bias,
             seed=child_seed(seed, 1),
         )
-        if ffn_so3_grid:
-            self.act: nn.Module = SO3GridNet(kmax=kmax, **grid)
-        elif s2_activation:
-            method = "lebedev" if lebedev_quadrature else "e3nn"
-            resolution = resolve_s2_full_grid_resolution(lmax, method=method)
-            self.act = S2GridNet(grid_resolution_list=resolution, grid_method=method, **grid)
-        else:
-            self.act = GatedActivation(
-                lmax=lmax,
-                channels=hidden_channels,
-                dtype=compute_dtype,
-                activation_function=activation_function,
-                mlp_bias=mlp_bias,
-                layout="ndfc",
-                seed=child_seed(seed, 1),
+        if use_grid:
+            op_type = "branch" if grid_branch > 0 else ("mlp" if grid_mlp else "glu")
+            grid = dict(common, mode="self", op_type=op_type, grid_branches=max(1, grid_branch))
+            self.act: nn.Module = (
+                SO3GridNet(kmax=kmax, **grid) if ffn_so3_grid else _s2_net(lebedev_quadrature, grid)
             )
+        else:
+            self.act = GatedActivation(activation_function=activation_function, **common)
         self.so3_linear_2 = SO3Linear(
             lmax,
             n_frames * hidden_channels,
@@ -101,3 +89,10 @@ class EquivariantFFN(nn.Module):
         else:
             hidden = self.act(hidden)
         return self.so3_linear_2(hidden)
+
+
+def _s2_net(lebedev: bool, grid: dict) -> S2GridNet:
+    """Self-mode S2 grid net on the full (untruncated) grid of the FFN's degree."""
+    method = "lebedev" if lebedev else "e3nn"
+    resolution = resolve_s2_full_grid_resolution(grid["lmax"], method=method)
+    return S2GridNet(grid_resolution_list=resolution, grid_method=method, **grid)

@@ -41,7 +41,7 @@ from scipy.integrate import lebedev_rule
 from torch import nn
 
 from ..geometry.edge_frame import edge_quaternion, multiply
-from ..geometry.layout import degree_of_rows, l_major_truncated_rows, m_major_rows, packed_index
+from ..geometry.layout import SphericalLayout, packed_index
 from ..geometry.wigner import WignerD, spherical_harmonics
 
 # Algebraic precisions of the Lebedev rules that scipy (and DeePMD-kit) ship.
@@ -71,6 +71,7 @@ def lebedev_precision_for(lmax: int) -> int:
 
 
 def lebedev_size(precision: int) -> int:
+    """Number of points of the Lebedev rule of algebraic ``precision``."""
     return lebedev_grid(precision)[0].shape[0]
 
 
@@ -111,13 +112,16 @@ def frame_orders(kmax: int) -> list[int]:
     return [0, *[s * k for k in range(1, kmax + 1) for s in (-1, 1)]]
 
 
-def coefficient_rows(lmax: int, mmax: int, layout: str) -> torch.Tensor:
-    """Packed rows kept by a projector, in its coefficient order (``(J,)`` long)."""
-    if layout == "m_major":
-        return m_major_rows(lmax, mmax)
-    if layout != "packed":
-        raise ValueError(f"coefficient_layout must be 'packed' or 'm_major', got {layout!r}")
-    return l_major_truncated_rows(lmax, mmax)
+def coefficient_rows(layout: SphericalLayout, coefficient_layout: str) -> tuple[int, ...]:
+    """Packed rows kept by a projector, in its coefficient order (``J`` rows): the m-major
+    rows, or the packed rows with ``|m| <= M``."""
+    if coefficient_layout == "m_major":
+        return layout.reduced_rows
+    if coefficient_layout != "packed":
+        raise ValueError(
+            f"coefficient_layout must be 'packed' or 'm_major', got {coefficient_layout!r}"
+        )
+    return layout.truncated_rows
 
 
 def driscoll_healy_grid(n_phi: int, n_theta: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,13 +208,13 @@ class S2GridProjector(GridProjector):
             raise ValueError(f"grid_method must be 'e3nn' or 'lebedev', got {grid_method!r}")
         self.lmax, self.mmax, self.grid_method = lmax, mmax, grid_method
         self.grid_resolution_list = [int(r) for r in resolution]
-        self.frame_zero_index = 0
 
-        degree = degree_of_rows(lmax).to(torch.float64)  # (D,)
-        gain = torch.where(degree > mmax, torch.sqrt((2 * degree + 1) / (2 * mmax + 1)), 1.0)
+        layout = SphericalLayout.of(lmax, mmax)
+        degree = torch.tensor(layout.degrees, dtype=torch.float64)  # (D,)
+        gain = torch.tensor(layout.gains, dtype=torch.float64)
         harmonics = e3nn_harmonics(points, lmax) * gain  # (G, D)
         root = math.sqrt(lmax + 1)
-        rows = coefficient_rows(lmax, mmax, coefficient_layout)
+        rows = list(coefficient_rows(layout, coefficient_layout))
         to_grid = harmonics[:, rows] / root  # (G, J)
         from_grid = (harmonics * weights[:, None] * (2 * degree + 1) * root)[:, rows].T  # (J, G)
         super().__init__(to_grid, from_grid, n_frames=1, dtype=dtype)
@@ -235,7 +239,7 @@ class SO3GridProjector(GridProjector):
         )
         self.lmax, self.mmax, self.kmax = lmax, mmax, kmax
         self.lebedev_precision, self.n_gamma = precision, n_gamma
-        self.frame_set, self.frame_zero_index = frame_orders(kmax), 0
+        self.frame_set = frame_orders(kmax)
 
         points, weights = lebedev_grid(precision)
         gamma = torch.arange(n_gamma, dtype=torch.float64) * (2 * math.pi / n_gamma)
@@ -246,8 +250,8 @@ class SO3GridProjector(GridProjector):
         wigner = WignerD(lmax, dtype=torch.float64)(q)  # (G, D, D)
         haar = (weights[:, None] / n_gamma).expand(-1, n_gamma).reshape(-1)  # (G,)
 
-        rows = coefficient_rows(lmax, mmax, coefficient_layout).tolist()
-        degrees = degree_of_rows(lmax).tolist()
+        layout = SphericalLayout.of(lmax, mmax)
+        rows, degrees = coefficient_rows(layout, coefficient_layout), layout.degrees
         n_frames = len(self.frame_set)
         to_grid = torch.zeros(q.shape[0], len(rows) * n_frames, dtype=torch.float64)
         from_grid = torch.zeros(len(rows) * n_frames, q.shape[0], dtype=torch.float64)

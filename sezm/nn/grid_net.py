@@ -15,16 +15,19 @@ activation); ``"cross"`` takes a query ``a`` and a context ``b`` (the SO(2) conv
 node-wise and message-node products), optionally lifted to ``K`` frames by :class:`FrameExpand`,
 brought back by :class:`FrameContract`, and scaled by ``residual_scale (F, C_out)``.
 
-Layouts of inputs and outputs: ``ndfc (N, D, F, C)``, ``nfdc (N, F, D, C)``,
-``fndc (F, N, D, C)`` (SO(2) mixing stack) and ``flat (N, D, F*C)`` (cross mode only).
+Inputs and outputs are ``(N, J, F, W)``: ``N`` nodes or edges, ``J`` coefficient rows,
+``F`` focus streams, ``W`` channels (times frames); callers in other layouts permute (views).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from ..geometry.layout import degree_of_rows
+from ..geometry.layout import SphericalLayout, index_tensor
+from .activation import GATE_INIT_STD
 from .common import child_seed, uniform_
 from .grid import GridProjector, S2GridProjector, SO3GridProjector, coefficient_rows
 from .linear import ChannelLinear, FocusLinear
@@ -62,15 +65,10 @@ class GridMLP(nn.Module):
         super().__init__()
         self.mode, self.n_frames = mode, n_frames
         width = 2 * channels if mode == "self" else channels
-        self.left_proj = ChannelLinear(
-            width, 2 * channels, dtype=dtype, bias=False, seed=child_seed(seed, 0)
-        )
-        self.right_proj = ChannelLinear(
-            width, 2 * channels, dtype=dtype, bias=False, seed=child_seed(seed, 1)
-        )
-        self.out_proj = ChannelLinear(
-            2 * channels, channels, dtype=dtype, bias=False, seed=child_seed(seed, 2)
-        )
+        linear = functools.partial(ChannelLinear, dtype=dtype, bias=False)
+        self.left_proj = linear(width, 2 * channels, seed=child_seed(seed, 0))
+        self.right_proj = linear(width, 2 * channels, seed=child_seed(seed, 1))
+        self.out_proj = linear(2 * channels, channels, seed=child_seed(seed, 2))
 
     def forward(self, left, right, scalars, projector: GridProjector) -> torch.Tensor:
         k = self.n_frames
@@ -92,18 +90,11 @@ class GridBranch(nn.Module):
             raise ValueError("n_branches must be positive")
         self.channels, self.n_branches, self.n_frames = channels, n_branches, n_frames
         wide = n_branches * channels
-        self.left_proj = ChannelLinear(
-            channels, wide, dtype=dtype, bias=False, seed=child_seed(seed, 0)
-        )
-        self.right_proj = ChannelLinear(
-            channels, wide, dtype=dtype, bias=False, seed=child_seed(seed, 1)
-        )
-        self.router = ChannelLinear(
-            2 * channels, n_branches, dtype=dtype, bias=False, seed=child_seed(seed, 2)
-        )
-        self.out_proj = ChannelLinear(
-            channels, channels, dtype=dtype, bias=False, seed=child_seed(seed, 3)
-        )
+        linear = functools.partial(ChannelLinear, dtype=dtype, bias=False)
+        self.left_proj = linear(channels, wide, seed=child_seed(seed, 0))
+        self.right_proj = linear(channels, wide, seed=child_seed(seed, 1))
+        self.router = linear(2 * channels, n_branches, seed=child_seed(seed, 2))
+        self.out_proj = linear(channels, channels, seed=child_seed(seed, 3))
 
     def forward(self, left, right, scalars, projector: GridProjector) -> torch.Tensor:
         k = self.n_frames
@@ -121,8 +112,9 @@ class _DegreeLinear(nn.Module):
 
     def __init__(self, lmax, mmax, coefficient_layout, n_in, n_out, dtype, seed=None) -> None:
         super().__init__()
-        rows = coefficient_rows(lmax, lmax if mmax is None else mmax, coefficient_layout)
-        self.register_buffer("degree_index", degree_of_rows(lmax)[rows], persistent=False)
+        layout = SphericalLayout.of(lmax, mmax)
+        degrees = tuple(layout.degrees[p] for p in coefficient_rows(layout, coefficient_layout))
+        self.register_buffer("degree_index", index_tensor(degrees), persistent=False)
         self.weight = nn.Parameter(torch.empty(lmax + 1, n_in, n_out, dtype=dtype))
         uniform_(self.weight, n_in**-0.5, seed)
 
@@ -144,19 +136,6 @@ class FrameContract(_DegreeLinear):
         super().__init__(lmax, mmax, coefficient_layout, n_frames * channels, channels, dtype, seed)
 
 
-_TO_NDFC = {
-    "ndfc": lambda x: x,
-    "nfdc": lambda x: x.transpose(1, 2),
-    "fndc": lambda x: x.permute(1, 2, 0, 3),
-}
-_FROM_NDFC = {
-    "ndfc": lambda x: x,
-    "nfdc": lambda x: x.transpose(1, 2),
-    "fndc": lambda x: x.permute(2, 0, 1, 3),
-    "flat": lambda x: x.flatten(2),
-}
-
-
 class GridNet(nn.Module):
     """Grid non-linearity around a projector (see the module docstring).
 
@@ -172,7 +151,6 @@ class GridNet(nn.Module):
         mode: str,
         op_type: str,
         dtype: torch.dtype,
-        layout: str,
         mlp_bias: bool = False,
         grid_branches: int = 1,
         frame_expand: nn.Module | None = None,
@@ -181,11 +159,9 @@ class GridNet(nn.Module):
         seed=None,
     ) -> None:
         super().__init__()
-        if mode not in ("self", "cross") or layout not in _FROM_NDFC:
-            raise ValueError(f"bad grid net mode/layout {mode!r}/{layout!r}")
-        if mode == "self" and layout == "flat":
-            raise ValueError("layout 'flat' is only for cross grid nets")
-        self.projector, self.mode, self.layout = projector, mode, layout
+        if mode not in ("self", "cross"):
+            raise ValueError(f"grid net mode must be 'self' or 'cross', got {mode!r}")
+        self.projector, self.mode = projector, mode
         self.channels, self.n_focus, self.n_frames = channels, n_focus, projector.n_frames
         self.frame_expand, self.frame_contract = frame_expand, frame_contract
         self.scalar_gate = FocusLinear(
@@ -195,7 +171,7 @@ class GridNet(nn.Module):
             dtype=dtype,
             bias=mlp_bias,
             seed=child_seed(seed, 0),
-            init_std=0.01,
+            init_std=GATE_INIT_STD,
         )
         k, op_seed = self.n_frames, child_seed(seed, 1)
         if op_type == "glu":
@@ -217,21 +193,17 @@ class GridNet(nn.Module):
                 torch.full((n_focus, out_width), float(residual_scale_init), dtype=dtype)
             )
 
-    def _ndfc(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "flat":
-            return x.reshape(x.shape[0], x.shape[1], self.n_focus, -1)
-        return _TO_NDFC[self.layout](x)
-
     def forward(self, query: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """``self``: ``query [a | b]``; ``cross``: ``query a`` and ``context b``, same layout."""
+        """``self``: ``query [a | b]`` ``(N, J, F, 2 K C)``; ``cross``: ``query a`` and
+        ``context b``, ``(N, J, F, C)`` each. Returns ``(N, J, F, C_out)``."""
         dtype = self.scalar_gate.weight.dtype
-        a = self._ndfc(query).to(dtype)  # (N, J, F, *)
+        a = query.to(dtype)  # (N, J, F, *)
         if self.mode == "self":
             a, b = a.chunk(2, dim=-1)  # (N, J, F, K*C) each
         elif context is None:
             raise ValueError("cross grid nets need a context")
         else:
-            b = self._ndfc(context).to(dtype)
+            b = context.to(dtype)
         c = self.channels
         scalars = torch.cat([a[:, 0, :, :c], b[:, 0, :, :c]], dim=-1)  # (N, F, 2C), frame 0
         if self.frame_expand is not None:
@@ -245,14 +217,14 @@ class GridNet(nn.Module):
             out = self.frame_contract(out)
         if self.residual_scale is not None:
             out = out * self.residual_scale
-        return _FROM_NDFC[self.layout](out).to(query.dtype)
+        return out.to(query.dtype)
 
 
 class S2GridNet(GridNet):
     """Grid net on an S2 grid (Lebedev or e3nn product grid); ``K = 1``.
 
-    Takes the projector's settings; everything else (``channels``, ``mode``, ``op_type``,
-    ``layout``, ...) is :class:`GridNet`'s.
+    Takes the projector's settings; everything else (``channels``, ``mode``, ``op_type``, ...)
+    is :class:`GridNet`'s.
     """
 
     def __init__(

@@ -11,8 +11,11 @@ import math
 import torch
 from torch import nn
 
-from ..geometry.layout import degree_of_rows
+from ..geometry.layout import SphericalLayout, index_tensor
 from .common import child_seed, normal_, trunc_normal_fan_, uniform_
+
+#: Seed slot of degree ``l``'s weight: ``DEGREE_SEED + l`` (DeePMD-kit's numbering).
+DEGREE_SEED = 1000
 
 
 def _init_weight(weight: torch.Tensor, n_in: int, seed, init_std: float | None) -> None:
@@ -111,11 +114,11 @@ class SO3Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(lmax + 1, c_in, n_focus * c_out, dtype=dtype))
         if init_std is None:
             for l in range(lmax + 1):
-                trunc_normal_fan_(self.weight[l], child_seed(seed, 1000 + l))
+                trunc_normal_fan_(self.weight[l], child_seed(seed, DEGREE_SEED + l))
         else:
             _init_weight(self.weight, c_in, seed, init_std)
         self.bias = nn.Parameter(torch.zeros(n_focus * c_out, dtype=dtype)) if mlp_bias else None
-        self.register_buffer("expand_index", degree_of_rows(lmax))
+        self.register_buffer("expand_index", index_tensor(SphericalLayout.of(lmax).degrees))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

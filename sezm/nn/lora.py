@@ -23,6 +23,7 @@ or a :class:`GatedActivation`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -243,24 +244,21 @@ def fold_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     adapter keys (``A_*``, ``B_*``, ``lora_scaling``) removed; ``lora_scaling`` missing
     means ``s = 1``. Keys without adapters pass through unchanged."""
     out = dict(state)
-    for key in [k for k in state if k.endswith((".A_by_l", ".A_m0")) or k in ("A_by_l", "A_m0")]:
-        prefix = key[: -len("A_by_l")] if key.endswith("A_by_l") else key[: -len("A_m0")]
-        scale = out.pop(prefix + "lora_scaling", None)
-        s = 1.0 if scale is None else float(scale)
-        if key.endswith("A_by_l"):
-            a, b = out.pop(prefix + "A_by_l"), out.pop(prefix + "B_by_l")
-            w = prefix + "weight"
-            out[w] = out[w] + torch.einsum("lor,lri->lio", b, a) * s
-            continue
-        pairs = [("A_m0", "B_m0", "weight_m0")]
-        i = 0
-        while f"{prefix}A_m.{i}" in out:
-            pairs.append((f"A_m.{i}", f"B_m.{i}", f"weight_m.{i}"))
-            i += 1
-        for a_key, b_key, w_key in pairs:
-            a, b = out.pop(prefix + a_key), out.pop(prefix + b_key)
-            out[prefix + w_key] = out[prefix + w_key] + torch.einsum("ri,or->io", a, b) * s
+    for key in [k for k in state if _ADAPTER_KEY.fullmatch(k)]:
+        prefix, factor = _ADAPTER_KEY.fullmatch(key).groups()
+        scale = state.get(prefix + "lora_scaling")
+        a, b = out.pop(key), out.pop(prefix + "B" + factor[1:])
+        if factor == "A_by_l":  # the formulas of ``delta``
+            weight, update = prefix + "weight", torch.einsum("lor,lri->lio", b, a)
+        else:
+            weight, update = prefix + "weight" + factor[1:], torch.einsum("ri,or->io", a, b)
+        out[weight] = out[weight] + update * (1.0 if scale is None else float(scale))
+        out.pop(prefix + "lora_scaling", None)
     return out
+
+
+#: An adapter's ``A`` factor: ``(module prefix, "A_by_l" | "A_m0" | "A_m.{i}")``.
+_ADAPTER_KEY = re.compile(r"(.*?)(A_by_l|A_m0|A_m\.\d+)")
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..geometry.layout import degree_of_rows
+from ..geometry.layout import SphericalLayout, index_tensor
 
 
 class RMSNorm(nn.Module):
@@ -42,6 +42,15 @@ class ScalarRMSNorm(nn.Module):
         return x.to(in_dtype)
 
 
+def _balance_weight(
+    layout: SphericalLayout, row_degrees: tuple[int, ...], channels: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Row weights ``1 / (n_l (L+1) C)``, ``n_l = 2 min(l, M) + 1`` the orders a degree keeps,
+    so that every degree contributes equally to the shared variance."""
+    kept = torch.tensor([2 * min(l, layout.mmax) + 1 for l in row_degrees], dtype=torch.float64)
+    return (1.0 / (kept * (layout.lmax + 1) * channels)).to(dtype)
+
+
 def _balanced_rms(x0: torch.Tensor, rest: torch.Tensor, weight: torch.Tensor, dims) -> torch.Tensor:
     """Inverse RMS from a centred scalar slice and the remaining rows, weights per row."""
     var = x0.square().sum(dims) * weight[0]
@@ -66,10 +75,10 @@ class EquivariantRMSNorm(nn.Module):
         self.eps = eps
         self.adam_scale = nn.Parameter(torch.ones(lmax + 1, n_focus, channels, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(n_focus, channels, dtype=dtype))
-        degrees = degree_of_rows(lmax)
-        self.register_buffer("expand_index", degrees)
-        weight = 1.0 / ((2 * degrees + 1).to(torch.float64) * (lmax + 1) * channels)
-        self.register_buffer("balance_weight", weight.to(dtype))
+        layout = SphericalLayout.of(lmax)
+        self.register_buffer("expand_index", index_tensor(layout.degrees))
+        weight = _balance_weight(layout, layout.degrees, channels, dtype)
+        self.register_buffer("balance_weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
@@ -91,22 +100,14 @@ class ReducedEquivariantRMSNorm(nn.Module):
     """
 
     def __init__(
-        self,
-        lmax: int,
-        mmax: int,
-        channels: int,
-        row_degrees: torch.Tensor,
-        *,
-        eps: float,
-        dtype: torch.dtype,
-        n_focus: int = 1,
+        self, lmax: int, mmax: int, channels: int, *, eps: float, dtype: torch.dtype, n_focus: int
     ) -> None:
         super().__init__()
         self.eps = eps
-        self.register_buffer("degree_index_m", row_degrees.to(torch.long))
-        kept = 2 * torch.clamp(self.degree_index_m, max=mmax) + 1
-        weight = 1.0 / (kept.to(torch.float64) * (lmax + 1) * channels)
-        self.register_buffer("balance_weight", weight.to(dtype))
+        layout = SphericalLayout.of(lmax, mmax)
+        self.register_buffer("degree_index_m", index_tensor(layout.reduced_degrees))
+        weight = _balance_weight(layout, layout.reduced_degrees, channels, dtype)
+        self.register_buffer("balance_weight", weight)
         self.adam_scale = nn.Parameter(torch.ones(n_focus, lmax + 1, channels, dtype=dtype))
         self.bias0 = nn.Parameter(torch.zeros(n_focus, channels, dtype=dtype))
 

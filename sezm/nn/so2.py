@@ -15,17 +15,12 @@ import math
 import torch
 from torch import nn
 
+from ..geometry.layout import SphericalLayout, index_tensor
 from .common import child_seed, trunc_normal_fan_
 
-
-def _m_blocks(lmax: int, mmax: int) -> list[tuple[int, int, int]]:
-    """``(neg_start, pos_start, n_l)`` of every ``m >= 1`` block in the reduced layout."""
-    blocks, offset = [], lmax + 1
-    for m in range(1, mmax + 1):
-        n_l = lmax - m + 1
-        blocks.append((offset, offset + n_l, n_l))
-        offset += 2 * n_l
-    return blocks
+#: Seed offsets of the per-focus weight initialisations: ``m = 0`` blocks, and ``|m| >= 1`` blocks
+#: (one hundred focus streams per ``|m|``), as DeePMD-kit numbers them.
+_M0_SEED, _M_SEED, _M_SEED_STRIDE = 1000, 2000, 100
 
 
 def _focus_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -59,38 +54,31 @@ class SO2Linear(nn.Module):
         super().__init__()
         self.lmax, self.mmax, self.n_focus = lmax, mmax, n_focus
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.blocks = _m_blocks(lmax, mmax)
+        self.layout = layout = SphericalLayout.of(lmax, mmax)
+        blocks = layout.m_blocks
         self.register_buffer("m0_idx", torch.arange(lmax + 1))
-        self.register_buffer(
-            "neg_indices",
-            torch.cat(
-                [torch.arange(s, s + n) for s, _, n in self.blocks]
-                or [torch.zeros(0, dtype=torch.long)]
-            ),
-        )
-        self.register_buffer(
-            "pos_indices",
-            torch.cat(
-                [torch.arange(s, s + n) for _, s, n in self.blocks]
-                or [torch.zeros(0, dtype=torch.long)]
-            ),
-        )
+        neg = tuple(b.neg_start + i for b in blocks for i in range(b.size))
+        pos = tuple(b.pos_start + i for b in blocks for i in range(b.size))
+        self.register_buffer("neg_indices", index_tensor(neg))
+        self.register_buffer("pos_indices", index_tensor(pos))
         n0 = lmax + 1
         self.weight_m0 = nn.Parameter(
             torch.empty(n0 * in_channels, n_focus * n0 * out_channels, dtype=dtype)
         )
         w0 = self.weight_m0.data.view(n0 * in_channels, n_focus, -1)
         for f in range(n_focus):
-            trunc_normal_fan_(w0[:, f], child_seed(seed, 1000 + f))
+            trunc_normal_fan_(w0[:, f], child_seed(seed, _M0_SEED + f))
         self.bias0 = (
             nn.Parameter(torch.zeros(n_focus * out_channels, dtype=dtype)) if mlp_bias else None
         )
         self.weight_m = nn.ParameterList()
-        for m, (_, _, n_l) in enumerate(self.blocks, start=1):
+        for block in blocks:
+            n_l, m = block.size, block.order
             w = torch.empty(n_l * in_channels, n_focus * 2 * n_l * out_channels, dtype=dtype)
             wv = w.view(n_l * in_channels, n_focus, -1)
             for f in range(n_focus):
-                trunc_normal_fan_(wv[:, f], child_seed(seed, 2000 + 100 * m + f))
+                trunc_normal_fan_(wv[:, f], child_seed(seed, _M_SEED + _M_SEED_STRIDE * m + f))
+            # the pair weight [[W_u, W_v], [-W_v, W_u]] doubles the fan-in
             self.weight_m.append(nn.Parameter(w * (1.0 / math.sqrt(2.0))))
 
     def _per_focus(self, weight: torch.Tensor) -> torch.Tensor:
@@ -108,7 +96,7 @@ class SO2Linear(nn.Module):
         f, e = x.shape[0], x.shape[1]
         c_out = self.out_channels
         n0 = self.lmax + 1
-        sizes = [n0] + [2 * n for _, _, n in self.blocks]
+        sizes = [n0] + [2 * b.size for b in self.layout.m_blocks]
         parts = x.split(sizes, dim=2) if len(sizes) > 1 else (x,)
         outs = [_focus_matmul(parts[0], self._per_focus(self.weight_m0)).view(f, e, n0, c_out)]
         for part, weight, n in zip(parts[1:], self.weight_m, sizes[1:]):
@@ -149,8 +137,8 @@ class RadialDegreeMixer(nn.Module):
                 f"radial_so2_mode must be 'none', 'degree' or 'degree_channel', got {mode!r}"
             )
         self.lmax, self.channels, self.mode, self.rank = lmax, channels, mode, rank
-        self.block_sizes = [lmax - m + 1 for m in range(mmax + 1)]
-        kernel = sum(n * n for n in self.block_sizes)
+        self.layout = layout = SphericalLayout.of(lmax, mmax)
+        kernel = sum(n * n for n in layout.block_sizes)
         width = 1 if mode == "degree" else (rank if rank > 0 else channels)
         self.kernel_width = width
         self.weight = nn.Parameter(torch.empty((lmax + 1) * channels, kernel * width, dtype=dtype))
@@ -159,30 +147,9 @@ class RadialDegreeMixer(nn.Module):
         if mode == "degree_channel" and rank > 0:
             self.channel_basis = nn.Parameter(torch.empty(rank, channels, dtype=dtype))
             trunc_normal_fan_(self.channel_basis, child_seed(seed, 1))
-        compact, dense = self._scatter_indices(lmax, mmax)
-        self.register_buffer("kernel_compact_index", compact)
-        self.register_buffer("kernel_dense_index", dense)
-
-    @staticmethod
-    def _scatter_indices(lmax: int, mmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compact -> dense ``(D_m, D_m)`` positions of the block-diagonal kernel (checkpoint buffers)."""
-        n0 = lmax + 1
-        dim = n0 + sum(2 * (lmax - m + 1) for m in range(1, mmax + 1))
-        compact, dense = [], []
-
-        def block(start: int, offset: int, n: int) -> None:
-            for i in range(n):
-                for o in range(n):
-                    compact.append(offset + i * n + o)
-                    dense.append((start + o) * dim + start + i)
-
-        block(0, 0, n0)
-        offset = n0 * n0
-        for neg, pos, n in _m_blocks(lmax, mmax):
-            block(neg, offset, n)
-            block(pos, offset, n)
-            offset += n * n
-        return torch.tensor(compact), torch.tensor(dense)
+        compact, dense = _kernel_scatter(layout)
+        self.register_buffer("kernel_compact_index", index_tensor(compact))
+        self.register_buffer("kernel_dense_index", index_tensor(dense))
 
     def _mix(self, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``kernel (E, n_in, n_out, w)``, ``x (E, n_in, C)`` -> ``(E, n_out, C)``.
@@ -213,14 +180,34 @@ class RadialDegreeMixer(nn.Module):
         e = x.shape[0]
         n0 = self.lmax + 1
         compact = radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ self.weight  # (E, K * w)
-        sizes = [n * n * self.kernel_width for n in self.block_sizes]
-        kernels = compact.split(sizes, dim=1)
-        rows = [self.block_sizes[0]] + [n for n in self.block_sizes[1:] for _ in range(2)]
-        xs = x.split(rows, dim=1)
+        block_sizes = self.layout.block_sizes
+        kernels = compact.split([n * n * self.kernel_width for n in block_sizes], dim=1)
+        xs = x.split(self.layout.row_groups, dim=1)
         parts, k = [], 0
-        for b, n in enumerate(self.block_sizes):
+        for b, n in enumerate(block_sizes):
             kernel = kernels[b].view(e, n, n, self.kernel_width)
             for _ in range(1 if b == 0 else 2):
                 parts.append(self._mix(kernel, xs[k]))
                 k += 1
         return torch.cat(parts, dim=1)
+
+
+def _kernel_scatter(layout: SphericalLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Compact -> dense ``(D_m, D_m)`` positions of the block-diagonal mixer kernel (checkpoint
+    buffers): the ``m = 0`` block, then each ``|m|`` block used for ``-m`` and ``+m``."""
+    dim, compact, dense = layout.reduced_dim, [], []
+
+    def block(start: int, offset: int, n: int) -> None:
+        for i in range(n):
+            for o in range(n):
+                compact.append(offset + i * n + o)
+                dense.append((start + o) * dim + start + i)
+
+    n0 = layout.lmax + 1
+    block(0, 0, n0)
+    offset = n0 * n0
+    for m_block in layout.m_blocks:
+        block(m_block.neg_start, offset, m_block.size)
+        block(m_block.pos_start, offset, m_block.size)
+        offset += m_block.size**2
+    return tuple(compact), tuple(dense)

@@ -1,0 +1,1 @@
+"""Training: setup, the step loop, losses, optimisers, validation and checkpoints."""

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -36,14 +37,27 @@ def model_state(
 ):
     """DeePMD-kit style model state of one branch (tensors cloned to CPU); ``infos``: further
     ``train_infos`` entries (the full-validation records)."""
-    tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return branches_state({branch: model}, model_params, lr, step, infos)
+
+
+def branches_state(
+    models: Mapping[str, torch.nn.Module],
+    model_params: dict,
+    lr: float,
+    step: int,
+    infos: dict | None = None,
+) -> dict:
+    """DeePMD-kit model state of every branch (tensors under ``model.<branch>.``, cloned to
+    CPU) with ``_extra_state = {"model_params", "train_infos"}``."""
     state = {
         "_extra_state": {
             "model_params": model_params,
             "train_infos": {**(infos or {}), "lr": float(lr), "step": int(step)},
         }
     }
-    state.update(to_deepmd_state(tensors, branch))
+    for name, model in models.items():
+        tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state.update(to_deepmd_state(tensors, name))
     return state
 
 
@@ -85,13 +99,12 @@ def keep_counts(training: dict, num_steps: int) -> tuple[int, int]:
     """``(periodic, EMA)`` checkpoints kept: ``max_ckpt_keep`` and ``ema_ckpt_keep`` (default:
     the same), both replaced by ``ceil(ckpt_keep_ratio * ceil(numb_steps / save_freq))``
     (at least 1; one checkpoint in all without periodic saves) when the ratio is set."""
-    keep = int(training.get("max_ckpt_keep", 5))
-    ema = training.get("ema_ckpt_keep")
-    ema = keep if ema is None else int(ema)
-    ratio = training.get("ckpt_keep_ratio")
+    keep = int(training["max_ckpt_keep"])
+    ema = keep if training["ema_ckpt_keep"] is None else int(training["ema_ckpt_keep"])
+    ratio = training["ckpt_keep_ratio"]
     if ratio is None:
         return keep, ema
-    save_freq = int(training.get("save_freq", 1000))
+    save_freq = int(training["save_freq"])
     total = max(1, math.ceil(num_steps / save_freq)) if save_freq > 0 else 1
     keep = max(1, math.ceil(float(ratio) * total))
     log.info(

@@ -102,6 +102,7 @@ def init_from_env(environ: Mapping[str, str] | None = None) -> Distributed:
 
 
 def close() -> None:
+    """End the process group, if one was started."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -134,7 +135,17 @@ def zero_stage(training: Mapping[str, Any], ctx: Distributed) -> int:
     return stage
 
 
+def any_rank(ctx: Distributed, flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over the processes of a multi-process run (one small all-reduce)."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def describe(ctx: Distributed, stage: int) -> str:
+    """How the run is parallelised, for the log (``stage``: the ZeRO stage, 0 or 1)."""
     if not ctx.enabled:
         return "single process"
     kind = "DDP" if stage == 0 else "DDP + ZeRO stage 1 (optimizer state sharded)"

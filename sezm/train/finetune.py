@@ -36,7 +36,7 @@ from torch import nn
 
 from ..compat.deepmd import Checkpoint, CheckpointError, load_into
 from ..data import out_stat
-from ..data.stats import preset_bias
+from ..data.stats import output_stat_mode, preset_bias
 from ..model.property_model import PropertyModel
 from ..nn.lora import fold_lora
 
@@ -77,6 +77,8 @@ def _branch_names(pretrained: Mapping) -> dict[str, str]:
     names = {}
     for name, params in pretrained["model_dict"].items():
         names[name] = name
+        # a checkpoint's params are read as stored (check_stored_model only warns): a branch
+        # without the key has no alias
         names.update({alias: name for alias in params.get("model_branch_alias", [])})
     return names
 
@@ -104,10 +106,10 @@ def _rule(target: dict, pretrained: Mapping, head: str, use_script: bool) -> Fin
     if use_script:
         sections = ("descriptor",) if random_fitting else ("descriptor", "fitting_net")
         for key in sections:
-            trainable = target.get(key, {}).get("trainable", True)
+            trainable = target[key]["trainable"]
             target[key] = {**copy.deepcopy(chosen[key]), "trainable": trainable}
     else:
-        warn_descriptor_mismatch(target.get("descriptor", {}), chosen["descriptor"], branch)
+        warn_descriptor_mismatch(target["descriptor"], chosen["descriptor"], branch)
     return FinetuneRule(
         branch, list(chosen["type_map"]), list(target["type_map"]), random_fitting=random_fitting
     )
@@ -230,14 +232,16 @@ def _prediction(model: nn.Module, graph) -> torch.Tensor:
 
 def change_out_bias(model: nn.Module, data, params: Mapping, seed: int | None = None) -> None:
     """Change-by-statistic: ``out_bias += b`` with ``b = lstsq(label - prediction)`` over
-    ``data_stat_nbatch`` batches per system, ``out_std`` = std of the remaining residual."""
+    ``data_stat_nbatch`` batches per system, ``out_std`` = std of the remaining residual.
+
+    ``params``: a normalized ``model`` section (a checkpoint's stored ``model_params`` are one).
+    """
     key = _label_key(model)
-    fitting = params.get("fitting_net", {})
     samples = []
     was_training = model.training
     model.eval()
     for batch in _stat_batches(
-        data, int(params.get("data_stat_nbatch", 10)), model.rcut, model.out_bias.device, seed
+        data, int(params["data_stat_nbatch"]), model.rcut, model.out_bias.device, seed
     ):
         if not batch.find.get(key, False):
             continue
@@ -251,10 +255,9 @@ def change_out_bias(model: nn.Module, data, params: Mapping, seed: int | None = 
         samples,
         key,
         len(type_map),
-        distinguish_types=bool(fitting.get("distinguish_types", True)),
-        intensive=bool(fitting.get("intensive", False)),
-        preset=preset_bias(params.get("preset_out_bias"), key, type_map, dim),
-        exclude_types=params.get("atom_exclude_types", []),
+        **output_stat_mode(params["fitting_net"]),
+        preset=preset_bias(params["preset_out_bias"], key, type_map, dim),
+        exclude_types=params["atom_exclude_types"],
     )
     before = model.out_bias[0, :, 0].tolist()
     with torch.no_grad():

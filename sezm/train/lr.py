@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from ..config import DEFAULT_STOP_LR
-
 SCHEDULES = ("exp", "cosine", "wsd")
 """Schedule types. ``scale_by_worker`` is accepted and, as in DeePMD-kit's PyTorch backend,
 ignored."""
@@ -40,25 +38,24 @@ class LearningRate:
       ``cosine`` ``lr1 + (lr0 - lr1)/2 * (1 + cos(pi tau))``, ``linear``
       ``lr0 + (lr1 - lr0) tau``; ``lr1`` for ``t >= T``.
 
-    ``stop_lr`` is ``stop_lr`` or ``stop_lr_ratio * start_lr`` (5e-8 without either).
+    ``stop_lr`` is ``stop_lr`` or ``stop_lr_ratio * start_lr`` (normalization fills ``stop_lr``
+    with :data:`~sezm.config.DEFAULT_STOP_LR` when neither is given).
     """
 
     def __init__(self, section: dict[str, Any], numb_steps: int) -> None:
-        self.kind = section.get("type", "exp")
+        self.kind = section["type"]
         if self.kind not in SCHEDULES:
             raise ValueError(f"unknown learning-rate type {self.kind!r}; use one of {SCHEDULES}")
         self.start_lr = float(section["start_lr"])
-        ratio, stop = section.get("stop_lr_ratio"), section.get("stop_lr")
-        if ratio is not None:
-            stop = self.start_lr * ratio
-        self.stop_lr = float(DEFAULT_STOP_LR if stop is None else stop)
-        warmup_ratio = section.get("warmup_ratio")
+        ratio = section["stop_lr_ratio"]
+        self.stop_lr = float(section["stop_lr"] if ratio is None else self.start_lr * ratio)
+        warmup_ratio = section["warmup_ratio"]
         self.warmup_steps = (
             int(warmup_ratio * numb_steps)
             if warmup_ratio is not None
-            else int(section.get("warmup_steps", 0))
+            else int(section["warmup_steps"])
         )
-        self.warmup_start_lr = float(section.get("warmup_start_factor", 0.0)) * self.start_lr
+        self.warmup_start_lr = float(section["warmup_start_factor"]) * self.start_lr
         self.numb_steps = numb_steps
         self.decay_total = numb_steps - self.warmup_steps
         if self.start_lr <= 0 or not math.isfinite(self.start_lr):
@@ -84,8 +81,8 @@ class LearningRate:
     # --- exp -------------------------------------------------------------------------------
 
     def _setup_exp(self, section: dict[str, Any]) -> None:
-        steps = int(section.get("decay_steps", 5000))
-        rate, total = section.get("decay_rate"), self.decay_total
+        steps = int(section["decay_steps"])
+        rate, total = section["decay_rate"], self.decay_total
         if steps <= 0:
             raise ValueError(f"decay_steps must be positive, got {steps}")
         if rate is None and steps >= total:
@@ -94,7 +91,7 @@ class LearningRate:
             end = max(self.stop_lr, 1e-10)
             rate = np.exp(np.log(end / self.start_lr) / (total / steps)).item() if total else 1.0
         self.decay_steps, self.decay_rate = steps, float(rate)
-        self.smooth = bool(section.get("smooth", False))
+        self.smooth = bool(section["smooth"])
 
     def _exp(self, t: float) -> float:
         exponent = t / self.decay_steps if self.smooth else t // self.decay_steps
@@ -116,8 +113,8 @@ class LearningRate:
     # --- wsd -------------------------------------------------------------------------------
 
     def _setup_wsd(self, section: dict[str, Any]) -> None:
-        ratio = float(section.get("decay_phase_ratio", 0.1))
-        self.decay_type = section.get("decay_type", "inverse_linear")
+        ratio = float(section["decay_phase_ratio"])
+        self.decay_type = section["decay_type"]
         if self.stop_lr <= 0:
             raise ValueError(f"the wsd schedule needs a positive stop_lr, got {self.stop_lr}")
         if not 0 < ratio <= 1:

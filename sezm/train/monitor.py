@@ -34,16 +34,17 @@ def _summary_writer():
 
 
 class Monitor:
-    """TensorBoard writer and profiler of one run; inactive on ranks other than 0."""
+    """TensorBoard writer and profiler of one run (settings from the normalized ``training``
+    section); inactive on ranks other than 0."""
 
     def __init__(self, training: Mapping[str, Any], active: bool = True) -> None:
-        self.log_dir = str(training.get("tensorboard_log_dir", "log"))
-        self.freq = int(training.get("tensorboard_freq", 1))
-        wanted = bool(training.get("tensorboard", False))
+        self.log_dir = str(training["tensorboard_log_dir"])
+        self.freq = int(training["tensorboard_freq"])
+        wanted = bool(training["tensorboard"])
         self.tensorboard = wanted and active
-        self.enable_profiler = bool(training.get("enable_profiler", False)) and active
-        self.profiling = bool(training.get("profiling", False)) and active
-        self.profiling_file = str(training.get("profiling_file", "timeline.json"))
+        self.enable_profiler = bool(training["enable_profiler"]) and active
+        self.profiling = bool(training["profiling"]) and active
+        self.profiling_file = str(training["profiling_file"])
         self._writer_cls = _summary_writer() if wanted else None  # every rank fails alike, early
         self.writer = None
         self.profiler = None

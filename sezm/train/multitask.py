@@ -1,4 +1,4 @@
-"""Multi-task training pieces: shared modules, case one-hots, branch sampling, curves, state.
+"""Multi-task training pieces: shared modules, case one-hots, branch sampling.
 
 A multi-task input has ``model.model_dict`` (one model section per branch) whose
 ``type_map`` / ``descriptor`` / ``fitting_net`` may name entries of ``model.shared_dict``
@@ -17,14 +17,10 @@ proportional to the number of training systems).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import TextIO
 
 import numpy as np
 from torch import nn
-
-from ..compat.deepmd import to_deepmd_state
 
 
 def case_indices(model_dict: Mapping[str, Mapping]) -> dict[str, int]:
@@ -77,9 +73,9 @@ def share_params(models: Mapping[str, nn.Module], links: Mapping[str, list[dict]
 
 def model_prob(training: Mapping, names: list[str], n_systems: Mapping[str, int]) -> np.ndarray:
     """Normalised branch probabilities of ``training.model_prob`` (default: systems per branch)."""
-    if training.get("num_epoch_dict"):
+    if training.get("num_epoch_dict"):  # multi-task sections only
         raise NotImplementedError("training.num_epoch_dict is not available; use numb_steps")
-    given = training.get("model_prob") or {}
+    given = training.get("model_prob") or {}  # absent in a single-task section: one branch
     if given and (missing := [n for n in names if n not in given]):
         raise ValueError(f"training.model_prob must name every branch; missing: {missing}")
     prob = np.array([float(given[n]) if given else n_systems[n] for n in names], dtype=np.float64)
@@ -88,55 +84,13 @@ def model_prob(training: Mapping, names: list[str], n_systems: Mapping[str, int]
     return prob / prob.sum()
 
 
-def multitask_state(
-    models: Mapping[str, nn.Module], model_params: dict, lr: float, step: int
-) -> dict:
-    """DeePMD-kit multi-task model state: every branch under ``model.<branch>.``."""
-    state = {
-        "_extra_state": {
-            "model_params": model_params,
-            "train_infos": {"lr": float(lr), "step": int(step)},
-        }
-    }
-    for name, model in models.items():
-        tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        state.update(to_deepmd_state(tensors, name))
-    return state
+class BranchDraw:
+    """The branch each training step trains, drawn with the branch probabilities from its own
+    generator (one branch: always that one)."""
 
+    def __init__(self, names: list[str], prob: np.ndarray, seed: int | None) -> None:
+        self.names, self.prob = names, prob
+        self.rng = np.random.default_rng(seed)
 
-class MultiTaskCurve:
-    """``lcurve.out`` of a multi-task run: per branch ``<metric>_val_<b> <metric>_trn_<b>``
-    (only ``_trn_`` for a branch without validation data), then ``lr``."""
-
-    def __init__(self, handle: TextIO, names: list[str], write_header: bool) -> None:
-        self.handle, self.names, self.needs_header = handle, names, write_header
-
-    def write(
-        self,
-        step: int,
-        lr: float,
-        train: Mapping[str, Mapping[str, float]],
-        valid: Mapping[str, Mapping[str, float]],
-    ) -> None:
-        if self.needs_header:
-            head = "# {:5s}".format("step")
-            for b in self.names:
-                for k in sorted(train[b]):
-                    head += (
-                        f"   {k + '_val_' + b:>11s} {k + '_trn_' + b:>11s}"
-                        if valid[b]
-                        else f"   {k + '_trn_' + b:>11s}"
-                    )
-            head += "   {:8s}\n".format("lr")
-            head += "# If there is no available reference data, rmse_*_{val,trn} will print nan\n"
-            self.handle.write(head)
-            self.needs_header = False
-        line = f"{step:7d}"
-        for b in self.names:
-            for k in sorted(train[b]):
-                if valid[b]:
-                    line += f"   {valid[b].get(k, math.nan):11.2e} {train[b][k]:11.2e}"
-                else:
-                    line += f"   {train[b][k]:11.2e}"
-        self.handle.write(line + f"   {lr:8.1e}\n")
-        self.handle.flush()
+    def next(self) -> str:
+        return self.names[int(self.rng.choice(len(self.names), p=self.prob))]

@@ -33,7 +33,7 @@ def build_optimizer(
     ``lr`` is only the initial rate: the trainer sets it every step with :func:`set_lr`.
     ``LKF`` (the Kalman-filter optimizer) raises :class:`NotImplementedError`.
     """
-    kind = section.get("type", "Adam")
+    kind = section["type"]
     if kind == "LKF":
         raise NotImplementedError(
             "optimizer type 'LKF' (layer-wise Kalman filter) is not supported; "

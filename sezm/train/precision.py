@@ -70,9 +70,9 @@ class Precision:
         cuda = device.type == "cuda"
         return cls(
             device=device,
-            amp=cuda and bool(params.get("descriptor", {}).get("use_amp", True)),
-            tf32=cuda and bool(params.get("enable_tf32", True)),
-            compile=compilable and bool(params.get("use_compile", False)),
+            amp=cuda and bool(params["descriptor"]["use_amp"]),
+            tf32=cuda and bool(params["enable_tf32"]),
+            compile=compilable and bool(params["use_compile"]),
             evaluation=evaluation,
         )
 
@@ -83,9 +83,9 @@ class Precision:
     def describe(self, params: Mapping[str, Any]) -> list[str]:
         """What is in force, and why a requested switch is not."""
         cuda, on = self.device.type == "cuda", {True: "on", False: "off"}
-        wanted_amp = bool(params.get("descriptor", {}).get("use_amp", True))
-        wanted_tf32 = bool(params.get("enable_tf32", True))
-        wanted_compile = bool(params.get("use_compile", False))
+        wanted_amp = bool(params["descriptor"]["use_amp"])
+        wanted_tf32 = bool(params["enable_tf32"])
+        wanted_compile = bool(params["use_compile"])
 
         def why(wanted: bool, active: bool, reason: str) -> str:
             return f" ({reason})" if wanted and not active else ""

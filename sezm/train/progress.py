@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -14,32 +16,45 @@ log = logging.getLogger("sezm.train")
 
 
 class LearningCurve:
-    """``lcurve.out``: ``# step  <metric>_val <metric>_trn ...  lr`` (sorted metric names)."""
+    """``lcurve.out``: ``# step  <metric>_val <metric>_trn ...  lr`` (sorted metric names); in
+    a multi-task run per branch ``<metric>_val_<b> <metric>_trn_<b>`` (only ``_trn`` columns
+    for a branch without validation data), then ``lr``."""
 
-    def __init__(self, handle: TextIO, write_header: bool) -> None:
+    def __init__(self, handle: TextIO, labels: dict[str, str], write_header: bool) -> None:
+        """``labels``: branch -> its name in the columns (``""``: none, a single task)."""
         self.handle = handle
+        self.suffixes = {name: f"_{label}" if label else "" for name, label in labels.items()}
         self.needs_header = write_header
 
-    def write(self, step: int, lr: float, train: dict[str, float], valid: dict[str, float]) -> None:
-        keys = sorted(train)
+    def write(
+        self,
+        step: int,
+        lr: float,
+        train: Mapping[str, Mapping[str, float]],
+        valid: Mapping[str, Mapping[str, float]],
+    ) -> None:
+        """One row: per branch its training (and validation) metrics."""
         if self.needs_header:
-            head = "# {:5s}".format("step")
-            for k in keys:
-                head += (
-                    f"   {k + '_val':>11s} {k + '_trn':>11s}" if valid else f"   {k + '_trn':>11s}"
-                )
-            head += "   {:8s}\n".format("lr")
-            head += "# If there is no available reference data, rmse_*_{val,trn} will print nan\n"
-            self.handle.write(head)
+            self.handle.write(self._header(train, valid))
             self.needs_header = False
         line = f"{step:7d}"
-        for k in keys:
-            if valid:
-                line += f"   {valid.get(k, float('nan')):11.2e} {train[k]:11.2e}"
-            else:
-                line += f"   {train[k]:11.2e}"
+        for name in self.suffixes:
+            for k in sorted(train[name]):
+                if valid[name]:
+                    line += f"   {valid[name].get(k, math.nan):11.2e} {train[name][k]:11.2e}"
+                else:
+                    line += f"   {train[name][k]:11.2e}"
         self.handle.write(line + f"   {lr:8.1e}\n")
         self.handle.flush()
+
+    def _header(self, train: Mapping[str, Mapping], valid: Mapping[str, Mapping]) -> str:
+        head = "# {:5s}".format("step")
+        for name, suffix in self.suffixes.items():
+            for k in sorted(train[name]):
+                val, trn = f"{k}_val{suffix}", f"{k}_trn{suffix}"
+                head += f"   {val:>11s} {trn:>11s}" if valid[name] else f"   {trn:>11s}"
+        head += "   {:8s}\n".format("lr")
+        return head + "# If there is no available reference data, rmse_*_{val,trn} will print nan\n"
 
 
 class StepTimer:
@@ -76,6 +91,7 @@ class StepTimer:
 
 
 def format_metrics(step: int, tag: str, metrics: dict[str, float], lr: float | None) -> str:
+    """One log line, ``batch <step> <tag>: <name> = <value>, ...[, lr = <lr>]``, sorted by name."""
     text = ", ".join(f"{k} = {v:8.2e}" for k, v in sorted(metrics.items()))
     lr_text = f", lr = {lr:8.2e}" if lr is not None else ""
     return f"batch {step:7d} {tag}: {text}{lr_text}"

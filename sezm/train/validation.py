@@ -162,6 +162,8 @@ def evaluate_energy(forward: Callable, data, rcut: float, device: torch.device) 
 
 @dataclass(frozen=True, order=True)
 class Record:
+    """A validated step and its metric; records order by metric (lower is better), then step."""
+
     metric: float
     step: int
 
@@ -256,13 +258,13 @@ class FullValidator:
         is_main: bool,
         announce: bool = True,
     ) -> None:
-        self.freq = int(validating.get("validation_freq", 5000))
-        self.save_best = bool(validating.get("save_best", True))
-        self.metric = str(validating.get("validation_metric", "E:MAE")).strip().lower()
+        self.freq = int(validating["validation_freq"])
+        self.save_best = bool(validating["save_best"])
+        self.metric = str(validating["validation_metric"]).strip().lower()
         self.family, self.kind = parse_metric(self.metric)
-        self.start = start_step(validating.get("full_val_start", 0.5), num_steps)
+        self.start = start_step(validating["full_val_start"], num_steps)
         self.log_file, self.state, self.announce = Path(log_file), state, announce
-        self.best = BestCheckpoints(directory, prefix, int(validating.get("max_best_ckpt", 1)))
+        self.best = BestCheckpoints(directory, prefix, int(validating["max_best_ckpt"]))
         self.columns = self._columns()
         self.step_width = max(len("step"), len(str(num_steps)))
         restart = resumed_at is not None
@@ -375,18 +377,18 @@ def full_validators(
     ``full_validation``, the EMA weights with ``ema_full_validation`` (ignored without EMA);
     none when the schedule starts after the last step. ``resumed_at``: the last step done
     before a restart (``None`` for a new run)."""
-    live = bool(validating.get("full_validation", False))
-    ema = bool(validating.get("ema_full_validation", False)) and ema_state is not None
-    first = start_step(validating.get("full_val_start", 0.5), num_steps)
+    live = bool(validating["full_validation"])
+    ema = bool(validating["ema_full_validation"]) and ema_state is not None
+    first = start_step(validating["full_val_start"], num_steps)
     if not (live or ema) or first is None or first > num_steps:
         return []
     common = dict(
         num_steps=num_steps,
-        directory=Path(validating.get("save_best_dir") or Path(save_ckpt).parent),
+        directory=Path(validating["save_best_dir"] or Path(save_ckpt).parent),
         resumed_at=resumed_at,
         is_main=is_main,
     )
-    log_file = validating.get("full_val_file", "val.log")
+    log_file = validating["full_val_file"]
     flows = []
     if live:
         validator = FullValidator(

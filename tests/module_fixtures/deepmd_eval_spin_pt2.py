@@ -5,7 +5,7 @@ Run with the oracle venv (DeePMD-kit 3.2):
 For each package ``NAME`` and each frame of ``tests/data/spin/NiO`` (periodic ``pbc_<i>``, and
 frame 0 without a cell, ``nopbc``) it stores ``NAME/FRAME/<key>`` for ``energy (1, 1)``,
 ``force``, ``virial``, ``atom_energy``, ``atom_virial``, ``force_mag``, ``mask_mag`` (what
-``DeepPot.eval(..., atomic=True, spin=...)`` returns). ``tests/test_freeze_spin.py`` runs it
+``DeepPot.eval(..., atomic=True, spin=...)`` returns). ``tests/infer/test_freeze_spin.py`` runs it
 when the oracle exists; its output for the fixture checkpoints is committed as
 ``tests/data/freeze_spin/deepmd_pt2.npz``.
 """

@@ -1,4 +1,4 @@
-"""The float64 deepspin checkpoint of ``tests/test_freeze_spin.py``, trained 2 steps on NiO.
+"""The float64 deepspin checkpoint of ``tests/infer/test_freeze_spin.py``, trained 2 steps on NiO.
 
 Run with sezm's environment: ``python tests/module_fixtures/make_freeze_spin.py``. Writes
 ``tests/data/freeze_spin/nio_deepspin.pt`` (and its ``input.json``). ``sel`` 16 is below the

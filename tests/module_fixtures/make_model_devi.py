@@ -1,4 +1,4 @@
-"""Reference output of ``dp --pt model-devi`` for ``tests/test_model_devi.py``.
+"""Reference output of ``dp --pt model-devi`` for ``tests/infer/test_model_devi.py``.
 
 Run from anywhere with the DeePMD-kit venv:
 ``/tmp/oracle/bin/python tests/module_fixtures/make_model_devi.py``.

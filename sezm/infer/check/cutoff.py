@@ -45,6 +45,9 @@ def crossing_pair(s: Structure, rcut: float) -> tuple[int, np.ndarray, float] | 
 
 
 def check_cutoff(ev: Evaluator, s: Structure) -> list[Result]:
+    """Energy (eV) and force (eV/Å) jumps at ``rcut``: an atom of the pair nearest the cutoff is
+    moved onto it, then ``±STEP`` and ``±2 STEP`` across; both jumps are extrapolated to zero
+    step (energy: its difference less the trapezoid integral of the force), ~0 when smooth."""
     names = ("cutoff crossing: energy continuous", "cutoff crossing: forces continuous")
     pair = crossing_pair(s, ev.rcut)
     if pair is None:

@@ -62,6 +62,7 @@ def fd_virial(ev: Evaluator, s: Structure, h: float) -> np.ndarray:
 def check_forces(
     ev: Evaluator, s: Structure, ref: Outputs, rng: np.random.Generator, count: int
 ) -> Result:
+    """Forces of ``count`` probe atoms against central finite differences of the energy."""
     atoms = probe_atoms(ref.force, count, rng)
     fd = fd_forces(ev, s, atoms, ev.tol.fd_step)
     return Result(
@@ -74,6 +75,7 @@ def check_forces(
 
 
 def check_virial(ev: Evaluator, s: Structure, ref: Outputs) -> Result:
+    """The virial against central finite differences of the energy under a small strain."""
     fd = fd_virial(ev, s, ev.tol.fd_step)
     return Result(
         "virial = -dE/d strain (finite differences)",

@@ -102,6 +102,8 @@ def atoms_of(s: Structure, type_map: list[str]):
 def check_nve(
     ev: Evaluator, s: Structure, steps: int, dt_fs: float, temperature: float, seed: int
 ) -> Result:
+    """Total-energy drift (meV/atom/ps) of ``steps`` velocity-Verlet steps of ``dt_fs`` fs from
+    ``temperature`` K; skipped without steps or where a type is not an element."""
     name = "NVE energy drift"
     if steps <= 0:
         return skipped(name, "--nve-steps 0")

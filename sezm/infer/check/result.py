@@ -36,6 +36,7 @@ class Result:
 
 
 def skipped(name: str, why: str) -> Result:
+    """A check that did not run, with the reason as its note."""
     return Result(name, None, None, note=why)
 
 

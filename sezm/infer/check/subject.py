@@ -48,6 +48,8 @@ class CheckError(ValueError):
 
 @dataclass(frozen=True)
 class Tolerances:
+    """Pass limits of the checks at one precision."""
+
     symmetry: float  # relative
     fd_step: float  # Å, and strain
     fd: float  # relative

@@ -32,8 +32,8 @@ def build_loss(config: dict[str, Any], starter_learning_rate: float, **model_inf
     ``model_info`` for ``property``: ``task_dim``, ``var_name`` (the fitting's property name),
     ``intensive``, optionally ``out_bias``/``out_std``; ignored by the other types.
     """
-    kind = config.get("type", "ener")
-    if kind in ("ener", "ener_hess"):
+    kind = config["type"]
+    if kind == "ener":
         return EnergyLoss(config, starter_learning_rate)
     if kind == "dens":
         return DensLoss(config, starter_learning_rate)

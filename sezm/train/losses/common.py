@@ -54,10 +54,8 @@ class Pref:
 
     @classmethod
     def of(cls, section: dict, item: str) -> Pref:
-        return cls(
-            float(section.get(f"start_pref_{item}", 0.0)),
-            float(section.get(f"limit_pref_{item}", 0.0)),
-        )
+        """The ``start_pref_<item>``/``limit_pref_<item>`` pair of a normalized loss section."""
+        return cls(float(section[f"start_pref_{item}"]), float(section[f"limit_pref_{item}"]))
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,7 @@ class Frames:
 
 
 def found(name: str, label: dict, find: dict) -> bool:
+    """Whether the batch has label ``name``: present, and not flagged missing in ``find``."""
     return name in label and bool(find.get(name, True))
 
 
@@ -104,4 +103,5 @@ def huber(r: Tensor, delta: float) -> Tensor:
 
 
 def nan_like(x: Tensor) -> Tensor:
+    """A float64 ``nan`` scalar on the device of ``x``: the value of a metric without data."""
     return torch.full((), float("nan"), dtype=F64, device=x.device)

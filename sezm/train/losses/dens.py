@@ -33,8 +33,6 @@ from torch import Tensor
 
 from .common import F64, LabelRequirement, Pref, found, nan_like
 
-_OTHER_PREFS = ("v", "ae", "pf", "gf", "h")
-
 
 @dataclass
 class DensBatch:
@@ -60,25 +58,23 @@ class DensLoss:
     def __init__(self, section: dict[str, Any], starter_learning_rate: float) -> None:
         self.lr0 = float(starter_learning_rate)
         self.pref_e, self.pref_f = Pref.of(section, "e"), Pref.of(section, "f")
-        self.loss_func = section.get("loss_func", "mae")
-        self.prob = float(section.get("dens_prob", 0.5))
-        self.std = float(section.get("dens_std", 0.025))
-        ratio = section.get("dens_corrupt_ratio", 0.5)
+        self.loss_func = section["loss_func"]
+        self.prob = float(section["dens_prob"])
+        self.std = float(section["dens_std"])
+        ratio = section["dens_corrupt_ratio"]
         self.ratio = None if ratio is None else float(ratio)
-        self.coef_dn = float(section.get("dens_denoising_pos_coefficient", 10.0))
+        self.coef_dn = float(section["dens_denoising_pos_coefficient"])
         self._check(section)
 
     def _check(self, section: dict) -> None:
         if self.loss_func not in ("mse", "mae"):
             raise ValueError(f"dens loss: loss_func must be 'mse' or 'mae', not {self.loss_func!r}")
-        if not section.get("dens_fixed_noise_std", True):
+        if not section["dens_fixed_noise_std"]:
             raise NotImplementedError("dens loss: only dens_fixed_noise_std = true exists")
         if not 0.0 <= self.prob <= 1.0 or not 0.0 <= (self.ratio or 0.0) <= 1.0:
             raise ValueError("dens loss: dens_prob and dens_corrupt_ratio must lie in [0, 1]")
         if self.std <= 0.0 or self.coef_dn < 0.0:
             raise ValueError("dens loss: dens_std must be > 0, dens_denoising_pos_coefficient >= 0")
-        if any(Pref.of(section, k) != Pref(0.0, 0.0) for k in _OTHER_PREFS):
-            raise ValueError("dens loss: only energy and force prefactors are supported")
 
     def corrupt(
         self,

@@ -89,15 +89,15 @@ class EnergyLoss:
     def __init__(self, section: dict[str, Any], starter_learning_rate: float) -> None:
         self.lr0 = float(starter_learning_rate)
         self.prefs = {item: Pref.of(section, item) for item in self.TERMS}
-        self.loss_func = section.get("loss_func", "mse")
-        self.relative_f = section.get("relative_f")
-        self.f_use_norm = bool(section.get("f_use_norm", False))
-        self.use_huber = bool(section.get("use_huber", False))
-        self.norm_exp = 2 if section.get("intensive_ener_virial", False) else 1
-        self.atom_ener_coeff = bool(section.get("enable_atom_ener_coeff", False))
-        self.use_default_pf = bool(section.get("use_default_pf", False))
-        self.ngc = int(section.get("numb_generalized_coord", 0))
-        self.delta_e, self.delta_f, self.delta_v = huber_deltas(section.get("huber_delta", 0.01))
+        self.loss_func = section["loss_func"]
+        self.relative_f = section.get("relative_f")  # no default: absent means plain forces
+        self.f_use_norm = bool(section["f_use_norm"])
+        self.use_huber = bool(section["use_huber"])
+        self.norm_exp = 2 if section["intensive_ener_virial"] else 1
+        self.atom_ener_coeff = bool(section["enable_atom_ener_coeff"])
+        self.use_default_pf = bool(section["use_default_pf"])
+        self.ngc = int(section["numb_generalized_coord"])
+        self.delta_e, self.delta_f, self.delta_v = huber_deltas(section["huber_delta"])
         self._check(Pref.of(section, "h"))
         self.active = [item for item in self.TERMS if self.prefs[item].active]
 

@@ -56,9 +56,9 @@ class PropertyLoss:
         out_bias: Tensor | None = None,
         out_std: Tensor | None = None,
     ) -> None:
-        self.loss_func = section.get("loss_func", "smooth_mae")
-        self.metric = list(section.get("metric", ["mae"]))
-        self.beta = float(section.get("beta", 1.0))
+        self.loss_func = section["loss_func"]
+        self.metric = list(section["metric"])
+        self.beta = float(section["beta"])
         self.task_dim, self.var_name, self.intensive = int(task_dim), var_name, bool(intensive)
         self.out_bias, self.out_std = out_bias, out_std
         unknown = [m for m in [self.loss_func, *self.metric] if m not in METRICS]

@@ -45,8 +45,20 @@ class EnergySpinLoss(EnergyLoss):
         "ae": "l2_atom_ener_loss",
     }
 
+    # options of the ``ener`` loss that the ``ener_spin`` section does not have, switched off
+    # (``huber_delta`` is unused without ``use_huber``)
+    ENER_ONLY: ClassVar[dict[str, Any]] = {
+        "start_pref_h": 0.0,
+        "limit_pref_h": 0.0,
+        "numb_generalized_coord": 0,
+        "use_default_pf": False,
+        "use_huber": False,
+        "f_use_norm": False,
+        "huber_delta": 0.01,
+    }
+
     def __init__(self, section: dict[str, Any], starter_learning_rate: float) -> None:
-        super().__init__(section, starter_learning_rate)
+        super().__init__({**self.ENER_ONLY, **section}, starter_learning_rate)
         if Pref.of(section, "pf").active or section.get("relative_f") is not None:
             raise NotImplementedError(
                 "ener_spin loss: atom-weighted (pf) and relative forces are not available"

@@ -1,4 +1,4 @@
-"""Regenerate the DeePMD-kit reference normalizations used by tests/test_config.py.
+"""Regenerate the DeePMD-kit reference normalizations used by tests/config/test_config.py.
 
 Run with the Python of an environment that has DeePMD-kit 3.2 installed, from the repository
 root:

@@ -1,4 +1,4 @@
-"""Reference embeddings of DeePMD-kit 3.2 ``dp embed`` (read by tests/test_embed.py).
+"""Reference embeddings of DeePMD-kit 3.2 ``dp embed`` (read by tests/infer/test_embed.py).
 
 Run from the repository root with a DeePMD-kit 3.2 environment on PATH:
 

@@ -1,4 +1,4 @@
-"""The spin test system ``NiO`` and the ``dp --pt test`` numbers of ``tests/test_spin_data.py``.
+"""The spin test system ``NiO`` and the ``dp --pt test`` numbers of ``tests/data/test_spin_data.py``.
 
 ``NiO``: the first 3 frames of DeePMD-kit's ``examples/spin/data/data_1`` (the shared data
 ``data/spin/data_1``), which store each Ni spin as a virtual atom (type 2) 0.4 Å from its Ni,

@@ -1,0 +1,191 @@
+"""Streamed evaluation (block edge work chunk by chunk, recomputed for the gradient) gives the
+plain path's numbers: every option combination of the physics suite, in float64, for chunks of
+one atom, of many atoms and of the whole system, on systems with isolated atoms and with an atom
+that has hundreds of neighbours. Streaming changes only the order of floating-point sums, so the
+tolerance is float64 rounding: ``max|a - b| <= 1e-12 (1 + max|b|)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+import physics as P
+import pytest
+import torch
+from model_zoo import COMBOS, model_of
+
+from sezm.infer.settings import InferenceSettings, parse_edge_chunk
+from sezm.model.build import load_model
+from sezm.model.graph import build_graph
+from sezm.nn.edge_cache import merge_chunks, plan_chunks
+from sezm.nn.stream import ATOM_CHUNK_RATIO, MIN_CHUNK_EDGES, PLAIN_CHUNKS, StreamPolicy
+
+TOL = 1e-12
+ONE_CHUNK, PER_ATOM, SOME_ATOMS = 10**9, 1, 29
+
+
+def isolated_cluster() -> P.System:
+    """A cluster plus an atom beyond every cutoff and a pair that sees only each other."""
+    base = P.random_cluster(6, 2, seed=3)
+    far = np.array([[30.0, 0.0, 0.0], [0.0, 30.0, 0.0], [0.0, 31.2, 0.0]])
+    return P.System(np.vstack([base.coord, far]), np.concatenate([base.atype, [0, 1, 0]]))
+
+
+def crowded_cluster() -> P.System:
+    """A 6^3 grid of spacing 0.5 Å: inner atoms have over 200 neighbours within the 3.5 Å cutoff."""
+    axis = 0.5 * np.arange(6)
+    coord = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    return P.System(coord, np.arange(len(coord)) % 2)
+
+
+SYSTEMS = {
+    "crystal": P.random_crystal(10, 2, seed=5),
+    "isolated": isolated_cluster(),
+}
+
+
+def outputs(model, system: P.System, chunk: int | None) -> dict[str, np.ndarray]:
+    model.descriptor.streaming = None if chunk is None else StreamPolicy(1, fixed=chunk)
+    try:
+        return P.evaluate(model, system)
+    finally:
+        model.descriptor.streaming = None
+
+
+def assert_same(got: dict, want: dict) -> None:
+    for key, ref in want.items():
+        err = np.max(np.abs(got[key] - ref))
+        assert err <= TOL * (1 + np.max(np.abs(ref))), f"{key}: streamed differs by {err:.2e}"
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_streamed_equals_plain(combo: str, system: str) -> None:
+    model = model_of(combo)
+    want = outputs(model, SYSTEMS[system], None)
+    for chunk in (ONE_CHUNK, PER_ATOM, SOME_ATOMS):
+        assert_same(outputs(model, SYSTEMS[system], chunk), want)
+
+
+def test_an_atom_with_hundreds_of_neighbours_gets_its_own_chunk() -> None:
+    model = model_of("default")
+    system = crowded_cluster()
+    graph = P.graph_of(model, [system])
+    counts = torch.bincount(graph.dst, minlength=system.nat)
+    assert int(counts.max()) >= 200
+    want = outputs(model, system, None)
+    assert_same(outputs(model, system, 150), want)
+
+
+def test_chunks_cover_whole_atoms_within_the_edge_limit() -> None:
+    dst = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 3, 3, 3, 5])  # atoms 1 and 4 have no edges
+    chunks = plan_chunks(dst, 7, 4)
+    assert chunks[0].node_start == 0 and chunks[-1].node_stop == 7
+    assert chunks[0].edge_start == 0 and chunks[-1].edge_stop == len(dst)
+    for a, b in itertools.pairwise(chunks):
+        assert a.node_stop == b.node_start and a.edge_stop == b.edge_start
+    for c in chunks:
+        inside = dst[c.edge_start : c.edge_stop]
+        assert bool(((inside >= c.node_start) & (inside < c.node_stop)).all())
+        assert len(inside) <= 4 or c.node_stop - c.node_start == 1  # atom 3 alone: 6 edges
+    assert [(c.node_start, c.node_stop) for c in chunks] == [(0, 2), (2, 3), (3, 4), (4, 7)]
+
+
+def test_training_never_streams() -> None:
+    model = model_of("default")
+    model.descriptor.streaming = StreamPolicy(1, fixed=PER_ATOM)
+    try:
+        model.train()
+        assert model.descriptor._edge_chunk(1000) is None
+    finally:
+        model.eval()
+        model.descriptor.streaming = None
+
+
+def test_automatic_policy_streams_only_systems_larger_than_a_chunk(caplog) -> None:
+    policy = StreamPolicy(bytes_per_edge=10**9)  # a chunk of the minimum size
+    with caplog.at_level(logging.INFO, logger="sezm.nn.stream"):
+        assert policy.chunk_for(PLAIN_CHUNKS * MIN_CHUNK_EDGES) is None
+        assert policy.chunk_for(PLAIN_CHUNKS * MIN_CHUNK_EDGES + 1) == MIN_CHUNK_EDGES
+    text = caplog.text
+    assert "plain" in text and f"streamed, chunks of at most {MIN_CHUNK_EDGES} edges" in text
+    assert StreamPolicy(1, fixed=0).chunk_for(10**6) is None
+
+
+def test_edge_chunk_setting_is_read_and_checked() -> None:
+    assert parse_edge_chunk(None) is None and parse_edge_chunk("auto") is None
+    assert parse_edge_chunk("0") == 0 and parse_edge_chunk(" 5000 ") == 5000
+    for bad in ("-3", "many"):
+        with pytest.raises(ValueError, match="SEZM_EDGE_CHUNK"):
+            parse_edge_chunk(bad)
+    settings = InferenceSettings.from_env({"SEZM_EDGE_CHUNK": "4096"})
+    model = model_of("default")
+    try:
+        settings.apply(model, torch.device("cpu"))
+        assert model.descriptor.streaming.chunk_for(100) == 4096
+    finally:
+        model.descriptor.streaming = None
+
+
+PARITY = Path(__file__).parents[1] / "data" / "parity"
+FRAME_INPUTS = ("fparam", "aparam", "charge_spin", "spin")
+
+
+def parity_graph(case: str, model):
+    """The first stored frame of a parity case, with the extra inputs it carries."""
+    data = np.load(PARITY / case / "expected.npz")
+    frame = sorted({k.split("/")[0] for k in data.files})[0]
+    nat = len(data[f"{frame}/atype"])
+    extra = {k: data[f"{frame}/{k}"][None] for k in FRAME_INPUTS if f"{frame}/{k}" in data.files}
+    if "spin" in extra:
+        extra["spin"] = extra["spin"].reshape(1, nat, 3)
+    box = data[f"{frame}/box"].reshape(1, 3, 3) if f"{frame}/box" in data.files else None
+    return build_graph(
+        data[f"{frame}/coord"].reshape(1, nat, 3),
+        box,
+        data[f"{frame}/atype"][None],
+        model.rcut,
+        **extra,
+    )
+
+
+STORED = sorted(d.name for d in PARITY.iterdir() if (d / "model.pt").is_file())
+
+
+@pytest.mark.parametrize("case", STORED)
+def test_streamed_equals_plain_on_stored_models(case: str) -> None:
+    """Every stored parity checkpoint, including options the physics combinations do not build
+    (spin, dens, property, frame inputs, LoRA, ...), evaluated in float64."""
+    model, _ = load_model(PARITY / case / "model.pt", precision="float64")
+    graph = parity_graph(case, model)
+
+    def run(chunk: int | None) -> dict[str, np.ndarray]:
+        model.descriptor.streaming = None if chunk is None else StreamPolicy(1, fixed=chunk)
+        out = model(graph)
+        return {
+            k: v.detach().double().numpy()
+            for k, v in out.items()
+            if torch.is_tensor(v) and v.is_floating_point()
+        }
+
+    want = run(None)
+    assert_same(run(SOME_ATOMS), want)
+
+
+def test_atom_chunks_join_whole_chunks_up_to_the_atom_limit() -> None:
+    dst = torch.repeat_interleave(torch.arange(10), 3)  # 10 atoms, 3 edges each
+    chunks = plan_chunks(dst, 10, 6)  # two atoms per chunk
+    merged = merge_chunks(chunks, 5)
+    assert [(c.node_start, c.node_stop) for c in merged] == [(0, 4), (4, 8), (8, 10)]
+    assert [(c.edge_start, c.edge_stop) for c in merged] == [(0, 12), (12, 24), (24, 30)]
+    assert merge_chunks(chunks, 1) == chunks
+
+
+def test_per_atom_work_in_merged_batches_equals_plain() -> None:
+    model = model_of("so3_grids")
+    system = SYSTEMS["crystal"]
+    want = outputs(model, system, None)
+    assert_same(outputs(model, system, ATOM_CHUNK_RATIO * SOME_ATOMS), want)
