@@ -68,7 +68,7 @@ def check_stored_model(model_params: Any, source: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # options without effect: not news here
         try:
-            _normalize_model(model_params)
+            _normalize_model(_stored_as_input(model_params))
             return
         except ConfigError as err:
             problem = str(err)
@@ -80,6 +80,27 @@ def check_stored_model(model_params: Any, source: str) -> None:
     )
 
 
+def _stored_as_input(model: Any) -> Any:
+    """A stored multi-task ``model`` section as an input file names it: a checkpoint keeps
+    each branch's ``type_map`` expanded (one list, equal in all branches), where the schema
+    asks input files for one reference into ``shared_dict``; other sections as they are."""
+    branches = model.get("model_dict") if isinstance(model, dict) else None
+    if not isinstance(branches, dict) or not branches:
+        return model
+    maps = [b.get("type_map") if isinstance(b, dict) else None for b in branches.values()]
+    if not all(isinstance(m, list) and m == maps[0] for m in maps):
+        return model
+    model = copy.deepcopy(model)
+    shared = model.setdefault("shared_dict", {})
+    name = next((k for k, v in shared.items() if v == maps[0]), None)
+    if name is None:
+        name = "type_map" if "type_map" not in shared else "_stored_type_map"
+        shared[name] = list(maps[0])
+    for branch in model["model_dict"].values():
+        branch["type_map"] = name
+    return model
+
+
 def complete_model(params: dict[str, Any]) -> dict[str, Any]:
     """A ``model`` section with every default present, for building a model (a new dict).
 
@@ -89,6 +110,7 @@ def complete_model(params: dict[str, Any]) -> dict[str, Any]:
     the rules across keys still apply. Warnings about options without effect are not
     repeated here.
     """
+    params = _stored_as_input(params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
         try:

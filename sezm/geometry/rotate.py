@@ -18,6 +18,11 @@ forward and backward) and element-wise sums of ``(E, 1) * (E, C)`` products (2-3
 ``L >= 2``: every product streams a whole ``(E, C)`` slice). The batched matmul is bound by
 the ``(E, D, C)`` features it reads, which the compact forms read just as often.
 
+Rotating gathered node features (:meth:`EdgeRotation.gather_to_local`) keeps the node features
+and the edge indices for the backward pass, not the gathered ``(E, D, C)`` rows
+(:mod:`sezm.geometry.gather_rotate`). The rotate-back has no such saving: its backward needs
+the edge-frame messages ``(E, D_m, C)`` themselves, and the scatter after it keeps nothing.
+
 Under :func:`sezm.kernels.fused_rotation` (``DP_TRITON_INFER`` on CUDA), both directions run
 Triton kernels on the flat block values instead (:mod:`sezm.kernels.rotation_triton`).
 """
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import fused_rotation_for
+from .gather_rotate import gather_rotate
 from .layout import SphericalLayout, so3_dim
 
 
@@ -97,6 +103,14 @@ class EdgeRotation:
             return torch.bmm(ops[0], x)
         xs = x.unbind(1)
         return torch.stack([_dot(ops, xs, terms) for terms in self.to_local_terms], dim=1)
+
+    def gather_to_local(self, ops: tuple, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """:meth:`to_local` of the rows ``x[index]`` (``x (N, D, C)``, ``index (E,)``); the
+        batched-matmul path saves ``x``, not the gathered ``(E, D, C)`` rows
+        (:func:`~sezm.geometry.gather_rotate.gather_rotate`)."""
+        if isinstance(ops, FusedOperands) or self.sparse:
+            return self.to_local(ops, x.index_select(0, index))
+        return gather_rotate(x[:, : so3_dim(self.lmax)], index, ops[0])
 
     def to_global(
         self, ops: tuple, y: torch.Tensor, weight: torch.Tensor | None = None

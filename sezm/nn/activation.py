@@ -12,6 +12,7 @@ from torch import nn
 from ..geometry.layout import SphericalLayout, index_tensor
 from .common import activation, child_seed
 from .linear import FocusLinear
+from .so2 import m_block_rows
 
 #: Initial std of gate weights: every gate starts near ``sigmoid(0) = 1/2``.
 GATE_INIT_STD = 0.01
@@ -45,6 +46,8 @@ class GatedActivation(nn.Module):
         layout = SphericalLayout.of(lmax, mmax)
         degrees = layout.degrees if mmax is None else layout.reduced_degrees
         self.register_buffer("expand_index", index_tensor(degrees[1:]) - 1)
+        # m-major |m| blocks (mmax given): rows per block, for :meth:`blocks`
+        self.block_rows = None if mmax is None else m_block_rows(layout)
         self.gate_linear: nn.Module = nn.Identity()
         if lmax > 0:
             self.gate_linear = FocusLinear(
@@ -57,6 +60,28 @@ class GatedActivation(nn.Module):
                 init_std=GATE_INIT_STD,
             )
 
+    def _gates(self, source: torch.Tensor) -> torch.Tensor:
+        """Per-degree gates ``(N, L, F, C)`` (degrees 1..L) from the scalars ``source (N, F, C)``."""
+        logits = self.gate_linear(source.to(self.gate_linear.weight.dtype))  # (N, F, L*C)
+        gates = torch.sigmoid(logits).unflatten(-1, (self.lmax, self.channels))
+        return gates.transpose(1, 2)
+
+    def blocks(self, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Plain gating of m-major ``|m|`` blocks ``(N, rows_b, F, C)`` kept apart: the ``m = 0``
+        block holds the scalar and degrees 1..L in order (its gates are a view), a ``|m|``
+        block degrees ``m..L`` twice (``-m``, ``+m``)."""
+        x0, x_rest = parts[0].split([1, parts[0].shape[1] - 1], dim=1)
+        y0 = self.scalar_act(x0)
+        if self.lmax == 0:
+            return (y0,)
+        gates = self._gates(x0.squeeze(1)).to(x0.dtype)  # (N, L, F, C)
+        out, start = [torch.cat([y0, x_rest * gates], dim=1)], self.block_rows[0]
+        for part in parts[1:]:
+            rows = self.expand_index.narrow(0, start - 1, part.shape[1])
+            out.append(part * gates.index_select(1, rows))
+            start += part.shape[1]
+        return tuple(out)
+
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         """``x (N, D, F, C)`` (and the GLU ``gate``, same shape) -> ``(N, D, F, C)``."""
         # (split, not two narrows: its backward is one concatenation, not two zero-filled copies)
@@ -68,8 +93,6 @@ class GatedActivation(nn.Module):
             y0 = x0 * self.scalar_act(source)
         if self.lmax == 0:
             return y0
-        source = source.squeeze(1).to(self.gate_linear.weight.dtype)  # (N, F, C)
-        logits = self.gate_linear(source)  # (N, F, L*C)
-        gates = torch.sigmoid(logits).to(x.dtype).unflatten(-1, (self.lmax, self.channels))
-        gates = gates.index_select(2, self.expand_index).transpose(1, 2)  # (N, D-1, F, C)
+        gates = self._gates(source.squeeze(1)).to(x.dtype)
+        gates = gates.index_select(1, self.expand_index)  # (N, D-1, F, C)
         return torch.cat([y0, x_rest * gates], dim=1)

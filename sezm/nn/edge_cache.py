@@ -61,6 +61,13 @@ class EdgeCache:
         """Packed ``x (E, D, C)`` in the edge frames, ``|m| <= mmax``: ``(E, D_m, C)``."""
         return _rotation(lmax, mmax).to_local(self._operands(lmax, mmax), x)
 
+    def gather_to_local(
+        self, x: torch.Tensor, index: torch.Tensor, lmax: int, mmax: int
+    ) -> torch.Tensor:
+        """Rows ``x[index]`` of node features ``x (N, D, C)`` in the edge frames ``(E, D_m, C)``,
+        without keeping the gathered ``(E, D, C)`` rows for the backward pass."""
+        return _rotation(lmax, mmax).gather_to_local(self._operands(lmax, mmax), x, index)
+
     def to_global(
         self, y: torch.Tensor, lmax: int, mmax: int, weight: torch.Tensor | None = None
     ) -> torch.Tensor:

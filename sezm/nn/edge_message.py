@@ -26,7 +26,7 @@ from .grid import resolve_s2_full_grid_resolution
 from .grid_net import S2GridNet, SO3GridNet
 from .norm import ScalarRMSNorm
 from .options import BlockDegrees, GridProduct, LayerBasics, MessageOptions
-from .so2 import RadialDegreeMixer
+from .so2 import RadialDegreeMixer, m_block_rows
 from .so2_mixing import SO2MixingStack
 
 #: Child-seed slots of a convolution's seed (DeePMD-kit's numbering, which fixes the initial
@@ -87,10 +87,11 @@ class FocusCompetition:
         )
         return weighted.view(e, d, -1)
 
-    def local(self, x: torch.Tensor, gate_src: torch.Tensor) -> torch.Tensor:
-        """Weighted edge-frame streams ``x (F, E, D_m, C_f)``; ``gate_src (E, F, C_f)``."""
-        alpha = self.weights(gate_src)  # (E, F)
-        return x * alpha.t().to(x.dtype)[:, :, None, None]
+    def local(self, blocks: tuple, gate_src: torch.Tensor) -> tuple:
+        """Weighted edge-frame streams, ``|m|`` blocks ``(F, E, rows_b, C_f)``; ``gate_src
+        (E, F, C_f)``."""
+        alpha = self.weights(gate_src).t().to(blocks[0].dtype)[:, :, None, None]  # (F, E, 1, 1)
+        return tuple(b * alpha for b in blocks)
 
 
 class NoCompetition:
@@ -99,8 +100,8 @@ class NoCompetition:
     def packed(self, message: torch.Tensor, gate_src: torch.Tensor) -> torch.Tensor:
         return message
 
-    def local(self, x: torch.Tensor, gate_src: torch.Tensor) -> torch.Tensor:
-        return x
+    def local(self, blocks: tuple, gate_src: torch.Tensor) -> tuple:
+        return blocks
 
 
 class EdgeMessage:
@@ -166,25 +167,29 @@ class EdgeFrameMessage(EdgeMessage):
 
     def __call__(self, x, centre, edges: EdgeCache, radial, weight=None) -> tuple:
         owner, lmax, mmax = self.owner, self.lmax, self.mmax
-        x_local = edges.to_local(x.index_select(0, edges.src), lmax, mmax)  # (E, D_m, Cw)
+        x_local = edges.gather_to_local(x, edges.src, lmax, mmax)  # (E, D_m, Cw)
+        e, dm, _ = x_local.shape
+        rows = m_block_rows(SphericalLayout.of(lmax, mmax))
         if owner.radial_degree_mixer is None:
             rad = self.widen(radial.index_select(1, owner.degree_index_m))  # (E, D_m, Cw)
-            x_local = x_local * rad
+            blocks = (x_local * rad).split(rows, dim=1)
         else:  # the mixer reads only the m = 0 rows, which are the degrees l = 0..L in order
             rad = self.widen(radial)  # (E, L+1, Cw)
-            x_local = owner.radial_degree_mixer(x_local, rad)
+            blocks = owner.radial_degree_mixer.blocks(x_local, rad)  # (E, rows_b, Cw) each
         if owner.node_wise_grid_product is not None:
-            x_dst_local = edges.to_local(centre.index_select(0, edges.dst), lmax, mmax)
+            x_local = torch.cat(blocks, dim=1)
+            x_dst_local = edges.gather_to_local(centre, edges.dst, lmax, mmax)
             x_local = x_local + cross_product(owner.node_wise_grid_product, x_local, x_dst_local)
-        e, dm, _ = x_local.shape
+            blocks = x_local.split(rows, dim=1)
         nf, cf = self.n_focus, self.focus_dim
-        x_local = x_local.view(e, dm, nf, cf).permute(2, 0, 1, 3)  # (F, E, D_m, C_f)
-        gate_src = x_local[:, :, 0].transpose(0, 1)  # (E, F, C_f)
+        # |m| blocks kept apart through the mixing stack: (F, E, rows_b, C_f) each
+        blocks = tuple(b.view(e, b.shape[1], nf, cf).permute(2, 0, 1, 3) for b in blocks)
+        gate_src = blocks[0][:, :, 0].transpose(0, 1)  # (E, F, C_f)
         if self.mixing is not None:
             factor = rad[:, 0].view(e, nf, cf).transpose(0, 1) * edges.env.view(1, -1, 1)
-            x_local = self.mixing(x_local, factor)
-        x_local = self.competition.local(x_local, gate_src)
-        x_local = x_local.permute(1, 2, 0, 3).reshape(e, dm, nf * cf)
+            blocks = self.mixing(blocks, factor)
+        blocks = self.competition.local(blocks, gate_src)
+        x_local = torch.cat(blocks, dim=2).permute(1, 2, 0, 3).reshape(e, dm, nf * cf)
         return edges.to_global(x_local, lmax, mmax, weight), rad[:, 0]  # (E, D, Cw)
 
 

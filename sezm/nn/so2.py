@@ -23,6 +23,12 @@ from .common import child_seed, trunc_normal_fan_
 _M0_SEED, _M_SEED, _M_SEED_STRIDE = 1000, 2000, 100
 
 
+def m_block_rows(layout: SphericalLayout) -> tuple[int, ...]:
+    """Rows of each ``|m|`` block of the m-major layout: ``L + 1`` for ``m = 0``, then
+    ``2 n_l`` (the ``-m`` rows, then the ``+m`` rows) for each ``m >= 1``."""
+    return (layout.lmax + 1, *(2 * b.size for b in layout.m_blocks))
+
+
 def _focus_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x (F, E, rows, C)`` flattened per edge, times ``weight (F, rows*C, out)`` -> ``(F, E, out)``."""
     f, e = x.shape[0], x.shape[1]
@@ -92,19 +98,21 @@ class SO2Linear(nn.Module):
         w_u, w_v = w.chunk(2, dim=-1)
         return torch.cat([w, torch.cat([-w_v, w_u], dim=-1)], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f, e = x.shape[0], x.shape[1]
-        c_out = self.out_channels
-        n0 = self.lmax + 1
-        sizes = [n0] + [2 * b.size for b in self.layout.m_blocks]
-        parts = x.split(sizes, dim=2) if len(sizes) > 1 else (x,)
-        outs = [_focus_matmul(parts[0], self._per_focus(self.weight_m0)).view(f, e, n0, c_out)]
-        for part, weight, n in zip(parts[1:], self.weight_m, sizes[1:]):
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]):
+        """``x (F, E, D_m, C_in)`` -> ``(F, E, D_m, C_out)``, or its ``|m|`` blocks
+        ``(F, E, rows_b, C)`` (:func:`m_block_rows`) -> the output blocks: kept apart, the
+        blocks need neither a split nor a concatenation (nor their backward copies)."""
+        blocks = isinstance(x, tuple)
+        rows = m_block_rows(self.layout)
+        parts = x if blocks else (x.split(rows, dim=2) if len(rows) > 1 else (x,))
+        f, e, c_out = parts[0].shape[0], parts[0].shape[1], self.out_channels
+        outs = [_focus_matmul(parts[0], self._per_focus(self.weight_m0)).view(f, e, rows[0], c_out)]
+        for part, weight, n in zip(parts[1:], self.weight_m, rows[1:]):
             outs.append(_focus_matmul(part, self._pair_weight(weight)).view(f, e, n, c_out))
-        if self.bias0 is not None:
-            y0 = outs[0]
-            bias = self.bias0.view(f, 1, 1, c_out)
-            outs[0] = torch.cat([y0[:, :, :1] + bias, y0[:, :, 1:]], dim=2)
+        if self.bias0 is not None:  # in place: the GEMM's backward does not need its output
+            outs[0][:, :, 0] += self.bias0.view(f, 1, c_out)
+        if blocks:
+            return tuple(outs)
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
@@ -151,45 +159,51 @@ class RadialDegreeMixer(nn.Module):
         self.register_buffer("kernel_compact_index", index_tensor(compact))
         self.register_buffer("kernel_dense_index", index_tensor(dense))
 
-    def _mix(self, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``kernel (E, n_in, n_out, w)``, ``x (E, n_in, C)`` -> ``(E, n_out, C)``.
+    def _mixed_rows(self, kernel: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> list:
+        """``kernel (E, n_in, n_out, w)``, rows ``xs`` (``n_in`` of ``(E, C)``) -> ``n_out`` rows.
 
         Blocks have at most ``L + 1`` rows, so the contraction is written as a few
-        ``(E, w) * (E, C)`` products (much faster on CPU than batched tiny matmuls).
+        ``(E, w) * (E, C)`` products accumulated with ``addcmul`` (much faster on CPU than
+        batched tiny matmuls, and than one broadcast product per input row, whose backward
+        reduces over the broadcast axes).
         """
         n, w = kernel.shape[1], kernel.shape[-1]
-        if self.channel_basis is not None and self.rank > 1:  # fold the rank into channels
-            kernel, w = kernel @ self.channel_basis, x.shape[-1]
         entries = kernel.reshape(kernel.shape[0], n * n, w).unbind(1)  # K[i, o]
-        xs = x.unbind(1)
         rows = []
         for o in range(n):
             row = entries[o] * xs[0]
             for i in range(1, n):
-                row = row + entries[i * n + o] * xs[i]
+                row = torch.addcmul(row, entries[i * n + o], xs[i])
             rows.append(row)
-        out = torch.stack(rows, dim=1)
-        if self.channel_basis is not None and self.rank == 1:
-            out = out * self.channel_basis[0]
-        return out
+        return rows
 
-    def forward(self, x: torch.Tensor, radial: torch.Tensor) -> torch.Tensor:
-        """``x (E, D_m, C)`` -> ``(E, D_m, C)``; the kernel comes from the first ``L + 1`` rows of
-        ``radial``: per-degree rows ``(E, L+1, C)``, or the m-major layout (whose m = 0 rows
-        are the degrees in order)."""
+    def blocks(self, x: torch.Tensor, radial: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x (E, D_m, C)`` -> its mixed ``|m|`` blocks ``(E, rows_b, C)`` (:func:`m_block_rows`);
+        the kernel comes from the first ``L + 1`` rows of ``radial``: per-degree rows
+        ``(E, L+1, C)``, or the m-major layout (whose m = 0 rows are the degrees in order)."""
         e = x.shape[0]
         n0 = self.lmax + 1
         compact = radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ self.weight  # (E, K * w)
         block_sizes = self.layout.block_sizes
         kernels = compact.split([n * n * self.kernel_width for n in block_sizes], dim=1)
-        xs = x.split(self.layout.row_groups, dim=1)
-        parts, k = [], 0
+        xs, start, out = x.unbind(1), 0, []
         for b, n in enumerate(block_sizes):
             kernel = kernels[b].view(e, n, n, self.kernel_width)
-            for _ in range(1 if b == 0 else 2):
-                parts.append(self._mix(kernel, xs[k]))
-                k += 1
-        return torch.cat(parts, dim=1)
+            if self.channel_basis is not None and self.rank > 1:  # fold the rank into channels
+                kernel = kernel @ self.channel_basis  # (E, n, n, C)
+            rows = []
+            for _ in range(1 if b == 0 else 2):  # -m and +m share the kernel
+                rows += self._mixed_rows(kernel, xs[start : start + n])
+                start += n
+            block = torch.stack(rows, dim=1)  # (E, rows_b, C)
+            if self.channel_basis is not None and self.rank == 1:
+                block = block * self.channel_basis[0]
+            out.append(block)
+        return tuple(out)
+
+    def forward(self, x: torch.Tensor, radial: torch.Tensor) -> torch.Tensor:
+        """``x (E, D_m, C)`` -> ``(E, D_m, C)``: :meth:`blocks`, joined."""
+        return torch.cat(self.blocks(x, radial), dim=1)
 
 
 def _kernel_scatter(layout: SphericalLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -85,37 +85,61 @@ class SO2MixingStack(nn.Module):
                 for _ in range(n)
             )
 
-    def forward(self, x: torch.Tensor, bias_factor: torch.Tensor) -> torch.Tensor:
-        """``x (F, E, D_m, C_f)``; ``bias_factor (F, E, C_f)`` = radial l=0 times envelope."""
+    def forward(self, x: tuple[torch.Tensor, ...], bias_factor: torch.Tensor) -> tuple:
+        """``x``: the ``|m|`` blocks ``(F, E, rows_b, C_f)`` of the edge-frame streams
+        (:func:`~sezm.nn.so2.m_block_rows`), kept apart through the linears and gated
+        activations; ``bias_factor (F, E, C_f)`` = radial l=0 times envelope."""
         history = [x] if self.so2_layer_attn_res is not None else None
         for i, (linear, norm, act) in enumerate(
             zip(self.so2_linears, self.so2_inter_norms, self.non_linearities)
         ):
             if history is not None:
                 x = self._depth_mix(i, history, x)
-            y = linear(norm(x))
+            y = linear(_joined(norm, x))
             if i == 0 and linear.bias0 is not None:
-                y = _bias_correction(y, linear, bias_factor)
-            y = act(y.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)  # activations: (E, D_m, F, C_f)
+                _bias_correction(y[0], linear, bias_factor)
+            y = _activated(act, y)
             if self.adam_so2_layer_scales is not None:
-                y = y * self.adam_so2_layer_scales[i].view(y.shape[0], 1, 1, -1)
-            x = x + y
+                scale = self.adam_so2_layer_scales[i].view(y[0].shape[0], 1, 1, -1)
+                y = tuple(b * scale for b in y)
+            x = tuple(a + b for a, b in zip(x, y))
             if history is not None:
                 history.append(y)
         return x
 
-    def _depth_mix(self, i: int, history: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _depth_mix(self, i: int, history: list[tuple], x: tuple) -> tuple:
         """Depth attention over ``[input, update_0, ...]`` in the edge-major view."""
-        n_edge = x.shape[1]
+        rows = [b.shape[2] for b in x]
+        n_edge = x[0].shape[1]
 
         def l0(v: torch.Tensor) -> torch.Tensor:  # (E, F, D_m, C_f) -> (E, F*C_f)
             return v[:, :, 0, :].reshape(n_edge, -1)
 
-        sources = [h.transpose(0, 1) for h in history]
+        sources = [torch.cat(h, dim=2).transpose(0, 1) for h in history]
         mixed = self.so2_layer_attn_res[i](
-            sources=sources, scalar_extractor=l0, current_x=x.transpose(0, 1)
+            sources=sources, scalar_extractor=l0, current_x=torch.cat(x, dim=2).transpose(0, 1)
         )
-        return mixed.transpose(0, 1)
+        return mixed.transpose(0, 1).split(rows, dim=2)
+
+
+def _joined(module: nn.Module, blocks: tuple) -> tuple:
+    """A module of the whole m-major layout applied to ``|m|`` blocks (identity: untouched)."""
+    if isinstance(module, nn.Identity):
+        return blocks
+    return module(torch.cat(blocks, dim=2)).split([b.shape[2] for b in blocks], dim=2)
+
+
+def _activated(act: nn.Module, blocks: tuple) -> tuple:
+    """The activation between two layers on ``|m|`` blocks ``(F, E, rows_b, C)``; activations
+    work on ``(E, rows, F, C)``."""
+    if isinstance(act, nn.Identity):
+        return blocks
+    if isinstance(act, GatedActivation):
+        out = act.blocks(tuple(b.permute(1, 2, 0, 3) for b in blocks))
+        return tuple(b.permute(2, 0, 1, 3) for b in out)
+    rows = [b.shape[2] for b in blocks]
+    out = act(torch.cat(blocks, dim=2).permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
+    return out.split(rows, dim=2)
 
 
 def _activation(
@@ -142,10 +166,10 @@ def _activation(
     return GatedActivation(activation_function=message.activation_function, **common)
 
 
-def _bias_correction(y: torch.Tensor, linear: SO2Linear, factor: torch.Tensor) -> torch.Tensor:
-    """Make the first layer's l=0 bias vanish with the edge: ``bias * (rho_0 env - 1)`` added."""
+def _bias_correction(y0: torch.Tensor, linear: SO2Linear, factor: torch.Tensor) -> None:
+    """Make the first layer's l=0 bias vanish with the edge: ``bias * (rho_0 env - 1)`` added
+    in place to row 0 of the fresh ``m = 0`` block ``y0 (F, E, L+1, C)``."""
     if linear.out_channels != factor.shape[-1]:
         factor = torch.cat([factor, factor], dim=-1)
-    bias = linear.bias0.view(y.shape[0], 1, 1, -1)
-    y0, y_rest = y.split([1, y.shape[2] - 1], dim=2)
-    return torch.cat([y0 + bias * (factor.unsqueeze(2) - 1.0), y_rest], dim=2)
+    bias = linear.bias0.view(y0.shape[0], 1, -1)
+    y0[:, :, 0] += bias * (factor - 1.0)

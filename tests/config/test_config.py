@@ -551,3 +551,24 @@ def test_bundled_examples_are_complete_inputs(path):
         for key in ("training_data", "validation_data"):
             for system in (section[key] or {"systems": []})["systems"]:
                 assert (path.parent / system / "type.raw").is_file(), system
+
+
+def test_stored_multitask_model_fits_the_schema():
+    """A checkpoint stores each branch's shared type_map expanded; reading it back neither warns
+    nor changes the model section, while an input file with copied lists is still refused."""
+    from sezm.config.normalize import check_stored_model, complete_model
+
+    stored = normalize_input(raw_input("multitask_levels"))["model"]
+    assert all(isinstance(b["type_map"], list) for b in stored["model_dict"].values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        check_stored_model(copy.deepcopy(stored), "model.ckpt.pt")
+    completed = complete_model(copy.deepcopy(stored))
+    assert completed["model_dict"] == stored["model_dict"]
+    raw = raw_input("multitask_levels")
+    for branch in raw["model"]["model_dict"].values():
+        branch["type_map"] = ["O", "H"]
+    assert "shared `type_map`" in reject(raw)
+    stored["model_dict"]["b"]["type_map"] = ["H", "O"]  # branches disagree: still a warning
+    with pytest.warns(ConfigWarning, match="shared `type_map`"):
+        check_stored_model(stored, "model.ckpt.pt")
