@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_zoo import make_model
+from physics import graph_of, random_crystal
 
 from sezm.geometry import rotate
 from sezm.geometry.gather_rotate import gather_rotate
 from sezm.geometry.rotate import EdgeRotation
-from tests.model_zoo import make_model
-from tests.physics import graph_of, random_crystal
 
 F64 = torch.float64
 
