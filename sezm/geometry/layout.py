@@ -143,6 +143,12 @@ class SphericalLayout:
         n_2, n_2, ...)``, for splitting m-major features."""
         return (self.block_sizes[0], *(n for n in self.block_sizes[1:] for _ in range(2)))
 
+    @functools.cached_property
+    def m_block_rows(self) -> tuple[int, ...]:
+        """Rows of each ``|m|`` block of the m-major layout: ``L + 1`` for ``m = 0``, then
+        ``2 n_m`` (the ``-m`` rows, then the ``+m`` rows) for each ``m >= 1``."""
+        return (self.block_sizes[0], *(2 * n for n in self.block_sizes[1:]))
+
 
 @functools.cache
 def _cached_layout(lmax: int, mmax: int) -> SphericalLayout:

@@ -12,7 +12,6 @@ from torch import nn
 from ..geometry.layout import SphericalLayout, index_tensor
 from .common import activation, child_seed
 from .linear import FocusLinear
-from .so2 import m_block_rows
 
 #: Initial std of gate weights: every gate starts near ``sigmoid(0) = 1/2``.
 GATE_INIT_STD = 0.01
@@ -47,7 +46,7 @@ class GatedActivation(nn.Module):
         degrees = layout.degrees if mmax is None else layout.reduced_degrees
         self.register_buffer("expand_index", index_tensor(degrees[1:]) - 1)
         # m-major |m| blocks (mmax given): rows per block, for :meth:`blocks`
-        self.block_rows = None if mmax is None else m_block_rows(layout)
+        self.block_rows = None if mmax is None else layout.m_block_rows
         self.gate_linear: nn.Module = nn.Identity()
         if lmax > 0:
             self.gate_linear = FocusLinear(
@@ -61,7 +60,8 @@ class GatedActivation(nn.Module):
             )
 
     def _gates(self, source: torch.Tensor) -> torch.Tensor:
-        """Per-degree gates ``(N, L, F, C)`` (degrees 1..L) from the scalars ``source (N, F, C)``."""
+        """Per-degree gates ``(N, L, F, C)`` (degrees 1..L) from the scalars
+        ``source (N, F, C)``."""
         logits = self.gate_linear(source.to(self.gate_linear.weight.dtype))  # (N, F, L*C)
         gates = torch.sigmoid(logits).unflatten(-1, (self.lmax, self.channels))
         return gates.transpose(1, 2)

@@ -26,7 +26,7 @@ from .grid import resolve_s2_full_grid_resolution
 from .grid_net import S2GridNet, SO3GridNet
 from .norm import ScalarRMSNorm
 from .options import BlockDegrees, GridProduct, LayerBasics, MessageOptions
-from .so2 import RadialDegreeMixer, m_block_rows
+from .so2 import RadialDegreeMixer
 from .so2_mixing import SO2MixingStack
 
 #: Child-seed slots of a convolution's seed (DeePMD-kit's numbering, which fixes the initial
@@ -169,7 +169,7 @@ class EdgeFrameMessage(EdgeMessage):
         owner, lmax, mmax = self.owner, self.lmax, self.mmax
         x_local = edges.gather_to_local(x, edges.src, lmax, mmax)  # (E, D_m, Cw)
         e, dm, _ = x_local.shape
-        rows = m_block_rows(SphericalLayout.of(lmax, mmax))
+        rows = SphericalLayout.of(lmax, mmax).m_block_rows
         if owner.radial_degree_mixer is None:
             rad = self.widen(radial.index_select(1, owner.degree_index_m))  # (E, D_m, Cw)
             blocks = (x_local * rad).split(rows, dim=1)

@@ -23,14 +23,9 @@ from .common import child_seed, trunc_normal_fan_
 _M0_SEED, _M_SEED, _M_SEED_STRIDE = 1000, 2000, 100
 
 
-def m_block_rows(layout: SphericalLayout) -> tuple[int, ...]:
-    """Rows of each ``|m|`` block of the m-major layout: ``L + 1`` for ``m = 0``, then
-    ``2 n_l`` (the ``-m`` rows, then the ``+m`` rows) for each ``m >= 1``."""
-    return (layout.lmax + 1, *(2 * b.size for b in layout.m_blocks))
-
-
 def _focus_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x (F, E, rows, C)`` flattened per edge, times ``weight (F, rows*C, out)`` -> ``(F, E, out)``."""
+    """``x (F, E, rows, C)`` flattened per edge, times ``weight (F, rows*C, out)``
+    -> ``(F, E, out)``."""
     f, e = x.shape[0], x.shape[1]
     if f == 1:  # one plain GEMM
         return (x.reshape(e, -1) @ weight[0]).unsqueeze(0)
@@ -100,10 +95,11 @@ class SO2Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]):
         """``x (F, E, D_m, C_in)`` -> ``(F, E, D_m, C_out)``, or its ``|m|`` blocks
-        ``(F, E, rows_b, C)`` (:func:`m_block_rows`) -> the output blocks: kept apart, the
-        blocks need neither a split nor a concatenation (nor their backward copies)."""
+        ``(F, E, rows_b, C)`` (:attr:`SphericalLayout.m_block_rows`) -> the output blocks:
+        kept apart, the blocks need neither a split nor a concatenation (nor their backward
+        copies)."""
         blocks = isinstance(x, tuple)
-        rows = m_block_rows(self.layout)
+        rows = self.layout.m_block_rows
         parts = x if blocks else (x.split(rows, dim=2) if len(rows) > 1 else (x,))
         f, e, c_out = parts[0].shape[0], parts[0].shape[1], self.out_channels
         outs = [_focus_matmul(parts[0], self._per_focus(self.weight_m0)).view(f, e, rows[0], c_out)]
@@ -178,9 +174,10 @@ class RadialDegreeMixer(nn.Module):
         return rows
 
     def blocks(self, x: torch.Tensor, radial: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``x (E, D_m, C)`` -> its mixed ``|m|`` blocks ``(E, rows_b, C)`` (:func:`m_block_rows`);
-        the kernel comes from the first ``L + 1`` rows of ``radial``: per-degree rows
-        ``(E, L+1, C)``, or the m-major layout (whose m = 0 rows are the degrees in order)."""
+        """``x (E, D_m, C)`` -> its mixed ``|m|`` blocks ``(E, rows_b, C)``
+        (:attr:`SphericalLayout.m_block_rows`); the kernel comes from the first ``L + 1`` rows
+        of ``radial``: per-degree rows ``(E, L+1, C)``, or the m-major layout (whose m = 0
+        rows are the degrees in order)."""
         e = x.shape[0]
         n0 = self.lmax + 1
         compact = radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ self.weight  # (E, K * w)

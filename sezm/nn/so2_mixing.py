@@ -87,8 +87,8 @@ class SO2MixingStack(nn.Module):
 
     def forward(self, x: tuple[torch.Tensor, ...], bias_factor: torch.Tensor) -> tuple:
         """``x``: the ``|m|`` blocks ``(F, E, rows_b, C_f)`` of the edge-frame streams
-        (:func:`~sezm.nn.so2.m_block_rows`), kept apart through the linears and gated
-        activations; ``bias_factor (F, E, C_f)`` = radial l=0 times envelope."""
+        (:attr:`~sezm.geometry.layout.SphericalLayout.m_block_rows`), kept apart through the
+        linears and gated activations; ``bias_factor (F, E, C_f)`` = radial l=0 times envelope."""
         history = [x] if self.so2_layer_attn_res is not None else None
         for i, (linear, norm, act) in enumerate(
             zip(self.so2_linears, self.so2_inter_norms, self.non_linearities)
