@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from ..geometry.frames import InputError, normalize_frames
-from ..geometry.neighbors import device_edge_batch, device_search_available
+from ..geometry.neighbors import device_search_available
 from ..model.build import load_model
 from ..model.dens import DensModel
-from ..model.graph import Graph, build_graph
+from ..model.graph import build_graph
 from ..model.property_model import PropertyModel
 from ..model.spin import VirtualSpinModel
 from ..runtime import tune_allocator
@@ -93,44 +93,21 @@ class _DeepEval:
         if spin is not None and not self.has_spin():
             raise InputError("spin given, but this model takes no atomic spins")
         spin = _per_frame("spin", spin, (nat, 3), nf, "spin")
-        if self.device.type == "cuda" and device_search_available():
-            graph = self._device_graph(coord, cell, atype, fparam, aparam, charge_spin, spin)
-        else:
-            graph = build_graph(
-                coord,
-                cell,
-                atype,
-                self.model.rcut,
-                device=self.device,
-                fparam=fparam,
-                aparam=aparam,
-                charge_spin=charge_spin,
-                spin=spin,
-            )
+        graph = build_graph(
+            coord,
+            cell,
+            atype,
+            self.model.rcut,
+            device=self.device,
+            fparam=fparam,
+            aparam=aparam,
+            charge_spin=charge_spin,
+            spin=spin,
+            search_on_device=self.device.type == "cuda" and device_search_available(),
+        )
         self._check_distances(graph)
         self._check_sel(graph)
         return graph
-
-    def _device_graph(self, coord, cell, atype, fparam, aparam, charge_spin, spin) -> Graph:
-        """``build_graph`` with the neighbour search on the evaluation device (vesin-torch):
-        positions go to the GPU once, edges never come back to the host."""
-        src, dst, vec = device_edge_batch(coord, cell, self.model.rcut, self.device)
-
-        def tensor(a, dtype=torch.float64):
-            if a is None:
-                return None
-            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self.device)
-
-        return Graph(
-            atype=tensor(atype, torch.long),
-            src=src,
-            dst=dst,
-            edge_vec=vec,
-            fparam=tensor(fparam),
-            aparam=tensor(aparam),
-            charge_spin=tensor(charge_spin),
-            spin=None if spin is None else tensor(spin).reshape((*atype.shape, 3)),
-        )
 
     def _check_sel(self, graph) -> None:
         """Warn (once per model) when an atom has more neighbours than ``sel`` on the paths

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 from ase.data import chemical_symbols
 
-from ..geometry.frames import InputError, check_overlaps
-from ..geometry.neighbors import build_edges, device_edge_batch, device_search_available
+from ..geometry.frames import InputError
+from ..geometry.neighbors import device_search_available
 from ..model.dens import DensModel
 from ..model.energy import EnergyModel
-from ..model.graph import Graph
+from ..model.graph import Graph, graph_edges
 from ..model.property_model import PropertyModel
 from .deep_pot import DeepPot
 from .freeze import GraphLower
@@ -262,7 +261,9 @@ def batch_graph(
         frame = coord[None, start : start + n]
         box = None if boxes is None else boxes[k : k + 1]
         try:
-            s, d, v = _system_edges(frame, box, rcut, search_device)
+            s, d, v = graph_edges(
+                frame, box, rcut, search_device or "cpu", search_device is not None
+            )
         except InputError as err:
             raise InputError(f"system {k}: {str(err).removeprefix('frame 0: ')}") from None
         src.append(s + start)
@@ -275,13 +276,3 @@ def batch_graph(
         dst=torch.cat(dst),
         edge_vec=torch.cat(vec),
     )
-
-
-def _system_edges(frame: np.ndarray, box: np.ndarray | None, rcut: float, device):
-    """``(src, dst, vec)`` tensors of one system ``frame (1, n, 3)``, searched on ``device``
-    (or on the host when ``None``), overlapping atoms refused either way."""
-    if device is not None:
-        return device_edge_batch(frame, box, rcut, device)
-    edges = build_edges(frame, box, rcut)
-    check_overlaps(edges, frame.shape[1])
-    return tuple(torch.from_numpy(a) for a in (edges.src, edges.dst, edges.vec))

@@ -17,6 +17,7 @@ from sezm.geometry.neighbors import (
     device_edge_batch,
     device_edges,
 )
+from sezm.model.graph import build_graph
 
 pytest.importorskip("vesin_torch", reason='vesin-torch is not installed (pip install "sezm[gpu]")')
 
@@ -99,7 +100,7 @@ def test_deep_pot_device_graph_matches_host_graph():
     dp = sezm.DeepPot(TINY / "model.pt", device="cpu")
     coord, box, atype = frame("water_triclinic")
     host = dp._graph(coord[None], box[None], atype)
-    dev = dp._device_graph(coord[None], box[None], atype[None], None, None, None, None)
+    dev = build_graph(coord[None], box[None], atype[None], dp.model.rcut, search_on_device=True)
     for key in ("src", "dst", "edge_vec", "atype"):
         assert torch.equal(getattr(dev, key), getattr(host, key)), key
     out_host, out_dev = dp.model(host), dp.model(dev)
