@@ -19,7 +19,6 @@ Edge ``e`` points from the neighbour ``src`` (message source) to the centre ``ds
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,10 +64,6 @@ class EdgeList:
 
     def __len__(self) -> int:
         return int(self.src.shape[0])
-
-    def frame_of_edge(self, nat: int) -> np.ndarray:
-        """Frame index ``[E]`` of every edge, for ``nat`` atoms per frame."""
-        return self.dst // nat
 
 
 def build_edges(coord: np.ndarray, cell: np.ndarray | None, rcut: float) -> EdgeList:
@@ -227,35 +222,6 @@ def _search_frame(
     return src[order], dst[order], vec[order], shift[order], close
 
 
-def device_edges(
-    coord: torch.Tensor, cell: torch.Tensor | None, rcut: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Edges of one frame searched where ``coord`` lives (CUDA positions stay on the GPU):
-    ``(src, dst, vec, shift)``, the pairs and order of :func:`build_edges`.
-
-    ``coord``: ``[nat, 3]``; ``cell``: ``[3, 3]`` (rows the cell vectors) or ``None``.
-    ``src``/``dst``/``shift`` int64, ``vec`` float64, all on ``coord``'s device. Uses vesin's
-    torch flavour (``pip install "sezm[gpu]"``). Two scalars are read back to validate the
-    frame (its open-boundary extent, coincident atoms), which raise ``InputError``; for host
-    frames, :func:`device_edge_batch` validates on the host instead.
-    """
-    searcher = _torch_neighbor_list(rcut)
-    pos = coord.detach().to(torch.float64)  # [nat, 3]
-    if cell is None:
-        extent = float((pos.amax(0) - pos.amin(0)).max()) if len(pos) else 0.0
-        if extent > MAX_OPEN_EXTENT * rcut:
-            raise InputError(
-                f"the atoms span {extent:.4g} Å, more than the device neighbour search handles "
-                f"without a cell ({MAX_OPEN_EXTENT} x rcut); use the CPU search (build_edges)"
-            )
-    box = None if cell is None else cell.detach().to(pos)
-    *edges, n_zero = _search_frame(searcher, pos, box, rcut, math.sqrt(ZERO_DIST2))
-    n_zero = int(n_zero)
-    if n_zero:
-        raise InputError(f"{n_zero // 2} pair(s) of coincident atoms (closer than 1e-5 Å)")
-    return tuple(edges)
-
-
 def device_edge_batch(
     coord: np.ndarray,
     cell: np.ndarray | None,
@@ -310,29 +276,3 @@ def _host_edge_tensors(coord, cell, rcut: float, device, min_dist: float):
         return torch.as_tensor(a, device=device)
 
     return tensor(edges.src), tensor(edges.dst), tensor(edges.vec)
-
-
-def edge_vectors(
-    coord_flat: torch.Tensor,
-    cell: torch.Tensor | None,
-    edges: EdgeList,
-    frame_of_edge: torch.Tensor | np.ndarray | None = None,
-) -> torch.Tensor:
-    """Differentiable ``vec = r[src] + shift @ cell[frame] - r[dst]``: ``[E, 3]``.
-
-    ``coord_flat``: ``[nf * nat, 3]``; ``cell``: ``[nf, 3, 3]`` or ``None``;
-    ``frame_of_edge``: ``[E]`` frame index of each edge (needed only with a cell).
-    Gradients flow to both ``coord_flat`` and ``cell``, so a strain applied to both gives
-    the virial.
-    """
-    device = coord_flat.device
-    src = torch.as_tensor(edges.src, device=device)
-    dst = torch.as_tensor(edges.dst, device=device)
-    if cell is None:
-        return coord_flat.index_select(0, src) - coord_flat.index_select(0, dst)
-    if frame_of_edge is None:
-        raise ValueError("frame_of_edge is required when a cell is given")
-    frame = torch.as_tensor(frame_of_edge, device=device, dtype=torch.int64)
-    shift = torch.as_tensor(edges.shift, device=device).to(coord_flat.dtype)  # [E, 3]
-    shift_cart = torch.einsum("ea,eab->eb", shift, cell[frame])  # [E, 3]
-    return coord_flat.index_select(0, src) + shift_cart - coord_flat.index_select(0, dst)

@@ -51,6 +51,18 @@ def descriptor_options(params: dict) -> DescriptorOptions:
     )
 
 
+def graph_spins(graph: Graph) -> torch.Tensor:
+    """The atomic spins ``(nf, nloc, 3)`` of a spin model's graph."""
+    if graph.spin is None:
+        raise ValueError("this is a spin model: give the atomic spins (spin=...)")
+    return graph.spin
+
+
+def magnetic_mask(table: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
+    """``table[t]`` per atom, 0 on phantom atoms (``t < 0``); ``table (ntypes,)``."""
+    return torch.where(atype >= 0, table[atype.clamp(min=0)], torch.zeros_like(table[:1]))
+
+
 class AtomicModel(nn.Module):
     """What the energy and property models share: the descriptor and fitting of a normalised
     ``model`` section, the per-type output statistics ``out_bias``/``out_std``
@@ -88,6 +100,9 @@ class EnergyModel(AtomicModel):
     def __init__(self, params: dict) -> None:
         super().__init__(params, EnergyFitting)
         self.inter_potential = ZBL(self._zbl_types()) if bridging_radii(params) else None
+        use_spin = self.descriptor.use_spin  # (ntypes,) magnetic types of a native-spin model
+        spin_mask = None if use_spin is None else torch.tensor(use_spin)
+        self.register_buffer("spin_mask", spin_mask, persistent=False)
 
     def _zbl_types(self) -> list[str]:
         """Elements of the types that take part in the ZBL repulsion."""
@@ -129,12 +144,24 @@ class EnergyModel(AtomicModel):
         atomic_virial: bool = False,
         create_graph: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Energies, forces and (atomic) virials of a batch of frames."""
+        """Energies, forces and (atomic) virials of a batch of frames; a spin model (one with a
+        ``spin_mask``) adds ``force_mag = -dE/ds`` from the same backward and ``mask_mag``."""
         edge_vec = graph.edge_vec.detach().requires_grad_(True)
+        leaves, spin = (edge_vec,), None
+        if self.spin_mask is not None:
+            spin = graph_spins(graph).detach().to(edge_vec.dtype).requires_grad_(True)
+            leaves = (edge_vec, spin)
         with torch.enable_grad():
-            atom_energy = self.atomic_energy(graph, edge_vec)
-            grad = F.edge_gradient(atom_energy, edge_vec, create_graph=create_graph)
-        return self._outputs(graph, atom_energy, edge_vec, grad, virial, atomic_virial)
+            atom_energy = self.atomic_energy(graph, edge_vec, spin)
+            grads = torch.autograd.grad(
+                atom_energy.sum(), leaves, create_graph=create_graph, allow_unused=True
+            )
+        grad, *grad_spin = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+        out = self._outputs(graph, atom_energy, edge_vec, grad, virial, atomic_virial)
+        if spin is not None:
+            out["force_mag"] = -grad_spin[0]
+            out["mask_mag"] = magnetic_mask(self.spin_mask, graph.atype)
+        return out
 
     def _outputs(
         self,

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 
 from .descriptor import Descriptor
-from .energy import EnergyModel, descriptor_options
+from .energy import EnergyModel, descriptor_options, graph_spins, magnetic_mask
 from .graph import Graph
 
 SCHEMES = ("native", "deepspin")
@@ -93,54 +93,15 @@ def build_spin_model(params: dict) -> EnergyModel:
     return VirtualSpinModel(params)
 
 
-def _magnetic_mask(table: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
-    """``table[t]`` per atom, 0 on phantom atoms (``t < 0``); ``table (ntypes,)``."""
-    return torch.where(atype >= 0, table[atype.clamp(min=0)], torch.zeros_like(table[:1]))
-
-
-def _spins(graph: Graph) -> torch.Tensor:
-    if graph.spin is None:
-        raise ValueError("this is a spin model: give the atomic spins (spin=...)")
-    return graph.spin
-
-
 class NativeSpinModel(EnergyModel):
-    """Spin as a descriptor input; ``force_mag = -dE/ds``."""
+    """Spin as a descriptor input (:meth:`EnergyModel.forward` adds ``force_mag = -dE/ds``)."""
 
     has_spin = True
-
-    def __init__(self, params: dict) -> None:
-        super().__init__(params)
-        use_spin = self.descriptor.use_spin
-        self.register_buffer("spin_mask", torch.tensor(use_spin), persistent=False)
 
     def _build_descriptor(self, params: dict) -> Descriptor:
         return Descriptor(
             descriptor_options(params), use_spin_flags(params["spin"], params["type_map"])
         )
-
-    def forward(
-        self,
-        graph: Graph,
-        *,
-        virial: bool = True,
-        atomic_virial: bool = False,
-        create_graph: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        edge_vec = graph.edge_vec.detach().requires_grad_(True)
-        spin = _spins(graph).detach().to(edge_vec.dtype).requires_grad_(True)
-        with torch.enable_grad():
-            atom_energy = self.atomic_energy(graph, edge_vec, spin)
-            grads = torch.autograd.grad(
-                atom_energy.sum(), (edge_vec, spin), create_graph=create_graph, allow_unused=True
-            )
-        grad, grad_spin = (
-            torch.zeros_like(x) if g is None else g for g, x in zip(grads, (edge_vec, spin))
-        )
-        out = self._outputs(graph, atom_energy, edge_vec, grad, virial, atomic_virial)
-        out["force_mag"] = -grad_spin
-        out["mask_mag"] = _magnetic_mask(self.spin_mask, graph.atype)
-        return out
 
 
 def virtual_model_params(params: dict) -> dict:
@@ -203,8 +164,8 @@ class VirtualSpinModel(EnergyModel):
         create_graph: bool = False,
     ) -> dict[str, torch.Tensor]:
         nf, n = graph.atype.shape
-        scale = _magnetic_mask(self.virtual_scale, graph.atype)  # (nf, n)
-        disp = _spins(graph).to(torch.float64) * scale.unsqueeze(-1)  # (nf, n, 3)
+        scale = magnetic_mask(self.virtual_scale, graph.atype)  # (nf, n)
+        disp = graph_spins(graph).to(torch.float64) * scale.unsqueeze(-1)  # (nf, n, 3)
         out = super().forward(
             drop_masked_edges(self.virtual_graph(graph, disp)),
             virial=virial,

@@ -85,11 +85,6 @@ def edge_tensors(r_hat: torch.Tensor) -> torch.Tensor:
     return torch.stack([skew(r_hat) / math.sqrt(2.0), sym / math.sqrt(2.0 / 3.0)], dim=1)
 
 
-def _stack_defaults(stack: dict) -> dict:
-    """Defaults of the public Cartesian products for :class:`_CartesianStack`'s settings."""
-    return {"n_focus": 1, "activation_function": "silu", "mlp_bias": False, "seed": None, **stack}
-
-
 class _CartesianStack(nn.Module):
     """Residual layers ``h <- h + gate_k(product(linear_k(h)))`` on ``(B, D, F, C)``."""
 
@@ -98,12 +93,12 @@ class _CartesianStack(nn.Module):
         *,
         dtype: torch.dtype,
         n_layers: int,
-        activation_function: str,
         lmax: int,
         focus_dim: int,
-        n_focus: int,
-        mlp_bias: bool,
-        seed,
+        n_focus: int = 1,
+        activation_function: str = "silu",
+        mlp_bias: bool = False,
+        seed=None,
     ) -> None:
         super().__init__()
         if lmax not in (1, 2) or n_layers < 0:
@@ -157,8 +152,8 @@ class EdgeCartesianTensorProduct(_CartesianStack):
     """
 
     def __init__(self, *, eps: float = 1e-7, n_layers: int = 0, **stack) -> None:
-        """``stack``: the :class:`_CartesianStack` settings (``n_focus`` defaults to 1)."""
-        super().__init__(n_layers=n_layers, **_stack_defaults(stack))
+        """``stack``: the :class:`_CartesianStack` settings."""
+        super().__init__(n_layers=n_layers, **stack)
         self.eps = eps
         proj = torch.einsum("pij,dik->pdkj", self.basis, self.basis)  # K_G = proj : G
         self.register_buffer("right_mult_proj", proj, persistent=False)
@@ -198,8 +193,8 @@ class NodeCartesianTensorProduct(_CartesianStack):
     """
 
     def __init__(self, *, symmetric: bool = False, n_layers: int = 1, **stack) -> None:
-        """``stack``: the :class:`_CartesianStack` settings (``n_focus`` defaults to 1)."""
-        super().__init__(n_layers=n_layers, **_stack_defaults(stack))
+        """``stack``: the :class:`_CartesianStack` settings."""
+        super().__init__(n_layers=n_layers, **stack)
         self.symmetric = symmetric
 
     def forward(self, message: torch.Tensor, node: torch.Tensor) -> torch.Tensor:

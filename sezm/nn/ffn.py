@@ -10,6 +10,7 @@ from .common import child_seed, compute_dtype_of
 from .grid import resolve_s2_full_grid_resolution
 from .grid_net import S2GridNet, SO3GridNet
 from .linear import SO3Linear
+from .options import GridOp
 
 
 class EquivariantFFN(nn.Module):
@@ -64,7 +65,7 @@ class EquivariantFFN(nn.Module):
             seed=child_seed(seed, 1),
         )
         if use_grid:
-            op_type = "branch" if grid_branch > 0 else ("mlp" if grid_mlp else "glu")
+            op_type = GridOp(grid_mlp, grid_branch).op_type
             grid = dict(common, mode="self", op_type=op_type, grid_branches=max(1, grid_branch))
             self.act: nn.Module = (
                 SO3GridNet(kmax=kmax, **grid) if ffn_so3_grid else _s2_net(lebedev_quadrature, grid)

@@ -263,4 +263,3 @@ class SO3GridProjector(GridProjector):
                     to_grid[:, j * n_frames + f] = values
                     from_grid[j * n_frames + f] = (2 * l + 1) * haar * values
         super().__init__(to_grid, from_grid, n_frames=n_frames, dtype=dtype)
-        self.register_buffer("frame_values", torch.tensor(self.frame_set), persistent=False)

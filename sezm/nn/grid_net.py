@@ -12,8 +12,8 @@ pass through non-polynomial functions, so equivariance rests on the quadrature a
 
 Modes: ``"self"`` takes one input ``[a | b]`` of width ``2*K*C`` (FFNs, the SO(2) mixing
 activation); ``"cross"`` takes a query ``a`` and a context ``b`` (the SO(2) convolution's
-node-wise and message-node products), optionally lifted to ``K`` frames by :class:`FrameExpand`,
-brought back by :class:`FrameContract`, and scaled by ``residual_scale (F, C_out)``.
+node-wise and message-node products), optionally lifted to ``K`` frames by :class:`DegreeLinear`,
+brought back by another, and scaled by ``residual_scale (F, C_out)``.
 
 Inputs and outputs are ``(N, J, F, W)``: ``N`` nodes or edges, ``J`` coefficient rows,
 ``F`` focus streams, ``W`` channels (times frames); callers in other layouts permute (views).
@@ -107,8 +107,10 @@ class GridBranch(nn.Module):
         return per_frame(self.out_proj, projector.from_grid(grid), k)
 
 
-class _DegreeLinear(nn.Module):
-    """Per-degree channel map ``y_lm = x_lm W_l`` on ``(N, J, F, C_in)``, W ``(L+1, in, out)``."""
+class DegreeLinear(nn.Module):
+    """Per-degree channel map ``y_lm = x_lm W_l`` on ``(N, J, F, C_in)``, W ``(L+1, in, out)``:
+    lifts ``C`` channels to ``K`` frames (``K*C``) in a cross-mode SO(3) grid net, and
+    contracts them back."""
 
     def __init__(self, lmax, mmax, coefficient_layout, n_in, n_out, dtype, seed=None) -> None:
         super().__init__()
@@ -120,20 +122,6 @@ class _DegreeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("njfi,jio->njfo", x, self.weight[self.degree_index])
-
-
-class FrameExpand(_DegreeLinear):
-    """Lift ``(N, J, F, C)`` to ``K`` frames ``(N, J, F, K*C)``; a ``(C, K*C)`` map per degree."""
-
-    def __init__(self, *, lmax, mmax, coefficient_layout, n_frames, channels, dtype, seed=None):
-        super().__init__(lmax, mmax, coefficient_layout, channels, n_frames * channels, dtype, seed)
-
-
-class FrameContract(_DegreeLinear):
-    """Contract ``(N, J, F, K*C)`` back to ``(N, J, F, C)``, one ``(K*C, C)`` matrix per degree."""
-
-    def __init__(self, *, lmax, mmax, coefficient_layout, n_frames, channels, dtype, seed=None):
-        super().__init__(lmax, mmax, coefficient_layout, n_frames * channels, channels, dtype, seed)
 
 
 class GridNet(nn.Module):
@@ -251,7 +239,7 @@ class S2GridNet(GridNet):
 
 class SO3GridNet(GridNet):
     """Grid net on the SO(3) grid with ``K = 2 kmax + 1`` frames; cross mode lifts the operands
-    with :class:`FrameExpand` and contracts the result with :class:`FrameContract`.
+    with a :class:`DegreeLinear` and contracts the result with another.
 
     Takes the projector's settings; the rest goes to :class:`GridNet`.
     """
@@ -276,15 +264,8 @@ class SO3GridNet(GridNet):
             lebedev_precision=lebedev_precision,
         )
         if net["mode"] == "cross":  # lift to K frames and back, one map per degree
-            seed = net.get("seed")
-            frame_args = dict(
-                dtype=dtype,
-                lmax=lmax,
-                mmax=projector.mmax,
-                channels=net["channels"],
-                n_frames=projector.n_frames,
-                coefficient_layout=coefficient_layout,
-            )
-            net["frame_expand"] = FrameExpand(**frame_args, seed=child_seed(seed, 4))
-            net["frame_contract"] = FrameContract(**frame_args, seed=child_seed(seed, 5))
+            seed, c, k = net.get("seed"), net["channels"], projector.n_frames
+            rows = (lmax, projector.mmax, coefficient_layout)
+            net["frame_expand"] = DegreeLinear(*rows, c, k * c, dtype, child_seed(seed, 4))
+            net["frame_contract"] = DegreeLinear(*rows, k * c, c, dtype, child_seed(seed, 5))
         super().__init__(projector=projector, dtype=dtype, **net)

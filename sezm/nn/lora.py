@@ -83,11 +83,17 @@ def _weights_replaced(module: nn.Module, tensors: dict[str, torch.Tensor]) -> It
             holder._parameters[leaf] = param
 
 
-def _factor(rank: int, n_in: int, n_out: int, dtype, device, seed) -> tuple[nn.Parameter, ...]:
-    """``A (rank, n_in) ~ N(0, 1/rank)`` and ``B (n_out, rank) = 0``."""
-    a = torch.empty(rank, n_in, dtype=dtype, device=device)
+def _factor(rank: int, n_in: int, n_out: int, like: torch.Tensor, seed, lead: tuple = ()):
+    """``A (*lead, rank, n_in) ~ N(0, 1/rank)`` and ``B (*lead, n_out, rank) = 0``, with the
+    dtype and device of ``like``."""
+    a = like.new_empty(*lead, rank, n_in)
     normal_(a, 1.0 / math.sqrt(rank), seed)
-    return nn.Parameter(a), nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=device))
+    return nn.Parameter(a), nn.Parameter(like.new_zeros(*lead, n_out, rank))
+
+
+def lora_update(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``ΔW = (B A)^T`` over the last two axes: ``(..., n_in, n_out)``."""
+    return torch.einsum("...ri,...or->...io", a, b)
 
 
 class _LoRA:
@@ -122,15 +128,12 @@ class LoRASO3(_LoRA, SO3Linear):
         )
         self.to(w.device).load_state_dict(base.state_dict())
         self._init_lora(rank, alpha, w)
-        n_l = base.lmax + 1
-        a = torch.empty(n_l, self.rank, base.in_channels, dtype=w.dtype, device=w.device)
-        normal_(a, 1.0 / math.sqrt(self.rank), seed)
-        self.A_by_l = nn.Parameter(a)
-        self.B_by_l = nn.Parameter(w.new_zeros(n_l, w.shape[-1], self.rank))
+        lead = (base.lmax + 1,)
+        self.A_by_l, self.B_by_l = _factor(self.rank, base.in_channels, w.shape[-1], w, seed, lead)
 
     def delta(self) -> dict[str, torch.Tensor]:
         """``{"weight": s ΔW}``, ``ΔW (L+1, C_in, F C_out)``."""
-        return {"weight": torch.einsum("lor,lri->lio", self.B_by_l, self.A_by_l) * self.scaling}
+        return {"weight": lora_update(self.A_by_l, self.B_by_l) * self.scaling}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         merged = {k: getattr(self, k) + d for k, d in self.delta().items()}
@@ -156,20 +159,19 @@ class LoRASO2(_LoRA, SO2Linear):
         )
         self.to(w0.device).load_state_dict(base.state_dict())
         self._init_lora(rank, alpha, w0)
-        args = (self.rank, w0.dtype, w0.device)
-        self.A_m0, self.B_m0 = _factor(args[0], *w0.shape, *args[1:], child_seed(seed, 0))
+        self.A_m0, self.B_m0 = _factor(self.rank, *w0.shape, w0, child_seed(seed, 0))
         self.A_m, self.B_m = nn.ParameterList(), nn.ParameterList()
         for i, w in enumerate(self.weight_m):
-            a, b = _factor(args[0], *w.shape, *args[1:], child_seed(seed, i + 1))
+            a, b = _factor(self.rank, *w.shape, w0, child_seed(seed, i + 1))
             self.A_m.append(a)
             self.B_m.append(b)
 
     def delta(self) -> dict[str, torch.Tensor]:
         """``s (B A)^T`` for ``weight_m0`` and each ``weight_m.{i}``."""
         s = self.scaling
-        out = {"weight_m0": torch.einsum("ri,or->io", self.A_m0, self.B_m0) * s}
+        out = {"weight_m0": lora_update(self.A_m0, self.B_m0) * s}
         for i, (a, b) in enumerate(zip(self.A_m, self.B_m)):
-            out[f"weight_m.{i}"] = torch.einsum("ri,or->io", a, b) * s
+            out[f"weight_m.{i}"] = lora_update(a, b) * s
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,11 +250,8 @@ def fold_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix, factor = _ADAPTER_KEY.fullmatch(key).groups()
         scale = state.get(prefix + "lora_scaling")
         a, b = out.pop(key), out.pop(prefix + "B" + factor[1:])
-        if factor == "A_by_l":  # the formulas of ``delta``
-            weight, update = prefix + "weight", torch.einsum("lor,lri->lio", b, a)
-        else:
-            weight, update = prefix + "weight" + factor[1:], torch.einsum("ri,or->io", a, b)
-        out[weight] = out[weight] + update * (1.0 if scale is None else float(scale))
+        weight = prefix + ("weight" if factor == "A_by_l" else "weight" + factor[1:])
+        out[weight] = out[weight] + lora_update(a, b) * (1.0 if scale is None else float(scale))
         out.pop(prefix + "lora_scaling", None)
     return out
 

@@ -15,7 +15,6 @@ from sezm.geometry.neighbors import (
     MAX_OPEN_EXTENT,
     build_edges,
     device_edge_batch,
-    device_edges,
 )
 from sezm.model.graph import build_graph
 
@@ -39,18 +38,6 @@ def assert_same_edges(device: tuple[torch.Tensor, ...], host) -> None:
     np.testing.assert_array_equal(src.numpy(), host.src)
     np.testing.assert_array_equal(dst.numpy(), host.dst)
     np.testing.assert_allclose(vec.numpy(), host.vec, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", FRAMES)
-def test_one_frame_matches_host_with_shifts(name):
-    """Periodic, triclinic, open, and a cell smaller than the cutoff sphere."""
-    coord, box, _ = frame(name)
-    host = build_edges(coord[None], None if box is None else box[None], RCUT)
-    got = device_edges(
-        torch.from_numpy(coord), None if box is None else torch.from_numpy(box), RCUT
-    )
-    assert_same_edges(got, host)
-    np.testing.assert_array_equal(got[3].numpy(), host.shift)
 
 
 @pytest.mark.parametrize("name", FRAMES)
