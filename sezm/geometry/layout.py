@@ -150,11 +150,17 @@ class SphericalLayout:
         return (self.block_sizes[0], *(2 * n for n in self.block_sizes[1:]))
 
 
-@functools.cache
+_LAYOUTS: dict[tuple[int, int], SphericalLayout] = {}
+
+
 def _cached_layout(lmax: int, mmax: int) -> SphericalLayout:
-    if not 0 <= mmax <= lmax:
-        raise ValueError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
-    return SphericalLayout(lmax, mmax)
+    """One shared layout per ``(lmax, mmax)`` (a plain dict: torch.compile reads the existing
+    object, whose cached index maps are then filled, instead of tracing a fresh one)."""
+    if (lmax, mmax) not in _LAYOUTS:
+        if not 0 <= mmax <= lmax:
+            raise ValueError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
+        _LAYOUTS[(lmax, mmax)] = SphericalLayout(lmax, mmax)
+    return _LAYOUTS[(lmax, mmax)]
 
 
 def index_tensor(values: tuple[int, ...]) -> torch.Tensor:
