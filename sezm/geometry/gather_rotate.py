@@ -4,36 +4,65 @@
 ``R (E, D_m, D)``. Plain autograd keeps the gathered ``x[src] (E, D, C)`` for the gradient
 with respect to ``R`` (the force pass needs it); this node keeps the node features and the
 indices instead and gathers again in the backward pass, so what it saves is ``E / N`` times
-smaller (about 90 neighbours per atom for water at 6 Å). Gradients::
+smaller (about 90 neighbours per atom for water at 6 Å). Gradients, with ``g = dL/dy``::
 
-    dL/dx = scatter_add_src(R^T dL/dy),    dL/dR = dL/dy x[src]^T.
+    dL/dx = scatter_add_src(R^T g),    dL/dR = g x[src]^T.
 
-The backward pass is written with differentiable operations, so a force loss (which
-differentiates the forces again, ``create_graph=True``) passes through it; there the
-re-gathered features are kept by the graph of the backward pass, as plain autograd keeps them.
+The backward pass is itself one autograd node (:class:`_GatherRotateGrad`), so a force loss,
+which differentiates the forces again (``create_graph=True``), passes through it; that node
+keeps ``g``, ``x``, ``R`` and the indices, not the re-gathered rows nor the per-edge
+``R^T g``. Its own derivatives, for incoming ``a = dL'/d(dL/dx) (N, D, C)`` and
+``b = dL'/d(dL/dR) (E, D_m, D)``::
+
+    d/dg = R a[src] + b x[src],    d/dx = scatter_add_src(b^T g),    d/dR = g a[src]^T.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .gather_scatter import gather_rows, scatter_rows, take_rows
+
 
 class _GatherRotate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, src: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, src, matrices)
-        return torch.bmm(matrices, x.index_select(0, src))  # (E, D_m, C)
+        return torch.bmm(matrices, take_rows(x, src))  # (E, D_m, C)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
         x, src, matrices = ctx.saved_tensors
-        grad_x = grad_matrices = None
-        if ctx.needs_input_grad[0]:
-            per_edge = torch.bmm(matrices.transpose(1, 2), grad)  # (E, D, C)
-            grad_x = torch.zeros_like(x).index_add(0, src, per_edge)
-        if ctx.needs_input_grad[2]:
-            grad_matrices = torch.bmm(grad, x.index_select(0, src).transpose(1, 2))  # (E, D_m, D)
+        grad_x, grad_matrices = _GatherRotateGrad.apply(grad, x, src, matrices)
         return grad_x, None, grad_matrices
+
+
+class _GatherRotateGrad(torch.autograd.Function):
+    """``(g, x, src, R) -> (dL/dx, dL/dR)`` of :class:`_GatherRotate`."""
+
+    @staticmethod
+    def forward(ctx, grad, x, src, matrices) -> tuple:
+        ctx.save_for_backward(grad, x, src, matrices)
+        per_edge = torch.bmm(matrices.transpose(1, 2), grad)  # (E, D, C)
+        grad_x = torch.zeros_like(x).index_add_(0, src, per_edge)
+        grad_matrices = torch.bmm(grad, take_rows(x, src).transpose(1, 2))  # (E, D_m, D)
+        return grad_x, grad_matrices
+
+    @staticmethod
+    def backward(ctx, grad_grad_x, grad_grad_matrices) -> tuple:
+        grad, x, src, matrices = ctx.saved_tensors
+        d_grad = d_x = d_matrices = None
+        if grad_grad_x is not None:
+            a_src = gather_rows(grad_grad_x, src)  # (E, D, C)
+            d_grad = torch.bmm(matrices, a_src)
+            d_matrices = torch.bmm(grad, a_src.transpose(1, 2))
+        if grad_grad_matrices is not None:
+            x_src = gather_rows(x, src)
+            from_b = torch.bmm(grad_grad_matrices, x_src)  # (E, D_m, C)
+            d_grad = from_b if d_grad is None else d_grad + from_b
+            per_edge = torch.bmm(grad_grad_matrices.transpose(1, 2), grad)  # (E, D, C)
+            d_x = scatter_rows(per_edge, src, x.shape[0])
+        return d_grad, d_x, None, d_matrices
 
 
 def gather_rotate(x: torch.Tensor, src: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:

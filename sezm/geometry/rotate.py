@@ -19,9 +19,11 @@ forward and backward) and element-wise sums of ``(E, 1) * (E, C)`` products (2-3
 the ``(E, D, C)`` features it reads, which the compact forms read just as often.
 
 Rotating gathered node features (:meth:`EdgeRotation.gather_to_local`) keeps the node features
-and the edge indices for the backward pass, not the gathered ``(E, D, C)`` rows
-(:mod:`sezm.geometry.gather_rotate`). The rotate-back has no such saving: its backward needs
-the edge-frame messages ``(E, D_m, C)`` themselves, and the scatter after it keeps nothing.
+and the edge indices for the backward pass, not the gathered ``(E, D, C)`` rows, and so does
+its backward for a force loss's second derivative (:mod:`sezm.geometry.gather_rotate`). The
+rotate-back has no such saving: its backward needs the edge-frame messages ``(E, D_m, C)``
+themselves; the scatter after it keeps only the index
+(:func:`~sezm.geometry.gather_scatter.scatter_rows`).
 
 Under :func:`sezm.kernels.fused_rotation` (``DP_TRITON_INFER`` on CUDA), both directions run
 Triton kernels on the flat block values instead (:mod:`sezm.kernels.rotation_triton`).

@@ -45,8 +45,6 @@ class GatedActivation(nn.Module):
         layout = SphericalLayout.of(lmax, mmax)
         degrees = layout.degrees if mmax is None else layout.reduced_degrees
         self.register_buffer("expand_index", index_tensor(degrees[1:]) - 1)
-        # m-major |m| blocks (mmax given): rows per block, for :meth:`blocks`
-        self.block_rows = None if mmax is None else layout.m_block_rows
         self.gate_linear: nn.Module = nn.Identity()
         if lmax > 0:
             self.gate_linear = FocusLinear(
@@ -75,11 +73,12 @@ class GatedActivation(nn.Module):
         if self.lmax == 0:
             return (y0,)
         gates = self._gates(x0.squeeze(1)).to(x0.dtype)  # (N, L, F, C)
-        out, start = [torch.cat([y0, x_rest * gates], dim=1)], self.block_rows[0]
-        for part in parts[1:]:
-            rows = self.expand_index.narrow(0, start - 1, part.shape[1])
-            out.append(part * gates.index_select(1, rows))
-            start += part.shape[1]
+        n, fc = gates.shape[0], gates.shape[2] * gates.shape[3]
+        out = [torch.cat([y0, x_rest * gates], dim=1)]
+        for part in parts[1:]:  # degrees m..L for -m, then for +m: one gate row per degree
+            n_l = part.shape[1] // 2
+            gate = gates[:, self.lmax - n_l :].reshape(n, 1, n_l, fc)  # (N, 1, n_l, F*C)
+            out.append((part.reshape(n, 2, n_l, fc) * gate).view(part.shape))
         return tuple(out)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:

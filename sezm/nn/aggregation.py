@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from ..geometry.gather_scatter import gather_rows
 from .attention import envelope_gated_softmax
 from .common import child_seed, normal_
 from .edge_cache import EdgeCache
@@ -109,8 +110,8 @@ class EnvelopeGatedAttention:
         ``queries (n, Fa, Ca)`` and ``rad0 (E, Cw)``."""
         n, e = queries.shape[0], edges.src.shape[0]
         fa, ca, h, cd = self.n_groups, self.group_width, self.n_heads, self.compute_dtype
-        q = queries.index_select(0, edges.dst).view(e, fa, h, -1)
-        k = keys.index_select(0, edges.src).view(e, fa, h, -1)
+        q = gather_rows(queries, edges.dst).view(e, fa, h, -1)
+        k = gather_rows(keys, edges.src).view(e, fa, h, -1)
         weight = self.owner.adamw_attn_logit_w
         bias = torch.einsum("efi,ifo->efo", rad0.reshape(e, fa, ca).to(cd), weight)
         logits = (q * k).sum(-1) / math.sqrt(ca // h) + bias  # (E, Fa, H)
@@ -140,7 +141,7 @@ class EnvelopeGatedAttention:
         value = value.reshape(e, d, fa * h, -1)
         if not weighted:
             value = value * alpha.view(e, 1, fa * h, 1)
-        summed = edges.sum_at_dst(value)  # (N, D, Fa*H, C_h)
+        summed = edges.sum_at_dst(value)  # (n, D, Fa*H, C_h)
         x0 = owner.attn_output_gate_norm(centre[:, 0].reshape(n, fa, ca).to(cd))
         gate = torch.sigmoid(torch.einsum("nfi,ifo->nfo", x0, owner.adamw_attn_gate_w))
         out = (summed * gate.reshape(n, 1, fa * h, 1)).view(n, d, fa, ca)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..geometry import edge_frame
+from ..geometry.gather_scatter import scatter_rows
 from ..geometry.rotate import EdgeRotation
 from ..geometry.wigner import WignerD
 from .radial import BridgingSwitch, InnerClamp, RadialBasis, c3_envelope
@@ -46,9 +47,9 @@ class EdgeCache:
         return self.env if self.src_gate is None else self.env * self.src_gate
 
     def sum_at_dst(self, values: torch.Tensor) -> torch.Tensor:
-        """Scatter-add per-edge values ``(E, ...)`` onto destinations -> ``(N, ...)``."""
-        out = values.new_zeros((self.n_nodes, *values.shape[1:]))
-        return out.index_add_(0, self.dst, values)
+        """Scatter-add per-edge values ``(E, ...)`` onto destinations -> ``(N, ...)`` (its
+        autograd node keeps only the destination index, not the values)."""
+        return scatter_rows(values, self.dst, self.n_nodes)
 
     def _operands(self, lmax: int, mmax: int) -> tuple:
         """Rotation operands for ``(lmax, mmax)``, built once per forward and shared by blocks."""

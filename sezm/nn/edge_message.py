@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..geometry.gather_scatter import gather_rows
 from ..geometry.layout import SphericalLayout, index_tensor
 from .cartesian import EdgeCartesianTensorProduct
 from .common import child_seed, normal_
@@ -131,7 +132,7 @@ class EdgeMessage:
         (E, L+1, C)`` -> messages ``(E, D, Cw)`` (times ``weight (E, 1)`` if given: only when
         :attr:`folds_weight`) and the widened ``l = 0`` radial features ``(E, Cw)``."""
         rad = self.widen(radial)  # (E, L+1, Cw)
-        x_src = x.index_select(0, edges.src)
+        x_src = gather_rows(x, edges.src)
         message = self.packed(x_src, edges, rad)
         return self.competition.packed(message, x_src[:, 0] * rad[:, 0]), rad[:, 0]
 
