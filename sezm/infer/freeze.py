@@ -5,8 +5,9 @@ Pipeline (the input/output contract is in ``pt2.py``, the schema choice in ``doc
 
 1. ``GraphLower`` wraps the energy model: per-node energies on the flat graph, one backward
    pass to the edge vectors, forces and virials from ``model.forces``.
-2. ``make_fx`` (symbolic shapes) records forward and backward as one graph; ``torch.export``
-   checks that atoms, edges and frames stay dynamic.
+2. ``make_fx`` (symbolic shapes) records forward and backward as one graph; its ``index_add``
+   nodes become ``scatter_add`` / one-hot sums on the CPU (``scatter_rewrite``: faster scatters);
+   ``torch.export`` checks that atoms, edges and frames stay dynamic.
 3. AOTInductor compiles it with deterministic algorithms on, so accumulating scatters call
    ATen: Inductor's own atomic-add scatters get scheduled after a kernel that reads their
    result in this graph (torch 2.11-2.13, CPU), which silently corrupts the forces.
@@ -62,6 +63,7 @@ from .pt2 import (
     graph_inputs,
     outputs,
 )
+from .scatter_rewrite import rewrite_index_add
 from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,7 @@ class SpinGraphLower(GraphLower):
     ``pt2.GRAPH_INPUTS``, then ``spin (N, 3)``, then the extras; outputs ``SPIN_OUTPUT_KEYS``.
 
     native    one backward pass of the owned energy to the edge vectors and the spins
-              (``force_mag = -dE/ds``), as ``NativeSpinModel.forward``.
+              (``force_mag = -dE/ds``), as ``EnergyModel.forward``.
     deepspin  the virtual atoms are made inside the package (``VirtualSpinModel.
               virtual_graph``, masked rather than filtered), the plain model runs on real
               and virtual nodes, and their forces and virials combine as in
@@ -377,6 +379,12 @@ def _export(lower: nn.Module, sample, shapes) -> torch.export.ExportedProgram:
     # to equal a model width cannot be baked into the graph.
     with fx_config.patch(use_duck_shape=False):
         traced = make_fx(lower, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*sample)
+        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in sample):
+            # the CPU's deterministic index_add is the slow one; CUDA keeps its own kernels
+            rewritten = rewrite_index_add(traced)
+            log.debug(
+                "freeze: %d index_add nodes rewritten as scatter_add / one-hot sums", rewritten
+            )
         try:
             # A shape fact the solver cannot prove (torch < 2.13: ``min(a n, b n) = a n`` in the
             # contiguity of node-tensor views) becomes a runtime check instead of an error.
