@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from saved_tensors import saved_elements
 
 from sezm.geometry.gather_rotate import gather_rotate
 from sezm.geometry.gather_scatter import gather_rows, scatter_rows
@@ -20,20 +21,6 @@ def operands(dim: int):
     x = torch.randn(5, 4, 3, generator=gen, dtype=F64, requires_grad=True)
     index = torch.randint(0, x.shape[dim], (11,), generator=gen)
     return x, index
-
-
-def saved_floats(fn) -> int:
-    """Elements of the floating tensors autograd keeps while ``fn()`` runs."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() if t.is_floating_point() else 0
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -60,16 +47,16 @@ def test_first_and_second_derivatives(dim: int) -> None:
 def test_backward_graphs_keep_only_the_index() -> None:
     x, index = operands(0)
     values = x.index_select(0, index).detach().requires_grad_()
-    assert saved_floats(lambda: torch.zeros_like(x).index_add(0, index, values)) > 0
-    assert saved_floats(lambda: scatter_rows(values, index, 5)) == 0
+    assert saved_elements(lambda: torch.zeros_like(x).index_add(0, index, values)) > 0
+    assert saved_elements(lambda: scatter_rows(values, index, 5)) == 0
     # a force loss differentiates this backward again, the incoming gradient included
     grad = torch.randn_like(values).requires_grad_()
 
     def backward(gather):
         return lambda: torch.autograd.grad(gather(x, index), x, grad, create_graph=True)
 
-    assert saved_floats(backward(lambda t, i: t.index_select(0, i))) == grad.numel()
-    assert saved_floats(backward(gather_rows)) == 0
+    assert saved_elements(backward(lambda t, i: t.index_select(0, i))) == grad.numel()
+    assert saved_elements(backward(gather_rows)) == 0
 
 
 def test_gather_rotate_backward_keeps_no_edge_rows() -> None:
@@ -81,7 +68,7 @@ def test_gather_rotate_backward_keeps_no_edge_rows() -> None:
     matrices = torch.randn(40, 7, 9, generator=gen, dtype=F64, requires_grad=True)
     grad = torch.randn(40, 7, 3, generator=gen, dtype=F64, requires_grad=True)
     y = gather_rotate(x, src, matrices)
-    kept = saved_floats(lambda: torch.autograd.grad(y, (x, matrices), grad, create_graph=True))
+    kept = saved_elements(lambda: torch.autograd.grad(y, (x, matrices), grad, create_graph=True))
     assert kept == grad.numel() + x.numel() + matrices.numel()
 
 

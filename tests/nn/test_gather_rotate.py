@@ -7,6 +7,7 @@ import pytest
 import torch
 from model_zoo import make_model
 from physics import graph_of, random_crystal
+from saved_tensors import saved_elements
 
 from sezm.geometry import rotate
 from sezm.geometry.gather_rotate import gather_rotate
@@ -36,20 +37,6 @@ def test_first_and_second_derivatives() -> None:
 
     assert torch.autograd.gradcheck(fn, (x, matrices))
     assert torch.autograd.gradgradcheck(fn, (x, matrices))
-
-
-def saved_elements(fn, *args) -> int:
-    """Elements of the floating tensors autograd keeps for the backward pass of ``fn(*args)``."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() if t.is_floating_point() else 0
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return total
 
 
 def test_keeps_node_features_not_edge_rows() -> None:
