@@ -44,7 +44,7 @@ class _GatherRotateGrad(torch.autograd.Function):
     def forward(ctx, grad, x, src, matrices) -> tuple:
         ctx.save_for_backward(grad, x, src, matrices)
         per_edge = torch.bmm(matrices.transpose(1, 2), grad)  # (E, D, C)
-        grad_x = torch.zeros_like(x).index_add_(0, src, per_edge)
+        grad_x = scatter_rows(per_edge, src, x.shape[0])  # (N, D, C)
         grad_matrices = torch.bmm(grad, take_rows(x, src).transpose(1, 2))  # (E, D_m, D)
         return grad_x, grad_matrices
 

@@ -37,6 +37,7 @@ import torch
 
 from ..kernels import fused_rotation_for
 from .gather_rotate import gather_rotate
+from .gather_scatter import gather_rows
 from .layout import SphericalLayout, so3_dim
 
 
@@ -109,9 +110,10 @@ class EdgeRotation:
     def gather_to_local(self, ops: tuple, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """:meth:`to_local` of the rows ``x[index]`` (``x (N, D, C)``, ``index (E,)``); the
         batched-matmul path saves ``x``, not the gathered ``(E, D, C)`` rows
-        (:func:`~sezm.geometry.gather_rotate.gather_rotate`)."""
+        (:func:`~sezm.geometry.gather_rotate.gather_rotate`), the others gather with an
+        index-only node (:func:`~sezm.geometry.gather_scatter.gather_rows`)."""
         if isinstance(ops, FusedOperands) or self.sparse:
-            return self.to_local(ops, x.index_select(0, index))
+            return self.to_local(ops, gather_rows(x, index))
         return gather_rotate(x[:, : so3_dim(self.lmax)], index, ops[0])
 
     def to_global(
