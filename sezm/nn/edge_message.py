@@ -176,7 +176,7 @@ class EdgeFrameMessage(EdgeMessage):
             blocks = (x_local * rad).split(rows, dim=1)
         else:  # the mixer reads only the m = 0 rows, which are the degrees l = 0..L in order
             rad = self.widen(radial)  # (E, L+1, Cw)
-            blocks = owner.radial_degree_mixer.blocks(x_local, rad)  # (E, rows_b, Cw) each
+            blocks = owner.radial_degree_mixer(x_local, rad)  # (E, rows_b, Cw) each
         if owner.node_wise_grid_product is not None:
             x_local = torch.cat(blocks, dim=1)
             x_dst_local = edges.gather_to_local(centre, edges.dst, lmax, mmax)

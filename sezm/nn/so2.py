@@ -173,7 +173,7 @@ class RadialDegreeMixer(nn.Module):
             rows.append(row)
         return rows
 
-    def blocks(self, x: torch.Tensor, radial: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, radial: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``x (E, D_m, C)`` -> its mixed ``|m|`` blocks ``(E, rows_b, C)``
         (:attr:`SphericalLayout.m_block_rows`); the kernel comes from the first ``L + 1`` rows
         of ``radial``: per-degree rows ``(E, L+1, C)``, or the m-major layout (whose m = 0
@@ -197,10 +197,6 @@ class RadialDegreeMixer(nn.Module):
                 block = block * self.channel_basis[0]
             out.append(block)
         return tuple(out)
-
-    def forward(self, x: torch.Tensor, radial: torch.Tensor) -> torch.Tensor:
-        """``x (E, D_m, C)`` -> ``(E, D_m, C)``: :meth:`blocks`, joined."""
-        return torch.cat(self.blocks(x, radial), dim=1)
 
 
 def _kernel_scatter(layout: SphericalLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
