@@ -153,10 +153,7 @@ class EnergyModel(AtomicModel):
             leaves = (edge_vec, spin)
         with torch.enable_grad():
             atom_energy = self.atomic_energy(graph, edge_vec, spin)
-            grads = torch.autograd.grad(
-                atom_energy.sum(), leaves, create_graph=create_graph, allow_unused=True
-            )
-        grad, *grad_spin = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+            grad, *grad_spin = F.energy_gradients(atom_energy, leaves, create_graph)
         out = self._outputs(graph, atom_energy, edge_vec, grad, virial, atomic_virial)
         if spin is not None:
             out["force_mag"] = -grad_spin[0]

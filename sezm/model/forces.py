@@ -16,14 +16,20 @@ from __future__ import annotations
 import torch
 
 
+def energy_gradients(
+    energy: torch.Tensor, leaves: tuple[torch.Tensor, ...], create_graph: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``dE/dx`` for each leaf ``x`` of a scalar (or summed) energy; zeros for a leaf the
+    energy does not depend on."""
+    grads = torch.autograd.grad(energy.sum(), leaves, create_graph=create_graph, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+
+
 def edge_gradient(
     energy: torch.Tensor, edge_vec: torch.Tensor, create_graph: bool = False
 ) -> torch.Tensor:
     """``dE/dv`` ``(E, 3)`` for a scalar (or summed) energy."""
-    (grad,) = torch.autograd.grad(
-        energy.sum(), edge_vec, create_graph=create_graph, allow_unused=True
-    )
-    return torch.zeros_like(edge_vec) if grad is None else grad
+    return energy_gradients(energy, (edge_vec,), create_graph)[0]
 
 
 def forces(grad: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n_atoms: int) -> torch.Tensor:
