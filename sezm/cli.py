@@ -744,8 +744,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a problem with the user's input, files or environment."""
     from .compat.deepmd import CheckpointError
     from .config.errors import ConfigError
+    from .data.frames import InputError
     from .data.system import DataError
-    from .geometry.frames import InputError
     from .infer.freeze import FreezeError
     from .train.faults import TrainingError
 

@@ -23,11 +23,21 @@ from dataclasses import dataclass
 
 import torch
 
-from sezm.geometry.edge_frame import rotation_matrix
 from sezm.geometry.wigner import WignerD
 
 F64 = torch.float64
 TOL = 1e-10
+
+
+def rotation_matrix(q: torch.Tensor) -> torch.Tensor:
+    """Active rotation matrix ``(..., 3, 3)`` of unit quaternions ``(..., 4)``."""
+    w, x, y, z = q.unbind(-1)
+    rows = [
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ]
+    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from sezm.data.graph import build_graph
 from sezm.geometry import edge_frame
 from sezm.infer.check.symmetry import random_rotation
-from sezm.model.graph import Graph, build_graph
+from sezm.model.graph import Graph
 
 EXACT = 1e-9
 FD = 1e-6

@@ -191,7 +191,9 @@ def triton_rotation(c: Check) -> None:
         for dtype in (torch.float32, torch.float64):
             c.add(rotation_case(c, kernels, lmax, mmax, dtype, n_edges, channels))
     if c.dry_run:
-        c.add("- model with fused rotations: not in the dry run (tests/nn/test_triton_rotation.py)")
+        c.add(
+            "- model with fused rotations: not in the dry run (tests/kernels/test_triton_rotation.py)"
+        )
         return
     import sezm
 
@@ -268,7 +270,7 @@ def water_cell(reps: tuple[int, int, int]):
 
 def device_neighbours(c: Check) -> None:
     """vesin-torch on the device against the host search, on the four parity frames."""
-    from sezm.geometry.neighbors import build_edges, device_edge_batch, device_search_available
+    from sezm.data.neighbors import build_edges, device_edge_batch, device_search_available
 
     if not device_search_available():
         c.add("skipped: vesin-torch is not installed (DeepPot searches on the host)")
@@ -291,10 +293,10 @@ def device_neighbours(c: Check) -> None:
 
 def throughput(c: Check) -> None:
     """Energy + forces + virial on water cells of growing size until memory or time runs out."""
-    from sezm.geometry.neighbors import device_edge_batch, device_search_available
+    from sezm.data.graph import build_graph
+    from sezm.data.neighbors import device_edge_batch, device_search_available
     from sezm.infer.settings import InferenceSettings
     from sezm.model.build import load_model
-    from sezm.model.graph import build_graph
 
     full_float32()
     sizes = (

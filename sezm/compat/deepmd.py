@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import check_stored_model
-from ..nn.lora import fold_lora, has_lora
+from ..train.lora import fold_lora, has_lora
 
 _PREFIXES = (
     ("atomic_model.descriptor.", "descriptor."),

@@ -1,5 +1,6 @@
-"""Training and test data: DeePMD-kit npy systems, files ASE reads (extxyz, ...), batching,
-statistics, neighbour statistics."""
+"""The input pipeline: user-input checks, neighbour search and the model's graph; training and
+test data (DeePMD-kit npy systems, files ASE reads, ...), batching, statistics, neighbour
+statistics."""
 
 from .ase_frames import AseSystem, FileOptions, FrameFile
 from .dataset import (

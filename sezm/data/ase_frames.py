@@ -45,7 +45,7 @@ from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from ..config.errors import did_you_mean
-from ..geometry.frames import cell_volume_and_flatness, degenerate_cells
+from .frames import cell_volume_and_flatness, degenerate_cells
 from .system import BaseSystem, DataError, Field
 
 DEFAULT_KEYS = {

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..geometry.frames import InputError
-from ..geometry.neighbors import build_edges
-from ..model.graph import Graph, build_graph
+from ..model.graph import Graph
 from .ase_frames import FileOptions, FrameFile
+from .frames import InputError
+from .graph import build_graph
+from .neighbors import build_edges
 from .system import LABEL_FIELDS, BaseSystem, DataError, Field, SpinField, System
 
 log = logging.getLogger(__name__)

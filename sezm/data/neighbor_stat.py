@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry.neighbors import build_edges
 from .ase_frames import FileOptions
 from .dataset import expand_systems, open_systems
+from .neighbors import build_edges
 from .system import BaseSystem, DataError
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,26 @@ def avg_inv_std(sums: np.ndarray, protect: float = 1e-2) -> tuple[np.ndarray, np
     std = np.sqrt(np.clip(squares / safe - avg * avg, 0.0, None))
     std = np.where(count > 0, np.maximum(std, protect), 0.1)
     return avg, 1.0 / std
+
+
+def force_rmsd(samples: Sequence[Mapping], exclude_types: Sequence[int] = ()) -> float:
+    """``dens_force_rmsd = sqrt(sum |F_i|^2 / n)`` over the kept atoms of the statistics frames
+    (dicts with ``atype (nf, nat)`` and, where labelled, ``force``)."""
+    total, count = 0.0, 0
+    for sample in samples:
+        if "force" not in sample:
+            continue
+        atype = np.asarray(sample["atype"])
+        keep = (atype >= 0) & ~np.isin(atype, list(exclude_types))
+        force = np.asarray(sample["force"], dtype=np.float64).reshape(*atype.shape, 3)[keep]
+        total += float(np.square(force).sum())
+        count += force.shape[0]
+    if count == 0:
+        raise ValueError("the dens statistics need force labels (dens_force_rmsd)")
+    rmsd = math.sqrt(total / count)
+    if rmsd <= 0.0:
+        raise ValueError("the dens force RMSD of the training data is zero")
+    return rmsd
 
 
 def observed_types(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry.frames import cell_volume_and_flatness, degenerate_cells
+from .frames import cell_volume_and_flatness, degenerate_cells
 
 _SCAN_VALUES = 1 << 22  # values per chunk when scanning a file for NaN/inf
 

@@ -28,17 +28,6 @@ def multiply(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
     return torch.cat([scalar, vector], dim=-1)
 
 
-def rotation_matrix(q: torch.Tensor) -> torch.Tensor:
-    """Active rotation matrix ``(..., 3, 3)`` of unit quaternions ``(..., 4)``."""
-    w, x, y, z = q.unbind(-1)
-    rows = [
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-    ]
-    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
-
-
 def _smooth_step(t: torch.Tensor) -> torch.Tensor:
     """C-infinity step on [0, 1]: 0 at 0, 1 at 1, all derivatives vanish at both ends."""
     t = t.clamp(0.0, 1.0)

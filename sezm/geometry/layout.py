@@ -138,12 +138,6 @@ class SphericalLayout:
         return tuple(blocks)
 
     @functools.cached_property
-    def row_groups(self) -> tuple[int, ...]:
-        """Sizes of the consecutive row groups sharing one ``|m|`` and sign: ``(n_0, n_1, n_1,
-        n_2, n_2, ...)``, for splitting m-major features."""
-        return (self.block_sizes[0], *(n for n in self.block_sizes[1:] for _ in range(2)))
-
-    @functools.cached_property
     def m_block_rows(self) -> tuple[int, ...]:
         """Rows of each ``|m|`` block of the m-major layout: ``L + 1`` for ``m = 0``, then
         ``2 n_m`` (the ``-m`` rows, then the ``+m`` rows) for each ``m >= 1``."""

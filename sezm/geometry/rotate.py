@@ -11,19 +11,15 @@ rounding):
 * ``L >= 2``: one batched matmul with projected ``(E, D_m, D)`` matrices, gathered in one
   ``index_select`` from the block values (the off-diagonal zeros come from one zero column).
 
-Measured on one CPU core (Mini's 17,084 edges, lmax 2, mmax 1, 32 channels), one matmul over
-all degrees beats the compact alternatives: a batched matmul per degree (CPU ``bmm`` runs
-products of fewer than 400 multiply-adds, such as ``3 x 3`` blocks, in a plain loop: 4x slower
-forward and backward) and element-wise sums of ``(E, 1) * (E, C)`` products (2-3x slower at
-``L >= 2``: every product streams a whole ``(E, C)`` slice). The batched matmul is bound by
-the ``(E, D, C)`` features it reads, which the compact forms read just as often.
+On the CPU one matmul over all degrees is faster than per-degree matmuls or element-wise sums
+at ``L >= 2`` (measurements: ``benchmarks/RESULTS.md``, "Rotation layouts").
 
 Rotating gathered node features (:meth:`EdgeRotation.gather_to_local`) keeps the node features
 and the edge indices for the backward pass, not the gathered ``(E, D, C)`` rows, and so does
-its backward for a force loss's second derivative (:mod:`sezm.geometry.gather_rotate`). The
+its backward for a force loss's second derivative (:mod:`sezm.kernels.gather_rotate`). The
 rotate-back has no such saving: its backward needs the edge-frame messages ``(E, D_m, C)``
 themselves; the scatter after it keeps only the index
-(:func:`~sezm.geometry.gather_scatter.scatter_rows`).
+(:func:`~sezm.kernels.gather_scatter.scatter_rows`).
 
 Under :func:`sezm.kernels.fused_rotation` (``DP_TRITON_INFER`` on CUDA), both directions run
 Triton kernels on the flat block values instead (:mod:`sezm.kernels.rotation_triton`).
@@ -36,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import fused_rotation_for
-from .gather_rotate import gather_rotate
-from .gather_scatter import gather_rows
+from ..kernels.gather_rotate import gather_rotate
+from ..kernels.gather_scatter import gather_rows
 from .layout import SphericalLayout, so3_dim
 
 
@@ -110,8 +106,8 @@ class EdgeRotation:
     def gather_to_local(self, ops: tuple, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """:meth:`to_local` of the rows ``x[index]`` (``x (N, D, C)``, ``index (E,)``); the
         batched-matmul path saves ``x``, not the gathered ``(E, D, C)`` rows
-        (:func:`~sezm.geometry.gather_rotate.gather_rotate`), the others gather with an
-        index-only node (:func:`~sezm.geometry.gather_scatter.gather_rows`)."""
+        (:func:`~sezm.kernels.gather_rotate.gather_rotate`), the others gather with an
+        index-only node (:func:`~sezm.kernels.gather_scatter.gather_rows`)."""
         if isinstance(ops, FusedOperands) or self.sparse:
             return self.to_local(ops, gather_rows(x, index))
         return gather_rotate(x[:, : so3_dim(self.lmax)], index, ops[0])

@@ -40,7 +40,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..geometry.neighbors import build_edges
+from ..data.neighbors import build_edges
 
 NAMESPACE = "deepmd_export"
 _ARGS = (

@@ -8,11 +8,11 @@ import warnings
 import numpy as np
 import torch
 
-from ..geometry.frames import InputError, normalize_frames
-from ..geometry.neighbors import device_search_available
+from ..data.frames import InputError, normalize_frames
+from ..data.graph import build_graph
+from ..data.neighbors import device_search_available
 from ..model.build import load_model
 from ..model.dens import DensModel
-from ..model.graph import build_graph
 from ..model.property_model import PropertyModel
 from ..model.spin import VirtualSpinModel
 from ..runtime import tune_allocator

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..compat.deepmd import load_checkpoint
-from ..geometry.neighbors import build_edges
+from ..data.neighbors import build_edges
 from ..kernels import fused_rotation, require_triton
 from ..model import forces as F
 from ..model.build import load_model

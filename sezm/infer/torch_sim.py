@@ -12,7 +12,7 @@ package for a ``.pt2``. Per system it returns, in torch-sim's metal units:
     stress (n_systems, 3, 3) eV/Å^3 = -(W + W^T) / (2 V)   (W: virial, V: cell volume)
 
 the stress of the ASE calculator (``calculator.py``), positive under tension. Neighbour lists
-are rebuilt at every call on the CPU (``geometry.neighbors``, the lists of ``DeepPot``), so a
+are rebuilt at every call on the CPU (``data.neighbors``, the lists of ``DeepPot``), so a
 GPU state travels to the CPU for the search and its graph back to the GPU.
 """
 
@@ -23,11 +23,12 @@ import os
 import torch
 from ase.data import chemical_symbols
 
-from ..geometry.frames import InputError
-from ..geometry.neighbors import device_search_available
+from ..data.frames import InputError
+from ..data.graph import graph_edges
+from ..data.neighbors import device_search_available
 from ..model.dens import DensModel
 from ..model.energy import EnergyModel
-from ..model.graph import Graph, graph_edges
+from ..model.graph import Graph
 from ..model.property_model import PropertyModel
 from .deep_pot import DeepPot
 from .freeze import GraphLower

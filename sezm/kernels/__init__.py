@@ -1,4 +1,9 @@
-"""Optional fused kernels (Triton), switched on per evaluation by the inference settings.
+"""Hand-written operations below the model: autograd nodes and optional fused (Triton) kernels.
+
+Always used, plain PyTorch: row gathers and scatter-sums whose autograd nodes keep only the index
+(:mod:`sezm.kernels.gather_scatter`) and the gather + rotate node of the edge-frame rotation
+(:mod:`sezm.kernels.gather_rotate`). Optional, switched on per evaluation by the inference
+settings: the fused rotation kernels.
 
 Nothing here imports Triton: :mod:`sezm.kernels.rotation_triton` is loaded on first use. The
 switch is a context, not an environment variable read deep in the maths:

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..nn.common import child_seed
+from ..nn.common import child_seed, dtype_of
 from ..nn.linear import SO3Linear
 from .energy import EnergyModel, fitting_options
-from .fitting import EnergyFitting, atom_keep_mask, fitting_dtype
+from .fitting import EnergyFitting, atom_keep_mask
 from .graph import Graph
 from .spin import _capped_edges, real_sel
 
@@ -126,7 +125,7 @@ class DensFitting(nn.Module):
     ) -> None:
         super().__init__()
         seed, trainable = fitting["seed"], fitting["trainable"]
-        dtype = fitting_dtype(fitting["precision"])
+        dtype = dtype_of(fitting["precision"])
         self.energy_head = EnergyFitting(
             ntypes=ntypes, dim_descrpt=channels, **{**fitting, "seed": child_seed(seed, 0)}
         )
@@ -238,23 +237,3 @@ class DensModel(EnergyModel):
             "clean_force_norm": clean.double(),
             "denoising_force_norm": denoise.double(),
         }
-
-
-def force_rmsd(samples: Sequence[Mapping], exclude_types: Sequence[int] = ()) -> float:
-    """``dens_force_rmsd = sqrt(sum |F_i|^2 / n)`` over the kept atoms of the statistics frames
-    (dicts with ``atype (nf, nat)`` and, where labelled, ``force``)."""
-    total, count = 0.0, 0
-    for sample in samples:
-        if "force" not in sample:
-            continue
-        atype = np.asarray(sample["atype"])
-        keep = (atype >= 0) & ~np.isin(atype, list(exclude_types))
-        force = np.asarray(sample["force"], dtype=np.float64).reshape(*atype.shape, 3)[keep]
-        total += float(np.square(force).sum())
-        count += force.shape[0]
-    if count == 0:
-        raise ValueError("the dens statistics need force labels (dens_force_rmsd)")
-    rmsd = math.sqrt(total / count)
-    if rmsd <= 0.0:
-        raise ValueError("the dens force RMSD of the training data is zero")
-    return rmsd

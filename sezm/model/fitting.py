@@ -33,13 +33,7 @@ __all__ = [
     "atom_keep_mask",
     "auto_neuron",
     "energy_out_stat",
-    "fitting_dtype",
 ]
-
-
-def fitting_dtype(precision: str) -> torch.dtype:
-    """Parameter dtype of a fitting ``precision``; ``"default"`` is float64 as in DeePMD-kit."""
-    return torch.float64 if precision == "default" else dtype_of(precision)
 
 
 def auto_neuron(neuron: Sequence[int] | None, dim_in: int) -> list[int]:
@@ -342,7 +336,7 @@ class EnergyFitting(FittingBase):
         bias_out: bool = False,
     ) -> None:
         film = case_film_embd and dim_case_embd > 0
-        dtype = fitting_dtype(precision)
+        dtype = dtype_of(precision)
         super().__init__(
             ntypes=ntypes,
             dim_descrpt=dim_descrpt,

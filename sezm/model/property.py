@@ -23,8 +23,8 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from ..nn.common import Dense, child_seed, make_generator, normal_
-from .fitting import FittingBase, auto_neuron, fitting_dtype
+from ..nn.common import Dense, child_seed, dtype_of, make_generator, normal_
+from .fitting import FittingBase, auto_neuron
 
 __all__ = ["PropertyFitting", "ResidualDense", "property_output"]
 
@@ -103,7 +103,7 @@ class PropertyFitting(FittingBase):
         trainable: bool | Sequence[bool] = True,
         seed: int | list[int] | None = None,
     ) -> None:
-        dtype = fitting_dtype(precision)
+        dtype = dtype_of(precision)
         super().__init__(
             ntypes=ntypes,
             dim_descrpt=dim_descrpt,

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from ..geometry.gather_scatter import gather_rows
+from ..kernels.gather_scatter import gather_rows
 from .attention import envelope_gated_softmax
 from .common import child_seed, normal_
 from .edge_cache import EdgeCache

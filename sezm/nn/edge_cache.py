@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..geometry import edge_frame
-from ..geometry.gather_scatter import scatter_rows
 from ..geometry.rotate import EdgeRotation
 from ..geometry.wigner import WignerD
+from ..kernels.gather_scatter import scatter_rows
 from .radial import BridgingSwitch, InnerClamp, RadialBasis, c3_envelope
 
 

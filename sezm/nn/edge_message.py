@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..geometry.gather_scatter import gather_rows
 from ..geometry.layout import SphericalLayout, index_tensor
+from ..kernels.gather_scatter import gather_rows
 from .cartesian import EdgeCartesianTensorProduct
 from .common import child_seed, normal_
 from .edge_cache import EdgeCache

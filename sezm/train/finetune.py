@@ -38,7 +38,7 @@ from ..compat.deepmd import Checkpoint, CheckpointError, load_into
 from ..data import out_stat
 from ..data.stats import output_stat_mode, preset_bias
 from ..model.property_model import PropertyModel
-from ..nn.lora import fold_lora
+from .lora import fold_lora
 
 log = logging.getLogger("sezm.train")
 

@@ -11,10 +11,10 @@ import logging
 from dataclasses import dataclass
 
 from ..compat.deepmd import Checkpoint, CheckpointError, load_checkpoint, load_into
-from ..nn.lora import apply_lora, has_lora
 from .branches import Layout
 from .checkpoint import model_differences
 from .finetune import FinetuneRule, change_out_bias, transfer_weights
+from .lora import apply_lora, has_lora
 from .tasks import Task, set_statistics
 
 log = logging.getLogger("sezm.train")

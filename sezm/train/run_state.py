@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from ..compat.deepmd import to_deepmd_state
-from ..nn.lora import merged_state_dict, strip_lora
 from .checkpoint import atomic_save, branches_state
 from .distributed import optimizer_state
 from .faults import TrainingError
+from .lora import merged_state_dict, strip_lora
 from .setup import TrainingSetup
 
 log = logging.getLogger("sezm.train")

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..data.dataset import Batch
-from ..model.graph import Graph, build_graph
+from ..data.graph import build_graph
+from ..model.graph import Graph
 from ..model.property_model import PropertyModel
 from .distributed import any_rank
 from .faults import TrainingError, non_finite_message

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..data import DataError, DataSystem, StatFile, fields_for_model, model_stats, update_sel
-from ..model.dens import DensModel, force_rmsd
+from ..data.stats import force_rmsd
+from ..model.dens import DensModel
 from ..model.property_model import PropertyModel
 from .branches import BranchSpec, Layout
 from .distributed import rank_seed

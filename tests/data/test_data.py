@@ -32,7 +32,7 @@ from sezm.data import (
     system_probs,
     update_sel,
 )
-from sezm.model.graph import build_graph
+from sezm.data.graph import build_graph
 
 DATA = Path(__file__).parents[1] / "data" / "systems"
 WATER = [DATA / "water/data_0", DATA / "water/data_1"]

@@ -29,7 +29,7 @@ def test_small_example() -> None:
     layout = SphericalLayout.of(2, 1)
     assert layout.reduced_rows == (0, 2, 6, 1, 5, 3, 7)
     assert layout.reduced_degrees == (0, 1, 2, 1, 2, 1, 2)
-    assert layout.row_groups == (3, 2, 2)
+    assert layout.block_sizes == (3, 2)
     assert [(b.order, b.neg_start, b.pos_start, b.size) for b in layout.m_blocks] == [(1, 3, 5, 2)]
     assert layout.truncated_rows == (0, 1, 2, 3, 5, 6, 7)
     assert layout.wigner_offsets == (0, 1, 10, 35)
@@ -48,7 +48,8 @@ def test_maps_follow_their_definitions(lmax: int, mmax: int) -> None:
     assert sorted(rows) == list(layout.truncated_rows) == [packed_index(*k) for k in kept]
     order = [(abs(lm[p][1]), lm[p][1] > 0, lm[p][0]) for p in rows]
     assert order == sorted(order)
-    assert layout.reduced_dim == sum(layout.row_groups) == len(kept)
+    sizes = layout.block_sizes
+    assert layout.reduced_dim == sizes[0] + 2 * sum(sizes[1:]) == len(kept)
     for block in layout.m_blocks:
         neg = rows[block.neg_start : block.neg_start + block.size]
         pos = rows[block.pos_start : block.pos_start + block.size]

@@ -16,9 +16,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from equivariance import rotation_matrix
 from scipy.integrate import lebedev_rule
 
-from sezm.geometry.edge_frame import edge_quaternion, multiply, rotation_matrix
+from sezm.geometry.edge_frame import edge_quaternion, multiply
 from sezm.geometry.wigner import WignerD, spherical_harmonics, wigner_monomial_table
 
 F64 = torch.float64

@@ -20,8 +20,8 @@ import sezm
 from sezm.cli import run
 from sezm.compat.deepmd import CheckpointError
 from sezm.config import ConfigWarning
-from sezm.geometry.frames import InputError
-from sezm.geometry.neighbors import build_edges
+from sezm.data.frames import InputError
+from sezm.data.neighbors import build_edges
 from sezm.infer.deep_pot import InputWarning
 
 FRAMES = WATER / "data_0" / "set.000"

@@ -20,7 +20,7 @@ import sezm.nn.edge_cache
 import sezm.nn.radial
 from sezm.cli import run
 from sezm.config import normalize_model
-from sezm.geometry.frames import InputError
+from sezm.data.frames import InputError
 from sezm.infer.check import CheckError, CheckOptions, check, load_subject, read_structure
 from sezm.infer.check.result import Result, format_table
 from sezm.infer.check.runner import check_frozen

@@ -25,7 +25,7 @@ import pytest
 
 import sezm
 from sezm.cli import main
-from sezm.geometry.neighbors import build_edges
+from sezm.data.neighbors import build_edges
 from sezm.infer.pt2 import SPIN_OUTPUT_KEYS, read_metadata
 
 TESTS = Path(__file__).parents[1]

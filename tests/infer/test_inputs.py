@@ -16,7 +16,7 @@ import torch
 
 import sezm
 from sezm.compat.deepmd import CheckpointError
-from sezm.geometry.frames import InputError
+from sezm.data.frames import InputError
 
 MODEL = Path(__file__).parents[1] / "data" / "parity" / "tiny" / "model.pt"
 NAT = 6

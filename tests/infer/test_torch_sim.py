@@ -19,8 +19,8 @@ from ase.build import bulk, molecule
 
 import sezm
 from sezm.config.normalize import normalize_model
-from sezm.geometry.frames import InputError
-from sezm.geometry.neighbors import device_search_available
+from sezm.data.frames import InputError
+from sezm.data.neighbors import device_search_available
 from sezm.model.build import build_model
 from sezm.train.checkpoint import model_state
 

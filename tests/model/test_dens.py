@@ -25,9 +25,10 @@ from sezm.compat.deepmd import load_checkpoint, to_deepmd_state
 from sezm.config import normalize_model, normalize_section
 from sezm.data import System
 from sezm.data.dataset import Batch
+from sezm.data.graph import build_graph
+from sezm.data.stats import force_rmsd
 from sezm.model.build import build_model, load_model
-from sezm.model.dens import DensModel, force_rmsd
-from sezm.model.graph import build_graph
+from sezm.model.dens import DensModel
 from sezm.train.losses import DensLoss
 from sezm.train.steps import dens_inputs
 

@@ -9,7 +9,7 @@ sync or a wrong-device tensor on CUDA; this test finds them without a GPU.
 The neighbour search on the device (``device_edge_batch``, what ``DeepPot`` runs on CUDA) cannot
 run on ``meta`` (vesin needs values); there, every host read of a tensor is counted instead:
 one per batch of frames, whatever the number of frames and atoms (its equality with the host
-search is in ``tests/geometry/test_device_neighbors.py``).
+search is in ``tests/data/test_device_neighbors.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import sezm.model.forces as forces_module
-from sezm.geometry.neighbors import device_edge_batch
+from sezm.data.graph import build_graph
+from sezm.data.neighbors import device_edge_batch
 from sezm.model.build import load_model
-from sezm.model.graph import build_graph
 
 PARITY = Path(__file__).parents[1] / "data" / "parity"
 # every energy case of the parity set (spin, dens and property models take other inputs)

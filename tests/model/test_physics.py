@@ -16,8 +16,8 @@ import pytest
 import torch
 from model_zoo import COMBOS, RCUT, make_model, model_of
 
+import sezm.data.graph
 import sezm.model.forces
-import sezm.model.graph
 import sezm.nn.edge_cache
 import sezm.nn.radial
 from sezm.geometry import edge_frame
@@ -231,7 +231,7 @@ def test_cutoff_check_catches_a_c0_envelope(monkeypatch) -> None:
 def test_supercell_check_catches_dropped_self_images(monkeypatch) -> None:
     """A neighbour list that drops an atom's own periodic images (src == dst): a small cell
     loses those pairs, its 2x2x2 supercell does not."""
-    build_edges = sezm.model.graph.build_edges
+    build_edges = sezm.data.graph.build_edges
 
     def without_self_images(coord, cell, rcut):
         edges = build_edges(coord, cell, rcut)
@@ -243,7 +243,7 @@ def test_supercell_check_catches_dropped_self_images(monkeypatch) -> None:
     model = model_of("default")
     graph = P.graph_of(model, [CRYSTAL])
     assert bool((graph.src == graph.dst).any()), "CRYSTAL must be smaller than the cutoff sphere"
-    monkeypatch.setattr(sezm.model.graph, "build_edges", without_self_images)
+    monkeypatch.setattr(sezm.data.graph, "build_edges", without_self_images)
     with pytest.raises(P.PhysicsCheckError, match="supercell"):
         P.check_supercell(model, CRYSTAL)
 
@@ -263,7 +263,7 @@ def test_batching_check_catches_frames_mixed_in_the_virial(monkeypatch) -> None:
 def test_periodic_image_check_catches_a_27_cell_neighbour_search(monkeypatch) -> None:
     """A neighbour search that only looks one cell image away (a classic bug for atoms outside
     the cell): moving atoms by several lattice vectors loses pairs."""
-    build_edges = sezm.model.graph.build_edges
+    build_edges = sezm.data.graph.build_edges
 
     def nearest_images_only(coord, cell, rcut):
         edges = build_edges(coord, cell, rcut)
@@ -273,7 +273,7 @@ def test_periodic_image_check_catches_a_27_cell_neighbour_search(monkeypatch) ->
         )
 
     model = model_of("default")
-    monkeypatch.setattr(sezm.model.graph, "build_edges", nearest_images_only)
+    monkeypatch.setattr(sezm.data.graph, "build_edges", nearest_images_only)
     with pytest.raises(P.PhysicsCheckError, match="image shift"):
         P.check_periodic_images(model, CRYSTAL)
 

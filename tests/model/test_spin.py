@@ -19,8 +19,8 @@ import torch
 import sezm
 from sezm.cli import main
 from sezm.config import normalize_model, normalize_section
+from sezm.data.graph import build_graph
 from sezm.model.build import build_model, load_model
-from sezm.model.graph import build_graph
 from sezm.train.losses import build_loss
 
 PARITY = Path(__file__).parents[1] / "data" / "parity"

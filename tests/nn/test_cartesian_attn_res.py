@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from equivariance import parity_signs
+from equivariance import parity_signs, rotation_matrix
 from torch import nn
 
 from sezm.config import normalize_model
-from sezm.geometry.edge_frame import rotation_matrix
 from sezm.geometry.wigner import WignerD
 from sezm.model.build import build_model
 from sezm.model.descriptor import Descriptor

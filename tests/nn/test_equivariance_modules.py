@@ -20,8 +20,8 @@ import torch
 from equivariance import F64, SCALAR, TENSOR2, VECTOR, assert_equivariant, packed
 
 from sezm.config import normalize_model
+from sezm.data.graph import build_graph
 from sezm.model.build import build_model
-from sezm.model.graph import build_graph
 from sezm.nn.edge_cache import build_edge_cache
 
 RCUT = 3.5

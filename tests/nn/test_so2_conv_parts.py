@@ -17,7 +17,7 @@ from sezm.geometry.layout import SphericalLayout
 from sezm.model.build import build_model
 from sezm.nn.aggregation import EnvelopeGatedAttention, EnvelopeSum
 from sezm.nn.edge_message import CartesianMessage, EdgeFrameMessage, RadialMessage
-from sezm.nn.lora import apply_lora, fold_lora
+from sezm.train.lora import apply_lora, fold_lora
 
 PARITY = Path(__file__).parents[1] / "data" / "parity"
 CASES = sorted(p.name for p in PARITY.iterdir() if (p / "model.pt").is_file())

@@ -17,9 +17,9 @@ import pytest
 import torch
 from model_zoo import COMBOS, model_of
 
+from sezm.data.graph import build_graph
 from sezm.infer.settings import InferenceSettings, parse_edge_chunk
 from sezm.model.build import load_model
-from sezm.model.graph import build_graph
 from sezm.nn.edge_cache import merge_chunks, plan_chunks
 from sezm.nn.stream import ATOM_CHUNK_RATIO, MIN_CHUNK_EDGES, PLAIN_CHUNKS, StreamPolicy
 

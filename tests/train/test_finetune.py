@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sezm.config import normalize_input, normalize_model
+from sezm.data.graph import build_graph
 from sezm.model.build import build_model
-from sezm.model.graph import build_graph
 from sezm.train.checkpoint import branches_state, model_state
 from sezm.train.finetune import finetune_rules
 from sezm.train.trainer import Resume, Trainer

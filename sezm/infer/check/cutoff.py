@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...geometry.neighbors import build_edges
+from ...data.neighbors import build_edges
 from .result import Result, skipped
 from .structure import Structure
 from .subject import Evaluator, energy_difference

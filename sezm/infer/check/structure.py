@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...geometry.frames import InputError, normalize_frames
-from ...geometry.neighbors import build_edges
+from ...data.frames import InputError, normalize_frames
+from ...data.neighbors import build_edges
 
 BUNDLED = Path(__file__).with_name("water.xyz")
 

@@ -37,8 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ...data.graph import build_graph
 from ...model.energy import EnergyModel
-from ...model.graph import build_graph
 from .structure import Structure
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import vesin
 
-from sezm.geometry.frames import InputError, check_overlaps
+from .frames import InputError, check_overlaps
 
 ZERO_DIST2 = 1e-10
 """Pairs with ``|vec|^2`` at or below this (Å^2) are coincident atoms, not edges."""

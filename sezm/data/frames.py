@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from sezm.geometry.neighbors import EdgeList
+    from .neighbors import EdgeList
 
 MIN_CELL_VOLUME = 1e-3
 """Cells with ``|det|`` below this (Å^3) are rejected as degenerate."""

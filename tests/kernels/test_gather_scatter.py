@@ -8,9 +8,9 @@ import pytest
 import torch
 from saved_tensors import saved_elements
 
-from sezm.geometry.gather_rotate import gather_rotate
-from sezm.geometry.gather_scatter import gather_rows, scatter_rows
 from sezm.geometry.layout import SphericalLayout
+from sezm.kernels.gather_rotate import gather_rotate
+from sezm.kernels.gather_scatter import gather_rows, scatter_rows
 from sezm.nn.activation import GatedActivation
 
 F64 = torch.float64

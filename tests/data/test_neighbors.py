@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from sezm.geometry.frames import InputError, check_overlaps, normalize_frames
-from sezm.geometry.neighbors import EdgeList, build_edges
+from sezm.data.frames import InputError, check_overlaps, normalize_frames
+from sezm.data.neighbors import EdgeList, build_edges
 
 RNG_SEED = 20260101
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from sezm.geometry.frames import InputError
-from sezm.geometry.neighbors import (
+from sezm.data.frames import InputError
+from sezm.data.graph import build_graph
+from sezm.data.neighbors import (
     MAX_OPEN_EXTENT,
     build_edges,
     device_edge_batch,
 )
-from sezm.model.graph import build_graph
 
 pytest.importorskip("vesin_torch", reason='vesin-torch is not installed (pip install "sezm[gpu]")')
 
@@ -57,7 +57,7 @@ def test_close_atoms_raise_the_host_error():
     coord = coord.copy()
     coord[5] = coord[4] + 1e-4
     with pytest.raises(InputError) as host:
-        from sezm.geometry.frames import check_overlaps
+        from sezm.data.frames import check_overlaps
 
         check_overlaps(build_edges(coord[None], box[None], RCUT), len(coord))
     with pytest.raises(InputError) as dev:

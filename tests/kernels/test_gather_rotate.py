@@ -10,8 +10,8 @@ from physics import graph_of, random_crystal
 from saved_tensors import saved_elements
 
 from sezm.geometry import rotate
-from sezm.geometry.gather_rotate import gather_rotate
 from sezm.geometry.rotate import EdgeRotation
+from sezm.kernels.gather_rotate import gather_rotate
 
 F64 = torch.float64
 
