@@ -107,10 +107,15 @@ def tagged(
     return Variant(flag, list(choices), optional=True, default_tag=default, doc=doc)
 
 
-def one_of(*values: str) -> tuple[Callable[[Any], bool], str]:
-    """Value check: the string must be one of ``values``."""
+def one_of(*values: str, any_case: bool = False) -> tuple[Callable[[Any], bool], str]:
+    """Value check: the string must be one of ``values`` (``any_case``: in upper or lower
+    case alike)."""
+    message = "must be one of " + ", ".join(f"'{v}'" for v in values)
+    if any_case:
+        folded = frozenset(v.lower() for v in values)
+        return (lambda x: x.lower() in folded), message + " (in any case)"
     allowed = frozenset(values)
-    return (lambda x: x in allowed), "must be one of " + ", ".join(f"'{v}'" for v in values)
+    return (lambda x: x in allowed), message
 
 
 def at_least(bound: float) -> tuple[Callable[[Any], bool], str]:

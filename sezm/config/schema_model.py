@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dargs import Argument
 
-from ._fields import NO_EFFECT, choice, maybe, opt, req, section, tagged
+from ._fields import NO_EFFECT, choice, maybe, one_of, opt, req, section, tagged
 from .schema_descriptor import DESCRIPTOR_ALIASES, dpa4_descriptor
 
 MODEL_ALIASES = DESCRIPTOR_ALIASES
@@ -157,6 +157,7 @@ def spin_block() -> Argument:
                 "deepspin",
                 "`native`: spin enters the descriptor as an equivariant input and the magnetic "
                 "force is -dE/ds. `deepspin`: virtual atoms at r + s·virtual_scale.",
+                check=one_of("native", "deepspin", any_case=True),
             ),
             opt(
                 "allow_missing_label",
@@ -335,7 +336,8 @@ def dpa4_model() -> Argument:
                 str,
                 "None",
                 "Short-range bridging: 'ZBL' (any case) adds the ZBL repulsion and freezes the "
-                "learned descriptor below `bridging_r_inner`; 'None' disables it.",
+                "learned descriptor below `bridging_r_inner`; 'None' (or '') disables it.",
+                check=one_of("ZBL", "None", "", any_case=True),
             ),
             opt(
                 "bridging_r_inner",

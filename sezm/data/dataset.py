@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config.spin import use_spin_flags, virtual_scales
 from ..model.graph import Graph
 from .ase_frames import FileOptions, FrameFile
 from .frames import InputError
@@ -522,8 +523,6 @@ def fields_for_model(model_params: Mapping) -> dict[str, Field]:
 def _spin_field(spin: Mapping, type_map: Sequence[str] | None) -> SpinField:
     """``spin.npy`` of a spin model, with its magnetic types and virtual scales (for spotting
     data in the older virtual-atom layout)."""
-    from ..model.spin import use_spin_flags, virtual_scales
-
     use_spin: tuple[bool, ...] = ()
     scale = None
     if type_map is not None:

@@ -45,14 +45,16 @@ import torch
 from torch import nn
 
 from ..compat.deepmd import load_checkpoint
+from ..config.descriptor_options import bridging_radii
+from ..config.spin import use_spin_flags
 from ..data.neighbors import build_edges
 from ..kernels import fused_rotation, require_triton
 from ..model import forces as F
 from ..model.build import load_model
 from ..model.dens import DensModel
-from ..model.energy import EnergyModel, bridging_radii
+from ..model.energy import EnergyModel
 from ..model.graph import Graph
-from ..model.spin import NativeSpinModel, VirtualSpinModel, use_spin_flags
+from ..model.spin import NativeSpinModel, VirtualSpinModel
 from ..runtime import deterministic_algorithms
 from .comm import COMM_INPUTS, GhostExchange, Halo, halo, register_border_ops
 from .pt2 import (

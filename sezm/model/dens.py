@@ -26,12 +26,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..config.descriptor_options import neighbour_cap
 from ..nn.common import child_seed, dtype_of
 from ..nn.linear import SO3Linear
 from .energy import EnergyModel, fitting_options
 from .fitting import EnergyFitting, atom_keep_mask
 from .graph import Graph
-from .spin import _capped_edges, real_sel
+from .spin import _capped_edges
 
 
 def _sh_norm(lmax: int) -> torch.Tensor:
@@ -170,7 +171,7 @@ class DensModel(EnergyModel):
             raise ValueError("the dens model does not support bridging_method (ZBL)")
         if min(degrees.node_init_lmax, degrees.node_readout_lmax) < 1:
             raise ValueError("the dens model reads and writes l = 1 features: it needs lmax >= 1")
-        self.nsel = real_sel(params)
+        self.nsel = neighbour_cap(params)
         self.dens_fitting_net = DensFitting(
             ntypes=len(self.type_map),
             channels=self.descriptor.dim_out,

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from ..compat.descriptor_versions import LATEST_VERSION, upgrade_state
 from ..geometry.layout import so3_dim
 from ..geometry.wigner import WignerD
 from ..nn.attn_res import attn_res_blocks, depth_attn_res
@@ -46,11 +47,6 @@ from ..nn.stream import (
     up_to,
 )
 
-#: Format version of the descriptor state (DeePMD-kit 3.2 numbering). 1.0 used a tiny degree
-#: floor and no envelope on the radial features; 1.1 and later share today's maths, except for
-#: the native-spin gate of the environment seed (see :func:`upgrade_state`).
-LATEST_VERSION = 1.2
-
 #: The environment-seed FiLM starts as a 1 % modulation of the type embedding.
 FILM_STRENGTH_INIT = 0.01
 #: Floor of the envelope-weighted degree ``sum env^2`` (version >= 1.1): an atom with few, far
@@ -58,36 +54,6 @@ FILM_STRENGTH_INIT = 0.01
 DEGREE_FLOOR = 0.25
 #: Seed slot of the descriptor-level depth attention (DeePMD-kit's numbering).
 FINAL_ATTN_SEED = 2000
-
-#: Native-spin weights that decide whether spin reaches the output at all.
-_SPIN_ROUTES = (
-    "spin_embedding.mag_layer2.matrix",
-    "spin_embedding.adam_spin_vec_weight",
-    "spin_embedding.adam_spin_nbr_weight",
-    "env_seed_embedding.spin_scale",
-)
-
-
-def upgrade_state(state: dict, prefix: str, use_spin: list[bool] | None) -> None:
-    """Rewrite a version-1.1 descriptor state (keys under ``prefix``) to 1.2, in place.
-
-    1.2 moved the environment-seed spin gate ``c`` from the spin coordinates (``c s``, so the
-    spin block of ``D`` scaled as ``c^2``) to the spin block itself: ``c -> c^2`` keeps the
-    function. A native-spin descriptor without magnetic types instead has its dormant spin
-    routes zeroed. Other versions are left alone (1.0 keeps its own radial maths).
-    """
-    key = prefix + "version_tensor"
-    version = float(state.get(key, 1.0))
-    if not 1.1 <= version < 1.2:
-        return
-    gate = prefix + "env_seed_embedding.spin_scale"
-    if use_spin is not None and not any(use_spin):
-        for name in _SPIN_ROUTES:
-            if prefix + name in state:
-                state[prefix + name] = torch.zeros_like(state[prefix + name])
-    elif gate in state:
-        state[gate] = state[gate] ** 2
-    state[key] = torch.tensor(LATEST_VERSION, dtype=torch.float64)
 
 
 class CheckpointWigner(WignerD):

@@ -14,7 +14,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..nn.options import DescriptorOptions
+from ..config.descriptor_options import bridging_radii, descriptor_options
 from . import forces as F
 from .descriptor import Descriptor
 from .fitting import EnergyFitting, FittingBase, atom_keep_mask, energy_out_stat
@@ -22,33 +22,10 @@ from .graph import Graph
 from .zbl import ZBL
 
 
-def bridging_radii(params: dict) -> tuple[float, float] | None:
-    """``(r_inner, r_outer)`` when ZBL zone bridging is on, else ``None``."""
-    method = params["bridging_method"]
-    if method.lower() in ("none", ""):
-        return None
-    if method.lower() != "zbl":
-        raise ValueError(f"model.bridging_method must be 'ZBL' or 'None', got {method!r}")
-    return float(params["bridging_r_inner"]), float(params["bridging_r_outer"])
-
-
 def fitting_options(params: dict, fitting: type[FittingBase] = EnergyFitting) -> dict:
     """The keyword arguments of ``fitting`` (a fitting class) in a normalised model section."""
     names = set(inspect.signature(fitting.__init__).parameters) - {"self", "ntypes", "dim_descrpt"}
     return {k: v for k, v in params["fitting_net"].items() if k in names}
-
-
-def descriptor_options(params: dict) -> DescriptorOptions:
-    """Descriptor options of a normalised model section, with the model's pair exclusions
-    (``pair_exclude_types``, else the descriptor's ``exclude_types``; the normalisation
-    checked that they agree when both are given) and ZBL radii."""
-    desc = params["descriptor"]
-    return DescriptorOptions.from_config(
-        desc,
-        ntypes=len(params["type_map"]),
-        exclude_types=params["pair_exclude_types"] or desc["exclude_types"],
-        inner_clamp=bridging_radii(params),
-    )
 
 
 def graph_spins(graph: Graph) -> torch.Tensor:

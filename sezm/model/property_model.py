@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config.descriptor_options import bridging_radii
 from .energy import AtomicModel
 from .fitting import atom_keep_mask
 from .graph import Graph
@@ -19,7 +20,7 @@ class PropertyModel(AtomicModel):
     reduced over the atoms of each frame (see the module doc)."""
 
     def __init__(self, params: dict) -> None:
-        if params["bridging_method"].lower() not in ("none", ""):
+        if bridging_radii(params) is not None:
             raise ValueError("ZBL bridging is not available for property models")
         super().__init__(params, PropertyFitting)
 

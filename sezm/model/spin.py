@@ -25,62 +25,11 @@ import dataclasses
 
 import torch
 
+from ..config.descriptor_options import descriptor_options, neighbour_cap
+from ..config.spin import spin_scheme, use_spin_flags, virtual_scales
 from .descriptor import Descriptor
-from .energy import EnergyModel, descriptor_options, graph_spins, magnetic_mask
+from .energy import EnergyModel, graph_spins, magnetic_mask
 from .graph import Graph
-
-SCHEMES = ("native", "deepspin")
-
-
-def use_spin_flags(spin: dict, type_map: list[str]) -> list[bool]:
-    """``spin.use_spin`` (one bool per type, type indices or element symbols) as one bool per
-    type."""
-    flags = list(spin["use_spin"])
-    if not flags:
-        return [False] * len(type_map)
-    if all(isinstance(f, bool) for f in flags):
-        if len(flags) != len(type_map):
-            raise ValueError(f"spin.use_spin has {len(flags)} flags for {len(type_map)} types")
-        return flags
-    index = {name: i for i, name in enumerate(type_map)}
-    unknown = [f for f in flags if isinstance(f, str) and f not in index]
-    if unknown:
-        raise ValueError(f"spin.use_spin names {unknown}, which are not in type_map {type_map}")
-    chosen = {index[f] if isinstance(f, str) else int(f) for f in flags}
-    if any(not 0 <= t < len(type_map) for t in chosen):
-        raise ValueError(f"spin.use_spin type index out of range [0, {len(type_map)})")
-    return [t in chosen for t in range(len(type_map))]
-
-
-def virtual_scales(spin: dict, use_spin: list[bool]) -> list[float]:
-    """``virtual_scale`` per type (given per type, per magnetic type or once), 0 if
-    non-magnetic."""
-    scale = spin.get("virtual_scale")
-    if scale is None:
-        raise ValueError("the deepspin scheme needs spin.virtual_scale")
-    magnetic = [t for t, f in enumerate(use_spin) if f]
-    if isinstance(scale, (int, float)):
-        per_type = [float(scale)] * len(use_spin)
-    elif len(scale) == len(use_spin):
-        per_type = [float(x) for x in scale]
-    elif len(scale) == len(magnetic):
-        per_type = [0.0] * len(use_spin)
-        for t, x in zip(magnetic, scale):
-            per_type[t] = float(x)
-    else:
-        raise ValueError(
-            f"spin.virtual_scale has {len(scale)} values; give {len(use_spin)} (one per type) "
-            f"or {len(magnetic)} (one per magnetic type)"
-        )
-    return [x if f else 0.0 for x, f in zip(per_type, use_spin)]
-
-
-def spin_scheme(params: dict) -> str:
-    """``native`` or ``deepspin``: the spin scheme of a model section, lower-cased."""
-    scheme = params["spin"]["scheme"].lower()
-    if scheme not in SCHEMES:
-        raise ValueError(f"spin.scheme must be 'native' or 'deepspin', got {scheme!r}")
-    return scheme
 
 
 def build_spin_model(params: dict) -> EnergyModel:
@@ -112,7 +61,7 @@ def virtual_model_params(params: dict) -> dict:
     nt = len(real)
     use_spin = use_spin_flags(p["spin"], real)
     desc = p["descriptor"]
-    desc["sel"] = [2 * real_sel(params) + 1]
+    desc["sel"] = [2 * neighbour_cap(params) + 1]
     placeholders = [nt + t for t in range(nt) if not use_spin[t]]
     pairs = [[a, b] for a in placeholders for b in range(2 * nt)]
     real_pairs = [list(x) for x in p["pair_exclude_types"] or desc["exclude_types"]]
@@ -121,14 +70,6 @@ def virtual_model_params(params: dict) -> dict:
     p["atom_exclude_types"] = sorted(atoms)
     p["type_map"] = real + [t + "_spin" for t in real]
     return p
-
-
-def real_sel(params: dict) -> int:
-    """``sum(descriptor.sel)``: the cap on real neighbours of the deepspin path."""
-    sel = params["descriptor"]["sel"]
-    if isinstance(sel, str):
-        raise ValueError(f"the deepspin scheme needs a resolved descriptor.sel, not {sel!r}")
-    return int(sum(sel)) if isinstance(sel, (list, tuple)) else int(sel)
 
 
 class VirtualSpinModel(EnergyModel):
@@ -140,7 +81,7 @@ class VirtualSpinModel(EnergyModel):
         self.real_type_map = list(params["type_map"])
         super().__init__(virtual_model_params(params))
         self.type_map = self.real_type_map
-        self.real_nsel = real_sel(params)
+        self.real_nsel = neighbour_cap(params)
         scale = virtual_scales(params["spin"], use_spin_flags(params["spin"], self.type_map))
         self.register_buffer(
             "virtual_scale", torch.tensor(scale, dtype=torch.float64), persistent=False

@@ -1,23 +1,19 @@
-"""Descriptor options: the normalised ``descriptor`` section as a few small typed records.
+"""Descriptor options: the settings of the descriptor as a few small typed records.
 
-The schema (``sezm.config.schema_descriptor``) owns every default and single-key check, and
-``sezm.config.rules.check_descriptor`` the rules across keys; both run when an input or a
-checkpoint's stored ``model_params`` is normalised. This module only reads that normalised
-dict (``cfg["key"]``), groups the settings by the layers that use them, parses the compact
-forms (per-path lists, flag lists) into named fields and derives what the layers need
-(degree schedules, branch activations, hidden widths).
+Each layer receives the records it uses. ``sezm.config.descriptor_options`` builds them from a
+normalised ``model`` section (compact list forms parsed into named fields, branch activations
+resolved); what the layers derive from them (degrees of a block, hidden widths) are
+properties of the record that owns the setting.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from ..config.rules import block_schedules
-from .cartesian import NodeCartesianSpec, parse_node_cartesian
+from .cartesian import NodeCartesianSpec
 from .common import compute_dtype_of, dtype_of
 
 _CARTESIAN_DEGREES = (1, 2)  # message degrees whose blocks may use the Cartesian products
@@ -171,16 +167,12 @@ class MessageOptions:
     node_wise: GridProduct
     message_node: GridProduct
     attention: AttentionOptions
-    base_activation: str
+    activation_function: str  # of the gates and Cartesian paths ("silu" with s2_activation)
 
     @property
     def width(self) -> int:
         """``F * C_f``, the width of a message."""
         return self.n_focus * self.focus_dim
-
-    @property
-    def activation_function(self) -> str:
-        return "silu" if self.s2_activation else self.base_activation
 
     @property
     def grid_method(self) -> str:
@@ -206,17 +198,8 @@ class FFNOptions:
     so3_grid: bool
     lebedev: bool
     grid: GridOp
-    base_activation: str
-    base_glu: bool
-
-    @property
-    def activation_function(self) -> str:
-        return "silu" if self.s2_activation else self.base_activation
-
-    @property
-    def glu(self) -> bool:
-        """GLU form: forced on the grid paths."""
-        return self.s2_activation or self.so3_grid or self.base_glu
+    activation_function: str  # "silu" with s2_activation
+    glu: bool  # GLU form, forced on the grid paths
 
     def width(self, channels: int) -> int:
         return ffn_width(self.neurons, channels, self.glu)
@@ -296,130 +279,3 @@ class DescriptorOptions:
     def needs_wigner(self) -> bool:
         """Whether some block rotates its messages into edge frames."""
         return not all(self.message.block_edge_cartesian(l) for l in self.degrees.l_schedule)
-
-    @classmethod
-    def from_config(
-        cls,
-        cfg: dict[str, Any],
-        *,
-        ntypes: int,
-        exclude_types: list[list[int]],
-        inner_clamp: tuple[float, float] | None = None,
-    ) -> DescriptorOptions:
-        """Options of a normalised ``model.descriptor`` dict; ``exclude_types``: the pair
-        exclusions of the model (``pair_exclude_types`` or the descriptor's own)."""
-        basics = LayerBasics(
-            channels=cfg["channels"],
-            precision=cfg["precision"],
-            eps=cfg["eps"],
-            mlp_bias=cfg["mlp_bias"],
-            activation_function=cfg["activation_function"],
-            glu_activation=cfg["glu_activation"],
-            edge_norm=cfg["edge_norm"],
-            layer_scale=cfg["layer_scale"],
-        )
-        chg = cfg["default_chg_spin"]
-        return cls(
-            basics=basics,
-            geometry=_geometry(cfg, ntypes, exclude_types, inner_clamp),
-            degrees=_degrees(cfg),
-            message=_message(cfg),
-            ffn=_ffn(cfg),
-            residual=_residual(cfg),
-            readout=ReadoutOptions(cfg["so3_readout"], cfg["readout_layers"], cfg["ffn_neurons"]),
-            use_env_seed=cfg["use_env_seed"],
-            use_amp=cfg["use_amp"],
-            add_chg_spin_ebd=cfg["add_chg_spin_ebd"],
-            default_chg_spin=None if chg is None else (float(chg[0]), float(chg[1])),
-            trainable=cfg["trainable"],
-            seed=cfg["seed"],
-        )
-
-
-def _per_path(value: Any, n: int) -> tuple:
-    """A per-path setting given once or as a list of ``n`` (the schema checked the length)."""
-    return tuple(value) if isinstance(value, list) else (value,) * n
-
-
-def _geometry(cfg: dict, ntypes: int, exclude_types, inner_clamp) -> GeometryOptions:
-    rbf_env_exp, edge_env_exp = cfg["env_exp"]
-    channels = cfg["channels"]
-    return GeometryOptions(
-        ntypes=ntypes,
-        rcut=float(cfg["rcut"]),
-        rbf_env_exp=rbf_env_exp,
-        edge_env_exp=edge_env_exp,
-        basis_type=cfg["basis_type"].lower(),
-        n_radial=cfg["n_radial"],
-        radial_hidden=tuple(channels if x == 0 else x for x in cfg["radial_mlp"]),
-        random_gamma=cfg["random_gamma"],
-        exclude_types=tuple((int(a), int(b)) for a, b in exclude_types),
-        inner_clamp=inner_clamp,
-    )
-
-
-def _degrees(cfg: dict) -> DegreeSchedule:
-    l_sched, m_sched = block_schedules(cfg)
-    return DegreeSchedule(
-        l_schedule=l_sched,
-        m_schedule=m_sched,
-        lmax=l_sched[0] if l_sched else cfg["lmax"],
-        kmax=cfg["kmax"],
-        extra_node_l=cfg["extra_node_l"],
-    )
-
-
-def _message(cfg: dict) -> MessageOptions:
-    mlp, branches = _per_path(cfg["grid_mlp"], 3), _per_path(cfg["grid_branch"], 3)
-    return MessageOptions(
-        n_focus=cfg["n_focus"],
-        focus_dim=cfg["focus_dim"] or cfg["channels"],
-        mixing_layers=cfg["mixing_layers"],
-        so2_norm=cfg["so2_norm"],
-        layer_attn_res=cfg["so2_attn_res"],
-        radial_mode=cfg["radial_so2_mode"],
-        radial_rank=cfg["radial_so2_rank"],
-        s2_activation=cfg["s2_activation"][0],
-        lebedev=_per_path(cfg["lebedev_quadrature"], 2)[0],
-        edge_cartesian=cfg["edge_cartesian"],
-        node_cartesian=parse_node_cartesian(cfg["node_cartesian"]),
-        node_wise=GridProduct(
-            cfg["node_wise_s2"], cfg["node_wise_so3"], GridOp(mlp[0], branches[0])
-        ),
-        message_node=GridProduct(
-            cfg["message_node_s2"], cfg["message_node_so3"], GridOp(mlp[1], branches[1])
-        ),
-        attention=AttentionOptions(
-            n_heads=cfg["n_atten_head"],
-            f_mix=cfg["atten_f_mix"],
-            v_proj=cfg["atten_v_proj"],
-            o_proj=cfg["atten_o_proj"],
-        ),
-        base_activation=cfg["activation_function"],
-    )
-
-
-def _ffn(cfg: dict) -> FFNOptions:
-    so3_grid = cfg["ffn_so3_grid"]
-    return FFNOptions(
-        blocks=cfg["ffn_blocks"],
-        neurons=cfg["ffn_neurons"],
-        s2_activation=cfg["s2_activation"][1] and not so3_grid,
-        so3_grid=so3_grid,
-        lebedev=_per_path(cfg["lebedev_quadrature"], 2)[1],
-        grid=GridOp(_per_path(cfg["grid_mlp"], 3)[2], _per_path(cfg["grid_branch"], 3)[2]),
-        base_activation=cfg["activation_function"],
-        base_glu=cfg["glu_activation"],
-    )
-
-
-def _residual(cfg: dict) -> ResidualOptions:
-    so2_pre, so2_post, ffn_pre, ffn_post = cfg["sandwich_norm"]  # the schema's 4-list
-    return ResidualOptions(
-        so2_pre_norm=so2_pre,
-        so2_post_norm=so2_post,
-        ffn_pre_norm=ffn_pre,
-        ffn_post_norm=ffn_post,
-        full_attn_res=cfg["full_attn_res"],
-        block_attn_res=cfg["block_attn_res"],
-    )

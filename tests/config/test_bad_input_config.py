@@ -101,6 +101,10 @@ CASES = {
     ),
     "lmax negative": (_set("model/descriptor/lmax", "two"), ["lmax"]),
     "fitting neuron not a list": (_set("model/fitting_net/neuron", "big"), ["neuron"]),
+    "bridging_method": (
+        _set("model/bridging_method", "LJ"),
+        ["`model/bridging_method`", "'LJ'", "'ZBL', 'None'", "any case"],
+    ),
 }
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from sezm.config import ConfigError, normalize_model
+from sezm.config.descriptor_options import bridging_radii, descriptor_options, neighbour_cap
 from sezm.config.normalize import complete_model
 from sezm.model.build import build_model
-from sezm.model.energy import descriptor_options
 from sezm.nn.options import DescriptorOptions
 
 TYPE_MAP = ["O", "H"]
@@ -24,8 +24,9 @@ def options(**descriptor) -> DescriptorOptions:
 
 def test_options_read_only_normalised_sections() -> None:
     """No layer default hides behind the schema's: a raw section lacks the keys."""
+    raw = {**model(), "pair_exclude_types": [], "bridging_method": "None"}
     with pytest.raises(KeyError):
-        DescriptorOptions.from_config({"type": "dpa4"}, ntypes=2, exclude_types=[])
+        descriptor_options(raw)
 
 
 def test_schema_defaults_reach_the_records() -> None:
@@ -163,3 +164,44 @@ def test_deepspin_cap_is_the_schema_sel() -> None:
     }
     params = normalize_model(raw)
     assert build_model(params).real_nsel == params["descriptor"]["sel"] == 256
+
+
+@pytest.mark.parametrize("method", ["zbl", "ZBL", "Zbl"])
+def test_bridging_method_takes_zbl_in_any_case(method) -> None:
+    params = normalize_model({**model(), "bridging_method": method, "bridging_r_inner": 0.4})
+    assert bridging_radii(params) == (0.4, 0.8)
+    assert descriptor_options(params).geometry.inner_clamp == (0.4, 0.8)
+
+
+@pytest.mark.parametrize("method", ["None", "none", ""])
+def test_bridging_method_none_turns_bridging_off(method) -> None:
+    params = normalize_model({**model(), "bridging_method": method})
+    assert bridging_radii(params) is None
+    assert descriptor_options(params).geometry.inner_clamp is None
+
+
+def test_unknown_bridging_method_names_key_value_and_choices() -> None:
+    with pytest.raises(ConfigError) as err:
+        normalize_model({**model(), "bridging_method": "LJ"})
+    assert err.value.path == "model/bridging_method"
+    assert "'LJ'" in err.value.message and "'ZBL', 'None'" in err.value.message
+
+
+def test_property_model_refuses_zbl_bridging() -> None:
+    raw = {
+        **model(channels=8, n_radial=4, lmax=1, n_blocks=1),
+        "bridging_method": "Zbl",
+        "fitting_net": {"type": "property", "property_name": "gap", "task_dim": 1},
+    }
+    with pytest.raises(ValueError, match="not available for property models"):
+        build_model(normalize_model(raw))
+    assert build_model(normalize_model({**raw, "bridging_method": "none"})).property_name == "gap"
+
+
+def test_neighbour_cap_needs_a_resolved_sel() -> None:
+    params = normalize_model(model(sel=[20, 12]))
+    assert neighbour_cap(params) == 32
+    params["descriptor"]["sel"] = "auto"
+    with pytest.raises(ConfigError) as err:
+        neighbour_cap(params)
+    assert err.value.path == "model/descriptor/sel" and "'auto'" in err.value.message
