@@ -25,6 +25,7 @@ import torch
 
 from ..config import check_stored_model
 from ..train.lora import fold_lora, has_lora
+from .descriptor_versions import with_version
 
 _PREFIXES = (
     ("atomic_model.descriptor.", "descriptor."),
@@ -76,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None) -> Checkpo
     if not tensors:
         raise CheckpointError(f"{path}: no tensors under '{prefix}'")
     try:
-        renamed = _rename(tensors)
+        renamed = with_version(_rename(tensors))
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     return Checkpoint(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+#: The version that brought today's radial maths (degree floor, envelope on the radial features).
+RADIAL_ENVELOPE_VERSION = 1.1
 #: The version that moved the native-spin gate of the environment seed.
 SPIN_GATE_VERSION = 1.2
 #: The version a descriptor writes.
@@ -24,8 +26,18 @@ _SPIN_ROUTES = (
 )
 
 
-def upgrade_state(state: dict, prefix: str, use_spin: list[bool] | None) -> None:
-    """Rewrite a version-1.1 descriptor state (keys under ``prefix``) to 1.2, in place.
+def with_version(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's model state, with ``descriptor.version_tensor = 1.0`` if it has a
+    descriptor but no version (written before the descriptor carried one)."""
+    key = "descriptor.version_tensor"
+    if key not in state and any(name.startswith("descriptor.") for name in state):
+        state = {**state, key: torch.tensor(1.0, dtype=torch.float64)}
+    return state
+
+
+def upgrade_state(state: dict, prefix: str, use_spin: list[bool] | None) -> float | None:
+    """Rewrite a version-1.1 descriptor state (keys under ``prefix``) to 1.2, in place, and
+    return the version it was written in (``None`` if ``state`` holds no version).
 
     1.2 moved the environment-seed spin gate ``c`` from the spin coordinates (``c s``, so the
     spin block of ``D`` scaled as ``c^2``) to the spin block itself: ``c -> c^2`` keeps the
@@ -33,9 +45,11 @@ def upgrade_state(state: dict, prefix: str, use_spin: list[bool] | None) -> None
     has its dormant spin routes zeroed. Other versions are left alone.
     """
     key = prefix + "version_tensor"
-    version = float(state.get(key, 1.0))
-    if not 1.1 <= version < SPIN_GATE_VERSION:
-        return
+    if key not in state:
+        return None
+    version = float(state[key])
+    if not RADIAL_ENVELOPE_VERSION <= version < SPIN_GATE_VERSION:
+        return version
     gate = prefix + "env_seed_embedding.spin_scale"
     if use_spin is not None and not any(use_spin):
         for name in _SPIN_ROUTES:
@@ -44,3 +58,4 @@ def upgrade_state(state: dict, prefix: str, use_spin: list[bool] | None) -> None
     elif gate in state:
         state[gate] = state[gate] ** 2
     state[key] = torch.tensor(SPIN_GATE_VERSION, dtype=torch.float64)
+    return version

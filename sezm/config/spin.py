@@ -1,14 +1,16 @@
 """The ``model/spin`` block of a normalised model section, read into per-type settings.
 
 The schema admits the block's keys and types; what depends on the model's ``type_map`` (the
-magnetic types, the virtual-atom scales) is read here, with a :class:`ConfigError` naming the
-key when the block does not fit the types.
+magnetic types, the virtual-atom scales, the plain-model section of the virtual-atom scheme) is
+read here, with a :class:`ConfigError` naming the key when the block does not fit the types.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+from .descriptor_options import neighbour_cap
 from .errors import ConfigError
 
 
@@ -66,3 +68,22 @@ def spin_scheme(model: dict[str, Any]) -> str:
     """``native`` or ``deepspin``: the spin scheme of a normalised model section, lower-cased
     (the schema admits only these two, in any case)."""
     return model["spin"]["scheme"].lower()
+
+
+def virtual_model_params(params: dict) -> dict:
+    """The plain-model section of a deepspin model: type map ``T + [t_spin]``, placeholder pair
+    exclusions, virtual types excluded from the energy, ``sel = [2 sum(sel) + 1]``."""
+    p = copy.deepcopy(params)
+    real = list(p["type_map"])
+    nt = len(real)
+    use_spin = use_spin_flags(p["spin"], real)
+    desc = p["descriptor"]
+    desc["sel"] = [2 * neighbour_cap(params) + 1]
+    placeholders = [nt + t for t in range(nt) if not use_spin[t]]
+    pairs = [[a, b] for a in placeholders for b in range(2 * nt)]
+    real_pairs = [list(x) for x in p["pair_exclude_types"] or desc["exclude_types"]]
+    p["pair_exclude_types"] = desc["exclude_types"] = pairs + real_pairs
+    atoms = set(range(nt, 2 * nt)) | {int(t) for t in p["atom_exclude_types"]}
+    p["atom_exclude_types"] = sorted(atoms)
+    p["type_map"] = real + [t + "_spin" for t in real]
+    return p

@@ -13,7 +13,7 @@ variable               values                                   effect
 ``DP_AMP_INFER``       boolean (default off)                    bfloat16 autocast, CUDA only:
                                                                 not available, an error there
 ``SEZM_EDGE_CHUNK``    ``auto`` (default) or edges, ``0`` = off  streamed evaluation
-                                                                (:mod:`sezm.nn.stream`): edges
+                                                                (:mod:`sezm.engine.stream`): edges
                                                                 per chunk of block edge work
 =====================  =======================================  ================================
 
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..engine.stream import StreamPolicy
 from ..kernels import fused_rotation, require_triton
-from ..nn.stream import StreamPolicy
 from ..runtime import deterministic_compiled
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class InferenceSettings:
 
     def attach_streaming(self, model: nn.Module, device: torch.device) -> None:
         """Give ``model``'s descriptor (if it has one) the streamed-evaluation policy; it acts
-        only in evaluation mode (see :class:`~sezm.nn.stream.StreamPolicy`)."""
+        only in evaluation mode (see :class:`~sezm.engine.stream.StreamPolicy`)."""
         descriptor = getattr(model, "descriptor", None)
         if descriptor is not None:
             descriptor.streaming = StreamPolicy(

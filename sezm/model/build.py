@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import nn
 
 from ..compat.deepmd import Checkpoint, load_checkpoint, load_into
@@ -55,13 +54,7 @@ def load_model(
     if precision is not None:
         params = with_precision(params, precision)
     model = build_model(params, dens=dens)
-    state = dict(ckpt.state)
-    # Checkpoints written before the descriptor carried a version use the 1.0 semantics.
-    version = float(
-        state.setdefault("descriptor.version_tensor", torch.tensor(1.0, dtype=torch.float64))
-    )
-    load_into(model, state, ckpt.path)
-    model.descriptor.legacy_radial = version < 1.1
+    load_into(model, dict(ckpt.state), ckpt.path)
     return model.eval(), ckpt
 
 

@@ -14,19 +14,26 @@ import math
 import torch
 from torch import nn
 
-from ..compat.descriptor_versions import LATEST_VERSION, upgrade_state
+from ..compat.descriptor_versions import (
+    LATEST_VERSION,
+    RADIAL_ENVELOPE_VERSION,
+    upgrade_state,
+)
+from ..engine.chunks import merge_chunks, plan_chunks, sorted_by_destination
+from ..engine.stream import (
+    ATOM_CHUNK_RATIO,
+    ChunkRadial,
+    StreamPolicy,
+    stream_edges,
+    stream_nodes,
+    up_to,
+)
 from ..geometry.layout import so3_dim
 from ..geometry.wigner import WignerD
 from ..nn.attn_res import attn_res_blocks, depth_attn_res
 from ..nn.block import InteractionBlock
 from ..nn.common import child_seed
-from ..nn.edge_cache import (
-    EdgeCache,
-    build_edge_cache,
-    merge_chunks,
-    plan_chunks,
-    sorted_by_destination,
-)
+from ..nn.edge_cache import EdgeCache, build_edge_cache
 from ..nn.embedding import (
     ChargeSpinEmbedding,
     EnvironmentSeed,
@@ -38,14 +45,6 @@ from ..nn.ffn import EquivariantFFN
 from ..nn.norm import ScalarRMSNorm
 from ..nn.options import DescriptorOptions, GeometryOptions
 from ..nn.radial import BridgingSwitch, InnerClamp, RadialBasis, RadialMLP
-from ..nn.stream import (
-    ATOM_CHUNK_RATIO,
-    ChunkRadial,
-    StreamPolicy,
-    stream_edges,
-    stream_nodes,
-    up_to,
-)
 
 #: The environment-seed FiLM starts as a 1 % modulation of the type embedding.
 FILM_STRENGTH_INIT = 0.01
@@ -74,7 +73,7 @@ class Descriptor(nn.Module):
         super().__init__()
         self.opts = opts
         self.amp_eval = False  # bfloat16 blocks in evaluation (DP_AMP_INFER); set by the user
-        # streamed evaluation (sezm.nn.stream): set by the evaluators, never used in training
+        # streamed evaluation (sezm.engine.stream): set by the evaluators, never used in training
         self.streaming: StreamPolicy | None = None
         self.use_spin = None if use_spin is None else [bool(f) for f in use_spin]
         self.register_buffer("version_tensor", torch.tensor(LATEST_VERSION, dtype=torch.float64))
@@ -89,7 +88,7 @@ class Descriptor(nn.Module):
         self.register_buffer("mean", torch.zeros(0, dtype=opts.basics.dtype))
         self.register_buffer("stddev", torch.ones(0, dtype=opts.basics.dtype))
         self.register_buffer("pair_keep", _pair_keep(opts.geometry), persistent=False)
-        self.legacy_radial = False  # set for version-1.0 checkpoints
+        self.legacy_radial = False  # set when a version-1.0 state is loaded
         # Multi-rank freezing only (sezm.infer.comm.GhostExchange): completes per-node edge
         # sums (the bridging gate) over edges that other ranks hold. None everywhere else.
         self.ghost_exchange = None
@@ -97,7 +96,9 @@ class Descriptor(nn.Module):
             self.requires_grad_(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        upgrade_state(state_dict, prefix, self.use_spin)
+        version = upgrade_state(state_dict, prefix, self.use_spin)
+        if version is not None:  # version 1.0 keeps its own radial maths
+            self.legacy_radial = version < RADIAL_ENVELOPE_VERSION
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- construction -------------------------------------------------------------------

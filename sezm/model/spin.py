@@ -20,13 +20,12 @@ deepspin  atom ``i`` gets a virtual partner ``i'`` of type ``t_i + ntypes`` at `
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 
 from ..config.descriptor_options import descriptor_options, neighbour_cap
-from ..config.spin import spin_scheme, use_spin_flags, virtual_scales
+from ..config.spin import spin_scheme, use_spin_flags, virtual_model_params, virtual_scales
 from .descriptor import Descriptor
 from .energy import EnergyModel, graph_spins, magnetic_mask
 from .graph import Graph
@@ -51,25 +50,6 @@ class NativeSpinModel(EnergyModel):
         return Descriptor(
             descriptor_options(params), use_spin_flags(params["spin"], params["type_map"])
         )
-
-
-def virtual_model_params(params: dict) -> dict:
-    """The plain-model section of a deepspin model: type map ``T + [t_spin]``, placeholder pair
-    exclusions, virtual types excluded from the energy, ``sel = [2 sum(sel) + 1]``."""
-    p = copy.deepcopy(params)
-    real = list(p["type_map"])
-    nt = len(real)
-    use_spin = use_spin_flags(p["spin"], real)
-    desc = p["descriptor"]
-    desc["sel"] = [2 * neighbour_cap(params) + 1]
-    placeholders = [nt + t for t in range(nt) if not use_spin[t]]
-    pairs = [[a, b] for a in placeholders for b in range(2 * nt)]
-    real_pairs = [list(x) for x in p["pair_exclude_types"] or desc["exclude_types"]]
-    p["pair_exclude_types"] = desc["exclude_types"] = pairs + real_pairs
-    atoms = set(range(nt, 2 * nt)) | {int(t) for t in p["atom_exclude_types"]}
-    p["atom_exclude_types"] = sorted(atoms)
-    p["type_map"] = real + [t + "_spin" for t in real]
-    return p
 
 
 class VirtualSpinModel(EnergyModel):

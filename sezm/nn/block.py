@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine.stream import stream_nodes
 from ..geometry.layout import so3_dim
 from .attn_res import block_attn_res_units, depth_attn_res, full_attn_res_units
 from .common import child_seed
@@ -21,7 +22,6 @@ from .norm import EquivariantRMSNorm
 from .options import BlockDegrees, DescriptorOptions, FFNOptions, LayerBasics, ResidualOptions
 from .so2_conv import SO2Convolution
 from .so2_mixing import LAYER_SCALE_INIT
-from .stream import stream_nodes
 
 #: RMS-norm floor around the residual branches; the post-SO(2) norm without ``edge_norm`` uses
 #: a unit floor, ``x / sqrt(1 + var)``, which keeps small messages small.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ..geometry.rotate import EdgeRotation
 from ..geometry.wigner import WignerD
 from ..kernels.gather_scatter import scatter_rows
 from .radial import BridgingSwitch, InnerClamp, RadialBasis, c3_envelope
+
+if TYPE_CHECKING:
+    from ..engine.chunks import EdgeChunk
 
 
 @dataclass
@@ -83,77 +87,10 @@ class EdgeCache:
         conv = {n: None if (t := getattr(self, n)) is None else t.to(dtype) for n in _FLOATS}
         return dataclasses.replace(self, **conv, _projections={})
 
-    def chunk_tensors(self, chunk: EdgeChunk) -> tuple:
-        """The per-edge rows (:data:`_PER_EDGE`) and the per-node ``inv_sqrt_deg`` of one chunk
-        (views), in :func:`chunk_cache` order."""
-        rows = (getattr(self, name) for name in _PER_EDGE)
-        edges = tuple(None if t is None else t[chunk.edge_start : chunk.edge_stop] for t in rows)
-        return (*edges, self.inv_sqrt_deg[chunk.node_start : chunk.node_stop])
-
 
 #: Tensors of an :class:`EdgeCache` with one row per edge, and those that hold floats.
-_PER_EDGE = ("src", "dst", "keep", "vec", "env", "rbf", "quat", "wigner", "src_gate")
+PER_EDGE = ("src", "dst", "keep", "vec", "env", "rbf", "quat", "wigner", "src_gate")
 _FLOATS = ("keep", "vec", "env", "rbf", "quat", "inv_sqrt_deg", "wigner", "src_gate")
-
-
-@dataclass(frozen=True)
-class EdgeChunk:
-    """Edges ``[edge_start, edge_stop)`` are exactly the edges into atoms ``[node_start, node_stop)``."""
-
-    node_start: int
-    node_stop: int
-    edge_start: int
-    edge_stop: int
-
-
-def chunk_cache(chunk: EdgeChunk, *tensors: torch.Tensor | None) -> EdgeCache:
-    """An :class:`EdgeCache` of one chunk from :meth:`EdgeCache.chunk_tensors`: destinations are
-    renumbered from ``node_start`` so that sums over a chunk's edges land on its own atoms."""
-    *rows, inv_sqrt_deg = tensors
-    edges = dict(zip(_PER_EDGE, rows, strict=True))
-    edges["dst"] = edges["dst"] - chunk.node_start
-    n_nodes = chunk.node_stop - chunk.node_start
-    return EdgeCache(**edges, n_nodes=n_nodes, inv_sqrt_deg=inv_sqrt_deg)
-
-
-def merge_chunks(chunks: tuple[EdgeChunk, ...], max_atoms: int) -> tuple[EdgeChunk, ...]:
-    """Consecutive chunks joined into runs of at most ``max_atoms`` atoms (a chunk that is
-    larger on its own stays whole): fewer, larger batches for per-atom work."""
-    merged = [chunks[0]]
-    for chunk in chunks[1:]:
-        last = merged[-1]
-        if chunk.node_stop - last.node_start <= max_atoms:
-            merged[-1] = EdgeChunk(
-                last.node_start, chunk.node_stop, last.edge_start, chunk.edge_stop
-            )
-        else:
-            merged.append(chunk)
-    return tuple(merged)
-
-
-def sorted_by_destination(
-    src: torch.Tensor, dst: torch.Tensor, vec: torch.Tensor, mask: torch.Tensor | None
-) -> tuple:
-    """``(src, dst, vec, mask)`` reordered so that ``dst`` is non-decreasing (stable), unchanged
-    when it already is. The reorder is differentiable: gradients reach ``vec`` in its own order."""
-    if dst.numel() < 2 or bool((dst[1:] >= dst[:-1]).all()):
-        return src, dst, vec, mask
-    order = torch.sort(dst, stable=True).indices
-    return src[order], dst[order], vec[order], None if mask is None else mask[order]
-
-
-def plan_chunks(dst: torch.Tensor, n_nodes: int, max_edges: int) -> tuple[EdgeChunk, ...]:
-    """Split edges sorted by destination into runs of whole atoms with at most ``max_edges``
-    edges each (an atom with more edges than that gets a chunk of its own)."""
-    counts = torch.bincount(dst, minlength=n_nodes).tolist()
-    chunks, node_start, edge_start, size = [], 0, 0, 0
-    for atom, count in enumerate(counts):
-        if size and size + count > max_edges:
-            chunks.append(EdgeChunk(node_start, atom, edge_start, edge_start + size))
-            node_start, edge_start, size = atom, edge_start + size, 0
-        size += count
-    chunks.append(EdgeChunk(node_start, n_nodes, edge_start, edge_start + size))
-    return tuple(chunks)
 
 
 _ROTATIONS: dict[tuple[int, int], EdgeRotation] = {}

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..engine.stream import stream_edges
 from ..geometry.layout import SphericalLayout, index_tensor, so3_dim
 from .common import Dense, child_seed, normal_
 from .edge_cache import EdgeCache
-from .stream import stream_edges
 
 
 class TypeEmbedding(nn.Module):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine.stream import stream_edges, stream_nodes
 from .aggregation import build_aggregation
 from .cartesian import NodeCartesianTensorProduct
 from .common import child_seed
@@ -39,7 +40,6 @@ from .edge_message import (
 )
 from .linear import ChannelLinear, SO3Linear
 from .options import BlockDegrees, LayerBasics, MessageOptions
-from .stream import stream_edges, stream_nodes
 
 #: Child-seed slots of a convolution's seed for its node layers (DeePMD-kit's numbering).
 PRE_MIX_SEED, POST_MIX_SEED, RADIAL_PROJ_SEED, NODE_CARTESIAN_SEED = 2, 3, 6, 10
@@ -82,7 +82,7 @@ class SO2Convolution(nn.Module):
 
     def forward(self, x: torch.Tensor, edges: EdgeCache, radial) -> torch.Tensor:
         """``x (N, D, C)``, ``radial (E, L+1, C)`` (fused with edge types) -> ``(N, D, C)``;
-        when streamed, ``radial`` is a :class:`~sezm.nn.stream.ChunkRadial`.
+        when streamed, ``radial`` is a :class:`~sezm.engine.stream.ChunkRadial`.
 
         Node work (focus mixes, grid and Cartesian node products) runs on all atoms at once;
         the edge work (:meth:`edge_messages`) at once, or chunk by chunk when ``edges.chunks``.

@@ -182,7 +182,6 @@ def _same_rows(a: torch.Tensor, b: torch.Tensor, axis: int) -> bool:
 def transfer_weights(model: nn.Module, ckpt: Checkpoint, rule: FinetuneRule) -> None:
     """Load the pretrained branch ``ckpt`` into ``model`` following ``rule``."""
     pretrained = fold_lora(ckpt.state)
-    version = pretrained.setdefault("descriptor.version_tensor", torch.tensor(1.0))
     own = model.state_dict()
     remap = rule.type_map != rule.pretrained_type_map
     state, missing = {}, []
@@ -201,7 +200,6 @@ def transfer_weights(model: nn.Module, ckpt: Checkpoint, rule: FinetuneRule) -> 
             f"{ckpt.path}: branch {ckpt.branch!r} lacks tensors the model needs: {missing[:10]}"
         )
     load_into(model, state, ckpt.path)
-    model.descriptor.legacy_radial = float(version) < 1.1
     if rule.new_types:
         log.info("elements new to the pretrained model (fresh rows): %s", rule.new_types)
 

@@ -2,7 +2,7 @@
 folding the adapters back into plain weights.
 
 :func:`apply_lora` wraps every plain :class:`SO3Linear` / :class:`SO2Linear` in its adapter
-(:mod:`sezm.nn.lora`) and sets which parameters train (DeePMD-kit's policy): the adapters, the
+(:mod:`sezm.train.lora_adapters`) and sets which parameters train (DeePMD-kit's policy): the adapters, the
 fitting net, the radial / environment embeddings, FiLM and depth-attention modules, the
 per-block attention, competition and radial-hidden modules, every leaf named in
 :data:`TRAINABLE_LEAVES` or containing ``bias``; never ``adam_type_embedding``, ``adam_freqs``
@@ -20,8 +20,8 @@ from torch import nn
 from ..nn.activation import GatedActivation
 from ..nn.common import child_seed
 from ..nn.linear import SO3Linear
-from ..nn.lora import LoRASO2, LoRASO3, lora_update
 from ..nn.so2 import SO2Linear
+from .lora_adapters import LoRASO2, LoRASO3, lora_update
 
 TRAINABLE_MODULES = (
     "fitting_net",

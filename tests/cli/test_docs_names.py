@@ -251,6 +251,6 @@ def test_the_extraction_finds_references():
     assert resolve_dotted("comm.GhostExchange.no_such_hook") is False
     assert resolve_dotted("sezm.no_such_module") is False
     assert resolve_dotted("torch.compile") is None
-    assert path_resolves("nn/edge_cache.py::plan_chunks")
+    assert path_resolves("engine/chunks.py::plan_chunks")
     assert not path_resolves("nn/edge_cache.py::no_such_function")
     assert not path_resolves("nn/edge_cache.no_such_gate")

@@ -18,9 +18,9 @@ from sezm.compat.deepmd import load_checkpoint, load_into
 from sezm.config import ConfigError, normalize_model
 from sezm.model.build import build_model
 from sezm.nn.linear import SO3Linear
-from sezm.nn.lora import LoRASO2, LoRASO3
 from sezm.nn.so2 import SO2Linear
 from sezm.train.lora import ADAPTERS, apply_lora, fold_lora, merged_state_dict
+from sezm.train.lora_adapters import LoRASO2, LoRASO3
 
 DATA = Path(__file__).parents[1] / "data"
 FIXTURE = DATA / "modules" / "lora.npz"

@@ -24,9 +24,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .common import child_seed, normal_
-from .linear import SO3Linear
-from .so2 import SO2Linear
+from ..nn.common import child_seed, normal_
+from ..nn.linear import SO3Linear
+from ..nn.so2 import SO2Linear
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Streamed message passing: a block's edge work done chunk by chunk.
 
-The edges of a chunk are exactly the edges into a run of atoms (:func:`edge_cache.plan_chunks`),
+The edges of a chunk are exactly the edges into a run of atoms (:func:`sezm.engine.chunks.plan_chunks`),
 so every per-destination reduction (envelope sums, attention softmax, output gates) is complete
 inside the chunk and the chunks' node outputs simply stack. When a gradient will be taken, each
 chunk runs under non-reentrant activation checkpointing: its per-edge intermediates are dropped
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .edge_cache import EdgeCache, EdgeChunk, chunk_cache
+from ..nn.edge_cache import PER_EDGE, EdgeCache
+from .chunks import EdgeChunk
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def stream_edges(
             *sources,
             *(None if t is None else t[rows] for t in centres),
             *(None if t is None else t[span] for t in per_edge),
-            *edges.chunk_tensors(chunk),
+            *_chunk_rows(edges, chunk),
         )
         outputs.append(_recomputed(_run_chunk, *args))
     return torch.cat(outputs)
@@ -178,5 +179,23 @@ def _run_chunk(
     sources = tensors[:n_src]
     centres = tensors[n_src : n_src + n_ctr]
     per_edge = tensors[n_src + n_ctr : n_src + n_ctr + n_edge]
-    edges = chunk_cache(chunk, *tensors[n_src + n_ctr + n_edge :])
+    edges = _chunk_cache(chunk, *tensors[n_src + n_ctr + n_edge :])
     return edge_work(sources, centres, edges, *per_edge)
+
+
+def _chunk_rows(edges: EdgeCache, chunk: EdgeChunk) -> tuple:
+    """The per-edge rows (:data:`~sezm.nn.edge_cache.PER_EDGE`) of one chunk and its atoms'
+    ``inv_sqrt_deg`` (views), in :func:`_chunk_cache` order."""
+    rows = (getattr(edges, name) for name in PER_EDGE)
+    per_edge = tuple(None if t is None else t[chunk.edge_start : chunk.edge_stop] for t in rows)
+    return (*per_edge, edges.inv_sqrt_deg[chunk.node_start : chunk.node_stop])
+
+
+def _chunk_cache(chunk: EdgeChunk, *tensors: torch.Tensor | None) -> EdgeCache:
+    """The :class:`EdgeCache` of one chunk from :func:`_chunk_rows`: destinations renumbered
+    from ``node_start``, so that sums over the chunk's edges land on its own atoms."""
+    *rows, inv_sqrt_deg = tensors
+    fields = dict(zip(PER_EDGE, rows, strict=True))
+    fields["dst"] = fields["dst"] - chunk.node_start
+    n_nodes = chunk.node_stop - chunk.node_start
+    return EdgeCache(**fields, n_nodes=n_nodes, inv_sqrt_deg=inv_sqrt_deg)

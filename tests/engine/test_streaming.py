@@ -18,10 +18,10 @@ import torch
 from model_zoo import COMBOS, model_of
 
 from sezm.data.graph import build_graph
+from sezm.engine.chunks import merge_chunks, plan_chunks
+from sezm.engine.stream import ATOM_CHUNK_RATIO, MIN_CHUNK_EDGES, PLAIN_CHUNKS, StreamPolicy
 from sezm.infer.settings import InferenceSettings, parse_edge_chunk
 from sezm.model.build import load_model
-from sezm.nn.edge_cache import merge_chunks, plan_chunks
-from sezm.nn.stream import ATOM_CHUNK_RATIO, MIN_CHUNK_EDGES, PLAIN_CHUNKS, StreamPolicy
 
 TOL = 1e-12
 ONE_CHUNK, PER_ATOM, SOME_ATOMS = 10**9, 1, 29
@@ -107,7 +107,7 @@ def test_training_never_streams() -> None:
 
 def test_automatic_policy_streams_only_systems_larger_than_a_chunk(caplog) -> None:
     policy = StreamPolicy(bytes_per_edge=10**9)  # a chunk of the minimum size
-    with caplog.at_level(logging.INFO, logger="sezm.nn.stream"):
+    with caplog.at_level(logging.INFO, logger="sezm.engine.stream"):
         assert policy.chunk_for(PLAIN_CHUNKS * MIN_CHUNK_EDGES) is None
         assert policy.chunk_for(PLAIN_CHUNKS * MIN_CHUNK_EDGES + 1) == MIN_CHUNK_EDGES
     text = caplog.text
