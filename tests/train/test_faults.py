@@ -93,6 +93,7 @@ def test_sigterm_stops_after_the_step_and_the_restart_command_finishes_the_run(
     """SIGTERM (a batch scheduler) at step 2 of 4: status 143; the printed command continues
     the run to the same learning curve as a run never stopped."""
     inp = write_input(run_dir, save_freq=1000)
+    sigint_handler = signal.getsignal(signal.SIGINT)  # SIG_IGN when launched in the background
     assert run(["train", str(inp), "--skip-neighbor-stat", "-o", "whole.json"]) == 0
     whole = curve_rows(run_dir / "lcurve.out")
 
@@ -110,7 +111,7 @@ def test_sigterm_stops_after_the_step_and_the_restart_command_finishes_the_run(
     assert argv[5:] == ["--numb-steps", "4"]
     assert run(argv[1:]) == 0
     assert curve_rows(run_dir / "lcurve.out") == whole
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is sigint_handler  # handlers restored
 
 
 def test_second_ctrl_c_stops_at_once_without_saving(run_dir, monkeypatch, capsys) -> None:
