@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from ..config.descriptor_options import neighbour_cap
-from ..geometry.wigner import spherical_harmonics
 from ..nn.common import child_seed, dtype_of
 from ..nn.linear import SO3Linear
 from .energy import EnergyModel, fitting_options
@@ -46,13 +45,36 @@ def _sh_norm(lmax: int) -> torch.Tensor:
     return norm
 
 
-def dens_harmonic_factors(lmax: int) -> torch.Tensor:
-    """``(D,)`` float64 row factors that turn the backbone's norm-normalised harmonics
-    (:func:`~sezm.geometry.wigner.spherical_harmonics`) into the orthonormal ones of DeNS (with
-    the Condon-Shortley phase): ``sqrt((2l+1)/(4 pi)) (-1)^l``, negated on the ``m < 0`` rows."""
-    rows = [(l, m) for l in range(lmax + 1) for m in range(-l, l + 1)]  # packed order
-    factors = [math.sqrt((2 * l + 1) / (4.0 * math.pi)) * (-1) ** (l + (m < 0)) for l, m in rows]
-    return torch.tensor(factors, dtype=torch.float64)
+def _legendre(lmax: int, z: torch.Tensor) -> list[list[torch.Tensor | None]]:
+    """Associated Legendre ``P_l^m(z)`` with the Condon-Shortley phase, ``p[l][m]`` ``(N,)``."""
+    p: list[list[torch.Tensor | None]] = [[None] * (lmax + 1) for _ in range(lmax + 1)]
+    p[0][0] = torch.ones_like(z)
+    sin = torch.sqrt((1.0 - z * z).clamp_min(0.0))
+    for m in range(1, lmax + 1):
+        p[m][m] = -(2 * m - 1) * sin * p[m - 1][m - 1]
+    for m in range(lmax):
+        p[m + 1][m] = (2 * m + 1) * z * p[m][m]
+    for m in range(lmax + 1):
+        for l in range(m + 2, lmax + 1):
+            p[l][m] = ((2 * l - 1) * z * p[l - 1][m] - (l + m - 1) * p[l - 2][m]) / float(l - m)
+    return p
+
+
+def real_harmonics(unit: torch.Tensor, lmax: int, norm: torch.Tensor, sqrt_2: torch.Tensor):
+    """Packed real harmonics ``(N, (lmax+1)^2)`` of unit vectors ``(N, 3)``: row ``l^2 + l`` is
+    ``N_l0 P_l^0``, rows ``l^2 + l -+ m`` are ``sqrt(2) N_lm P_l^m sin(m phi)`` / ``cos(m phi)``."""
+    z = unit[:, 2].clamp(-1.0, 1.0)
+    phi = torch.atan2(unit[:, 1], unit[:, 0])
+    p = _legendre(lmax, z)
+    rows: list[torch.Tensor | None] = [None] * (lmax + 1) ** 2
+    for l in range(lmax + 1):
+        centre = l * l + l
+        rows[centre] = p[l][0] * norm[l, 0]
+        for m in range(1, l + 1):
+            base = p[l][m] * norm[l, m]
+            rows[centre - m] = sqrt_2 * base * torch.sin(float(m) * phi)
+            rows[centre + m] = sqrt_2 * base * torch.cos(float(m) * phi)
+    return torch.stack(rows, dim=-1)
 
 
 class ForceEmbedding(nn.Module):
@@ -62,18 +84,15 @@ class ForceEmbedding(nn.Module):
         super().__init__()
         self.lmax, self.dtype, self.eps = lmax, dtype, 1e-7
         self.register_buffer("sqrt_inv_3", torch.tensor(1.0 / math.sqrt(3.0), dtype=dtype))
-        # constants DeePMD-kit's checkpoints carry (its harmonics recursion reads them)
         self.register_buffer("sqrt_2", torch.tensor(math.sqrt(2.0), dtype=dtype))
         self.register_buffer("sh_norm", _sh_norm(lmax).to(dtype))
-        factors = dens_harmonic_factors(lmax).to(dtype)
-        self.register_buffer("harmonic_factors", factors, persistent=False)
         self.proj = SO3Linear(lmax, 1, channels, dtype=dtype, mlp_bias=True, seed=seed)
 
     def forward(self, force: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         force = force.to(self.dtype)
         size = torch.linalg.vector_norm(force, dim=-1)  # (N,)
         unit = force / size.clamp_min(self.eps).unsqueeze(-1)
-        sh = spherical_harmonics(unit, self.lmax) * self.harmonic_factors  # (N, D)
+        sh = real_harmonics(unit, self.lmax, self.sh_norm, self.sqrt_2)
         sh = sh * (size * self.sqrt_inv_3).unsqueeze(-1)  # (N, D)
         out = self.proj(sh.view(force.shape[0], -1, 1, 1))  # (N, D, 1, C)
         return out * mask.view(-1, 1, 1, 1).to(out.dtype)
