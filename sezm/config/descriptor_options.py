@@ -60,12 +60,13 @@ def descriptor_options(model: dict[str, Any]) -> DescriptorOptions:
     cfg = model["descriptor"]
     exclude_types = model["pair_exclude_types"] or cfg["exclude_types"]
     chg = cfg["default_chg_spin"]
+    grid_ops = tuple(map(GridOp, _per_path(cfg["grid_mlp"], 3), _per_path(cfg["grid_branch"], 3)))
     return DescriptorOptions(
         basics=_basics(cfg),
         geometry=_geometry(cfg, len(model["type_map"]), exclude_types, bridging_radii(model)),
         degrees=_degrees(cfg),
-        message=_message(cfg),
-        ffn=_ffn(cfg),
+        message=_message(cfg, grid_ops),
+        ffn=_ffn(cfg, grid_ops),
         residual=_residual(cfg),
         readout=ReadoutOptions(cfg["so3_readout"], cfg["readout_layers"], cfg["ffn_neurons"]),
         use_env_seed=cfg["use_env_seed"],
@@ -123,8 +124,8 @@ def _degrees(cfg: dict) -> DegreeSchedule:
     )
 
 
-def _message(cfg: dict) -> MessageOptions:
-    mlp, branches = _per_path(cfg["grid_mlp"], 3), _per_path(cfg["grid_branch"], 3)
+def _message(cfg: dict, grid_ops: tuple[GridOp, ...]) -> MessageOptions:
+    """``grid_ops``: the grid operations of the node-wise, message-node and FFN paths."""
     s2_activation = cfg["s2_activation"][0]
     return MessageOptions(
         n_focus=cfg["n_focus"],
@@ -138,12 +139,8 @@ def _message(cfg: dict) -> MessageOptions:
         lebedev=_per_path(cfg["lebedev_quadrature"], 2)[0],
         edge_cartesian=cfg["edge_cartesian"],
         node_cartesian=parse_node_cartesian(cfg["node_cartesian"]),
-        node_wise=GridProduct(
-            cfg["node_wise_s2"], cfg["node_wise_so3"], GridOp(mlp[0], branches[0])
-        ),
-        message_node=GridProduct(
-            cfg["message_node_s2"], cfg["message_node_so3"], GridOp(mlp[1], branches[1])
-        ),
+        node_wise=GridProduct(cfg["node_wise_s2"], cfg["node_wise_so3"], grid_ops[0]),
+        message_node=GridProduct(cfg["message_node_s2"], cfg["message_node_so3"], grid_ops[1]),
         attention=AttentionOptions(
             n_heads=cfg["n_atten_head"],
             f_mix=cfg["atten_f_mix"],
@@ -154,7 +151,7 @@ def _message(cfg: dict) -> MessageOptions:
     )
 
 
-def _ffn(cfg: dict) -> FFNOptions:
+def _ffn(cfg: dict, grid_ops: tuple[GridOp, ...]) -> FFNOptions:
     so3_grid = cfg["ffn_so3_grid"]
     s2_activation = cfg["s2_activation"][1] and not so3_grid  # the SO(3) grid overrides it
     return FFNOptions(
@@ -163,7 +160,7 @@ def _ffn(cfg: dict) -> FFNOptions:
         s2_activation=s2_activation,
         so3_grid=so3_grid,
         lebedev=_per_path(cfg["lebedev_quadrature"], 2)[1],
-        grid=GridOp(_per_path(cfg["grid_mlp"], 3)[2], _per_path(cfg["grid_branch"], 3)[2]),
+        grid=grid_ops[2],
         activation_function=_S2_GRID_ACTIVATION if s2_activation else cfg["activation_function"],
         glu=s2_activation or so3_grid or cfg["glu_activation"],
     )
