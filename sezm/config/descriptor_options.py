@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..nn.cartesian import parse_node_cartesian
 from ..nn.options import (
     AttentionOptions,
     DegreeSchedule,
@@ -23,6 +22,7 @@ from ..nn.options import (
     GridProduct,
     LayerBasics,
     MessageOptions,
+    NodeCartesianSpec,
     ReadoutOptions,
     ResidualOptions,
 )
@@ -176,3 +176,24 @@ def _residual(cfg: dict) -> ResidualOptions:
         full_attn_res=cfg["full_attn_res"],
         block_attn_res=cfg["block_attn_res"],
     )
+
+
+def parse_node_cartesian(spec: str | int) -> NodeCartesianSpec:
+    """``"none"``/``""`` | ``"default[:N]"`` | ``"parity[:N]"`` | ``N`` (default mode).
+
+    A bare mode means one layer, an empty mode before ``:`` means "default"; zero layers disables.
+    """
+    text = str(spec).strip().lower()
+    if text in ("", "none"):
+        return NodeCartesianSpec(False, False, 0)
+    mode, _, count = text.rpartition(":") if ":" in text else ("", "", text)
+    if not count.strip().isdigit():  # a bare mode: one layer
+        mode, count = text, "1"
+    mode = mode.strip() or "default"
+    if mode not in ("default", "parity"):
+        raise ConfigError(
+            "model/descriptor/node_cartesian",
+            f"expected 'none', '<default|parity>[:<layers >= 0>]' or a layer count, got {spec!r}",
+        )
+    layers = int(count)
+    return NodeCartesianSpec(layers > 0, mode == "parity", layers)

@@ -19,6 +19,7 @@ extended neighbour-list path). The model predicts forces directly, so it has no 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -27,10 +28,11 @@ import torch
 from torch import nn
 
 from ..config.descriptor_options import neighbour_cap
-from ..nn.common import child_seed, dtype_of
+from ..config.fitting_options import fitting_options
+from ..nn.common import child_seed
 from ..nn.linear import SO3Linear
-from .energy import EnergyModel, fitting_options
-from .fitting import EnergyFitting, atom_keep_mask
+from .energy import EnergyModel
+from .fitting import EnergyFitting, EnergyFittingOptions, atom_keep_mask
 from .graph import Graph
 from .spin import _capped_edges
 
@@ -122,13 +124,18 @@ class DensFitting(nn.Module):
     """
 
     def __init__(
-        self, *, ntypes: int, channels: int, condition_lmax: int, latent_lmax: int, fitting: dict
+        self,
+        *,
+        ntypes: int,
+        channels: int,
+        condition_lmax: int,
+        latent_lmax: int,
+        fitting: EnergyFittingOptions,
     ) -> None:
         super().__init__()
-        seed, trainable = fitting["seed"], fitting["trainable"]
-        dtype = dtype_of(fitting["precision"])
+        seed, trainable, dtype = fitting.seed, fitting.trainable, fitting.dtype
         self.energy_head = EnergyFitting(
-            ntypes=ntypes, dim_descrpt=channels, **{**fitting, "seed": child_seed(seed, 0)}
+            ntypes, channels, dataclasses.replace(fitting, seed=child_seed(seed, 0))
         )
         self.force_embedding = ForceEmbedding(
             condition_lmax, channels, dtype=dtype, seed=child_seed(seed, 1)

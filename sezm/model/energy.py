@@ -9,23 +9,16 @@ Forces, virials and atomic virials come from one backward pass to the edge vecto
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from ..config.descriptor_options import bridging_radii, descriptor_options
+from ..config.fitting_options import fitting_options
 from . import forces as F
 from .descriptor import Descriptor
 from .fitting import EnergyFitting, FittingBase, atom_keep_mask, energy_out_stat
 from .graph import Graph
 from .zbl import ZBL
-
-
-def fitting_options(params: dict, fitting: type[FittingBase] = EnergyFitting) -> dict:
-    """The keyword arguments of ``fitting`` (a fitting class) in a normalised model section."""
-    names = set(inspect.signature(fitting.__init__).parameters) - {"self", "ntypes", "dim_descrpt"}
-    return {k: v for k, v in params["fitting_net"].items() if k in names}
 
 
 def graph_spins(graph: Graph) -> torch.Tensor:
@@ -52,9 +45,7 @@ class AtomicModel(nn.Module):
         self.type_map = list(params["type_map"])
         ntypes = len(self.type_map)
         self.descriptor = self._build_descriptor(params)
-        self.fitting_net = fitting(
-            ntypes=ntypes, dim_descrpt=self.descriptor.dim_out, **fitting_options(params, fitting)
-        )
+        self.fitting_net = fitting(ntypes, self.descriptor.dim_out, fitting_options(params))
         dim_out = self.fitting_net.dim_out
         self.register_buffer("out_bias", torch.zeros(1, ntypes, dim_out, dtype=torch.float64))
         self.register_buffer("out_std", torch.ones(1, ntypes, dim_out, dtype=torch.float64))

@@ -17,6 +17,7 @@ exclusion lives only in the model. ``atomic_feature`` (for ``embed``) is never m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
@@ -27,7 +28,9 @@ from ..nn.common import Dense, activation, child_seed, dtype_of
 __all__ = [
     "CaseFiLM",
     "EnergyFitting",
+    "EnergyFittingOptions",
     "FittingBase",
+    "FittingOptions",
     "GLULayer",
     "GLUNet",
     "atom_keep_mask",
@@ -64,6 +67,35 @@ def energy_out_stat(
     return energy + out_bias[0][atype]
 
 
+@dataclass(frozen=True, kw_only=True)
+class FittingOptions:
+    """What every head reads of a normalised ``fitting_net`` section (field names are the
+    schema's keys, and the schema owns the defaults; :mod:`sezm.config.fitting_options`)."""
+
+    neuron: tuple[int, ...]  # hidden widths, 0 = auto (:func:`auto_neuron`)
+    numb_fparam: int
+    numb_aparam: int
+    default_fparam: tuple[float, ...] | None
+    dim_case_embd: int
+    activation_function: str
+    precision: str
+    trainable: bool | tuple[bool, ...]  # one flag, or one per type (all must be set)
+    seed: int | list[int] | None = None  # optional in a property section: unseeded
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_of(self.precision)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnergyFittingOptions(FittingOptions):
+    """The ``dpa4_ener`` head (``resnet_dt`` and ``rcond`` of the section do not shape it)."""
+
+    case_film_embd: bool  # case one-hot as FiLM of the network instead of an input block
+    use_aparam_as_mask: bool  # aparam is not an input of the network
+    atom_ener: tuple[float | None, ...]  # any non-null entry switches on vacuum removal
+
+
 class FittingBase(nn.Module):
     """Buffers and input assembly shared by the energy and property heads.
 
@@ -75,40 +107,33 @@ class FittingBase(nn.Module):
 
     def __init__(
         self,
-        *,
         ntypes: int,
         dim_descrpt: int,
         dim_out: int,
-        numb_fparam: int,
-        numb_aparam: int,
-        default_fparam: Sequence[float] | None,
-        dim_case_embd: int,
-        use_aparam_as_mask: bool,
+        opts: FittingOptions,
+        *,
         case_in_input: bool,
-        dtype: torch.dtype,
+        aparam_in_input: bool,
     ) -> None:
         super().__init__()
+        nfp, nap, ncase, dtype = opts.numb_fparam, opts.numb_aparam, opts.dim_case_embd, opts.dtype
         self.ntypes, self.dim_descrpt, self.dim_out = ntypes, dim_descrpt, dim_out
-        self.numb_fparam, self.numb_aparam = numb_fparam, numb_aparam
-        self.dim_case_embd = dim_case_embd
-        self.use_aparam_as_mask = use_aparam_as_mask
-        self.case_in_input = case_in_input and dim_case_embd > 0
+        self.numb_fparam, self.numb_aparam, self.dim_case_embd = nfp, nap, ncase
+        self.use_aparam_as_mask = not aparam_in_input
+        self.case_in_input = case_in_input and ncase > 0
         self.register_buffer("bias_atom_e", torch.zeros(ntypes, dim_out, dtype=torch.float64))
-        for name, n in (("fparam", numb_fparam), ("aparam", numb_aparam)):
+        for name, n in (("fparam", nfp), ("aparam", nap)):
             self.register_buffer(f"{name}_avg", torch.zeros(n, dtype=dtype) if n else None)
             self.register_buffer(f"{name}_inv_std", torch.ones(n, dtype=dtype) if n else None)
-        case = torch.zeros(dim_case_embd, dtype=dtype) if dim_case_embd else None
-        self.register_buffer("case_embd", case)
-        if default_fparam is not None and numb_fparam and len(default_fparam) != numb_fparam:
-            raise ValueError(f"default_fparam has {len(default_fparam)} values, not {numb_fparam}")
-        default = None if default_fparam is None else torch.tensor(default_fparam, dtype=dtype)
+        self.register_buffer("case_embd", torch.zeros(ncase, dtype=dtype) if ncase else None)
+        default = opts.default_fparam
+        if default is not None and nfp and len(default) != nfp:
+            raise ValueError(f"default_fparam has {len(default)} values, not {nfp}")
+        default = None if default is None else torch.tensor(default, dtype=dtype)
         self.register_buffer("default_fparam_tensor", default)
-        self.dim_in = (
-            dim_descrpt
-            + numb_fparam
-            + (0 if use_aparam_as_mask else numb_aparam)
-            + (dim_case_embd if self.case_in_input else 0)
-        )
+        extras = nfp + (nap if aparam_in_input else 0) + (ncase if self.case_in_input else 0)
+        self.dim_in = dim_descrpt + extras
+        self.neuron = auto_neuron(opts.neuron, self.dim_in)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -259,7 +284,7 @@ class CaseFiLM(nn.Module):
 
 
 class GLUNet(nn.Module):
-    """GLU hidden layers, optional case FiLM, linear output layer (bias only with ``bias_out``)."""
+    """GLU hidden layers, optional case FiLM, bias-free linear output layer."""
 
     def __init__(
         self,
@@ -269,7 +294,6 @@ class GLUNet(nn.Module):
         *,
         act: str,
         dtype: torch.dtype,
-        bias_out: bool = False,
         film: tuple[int, int] | None = None,
         seed=None,
     ) -> None:
@@ -285,7 +309,7 @@ class GLUNet(nn.Module):
             targets = [film[1], *neuron]
             self.case_film = CaseFiLM(*film, targets, act, dtype, child_seed(seed, len(neuron)))
         out_seed = child_seed(seed, len(neuron) + int(film is not None))
-        self.output_layer = Dense(widths[-1], n_out, bias=bias_out, dtype=dtype, seed=out_seed)
+        self.output_layer = Dense(widths[-1], n_out, bias=False, dtype=dtype, seed=out_seed)
 
     def hidden(self, x: torch.Tensor, case_embd: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden activation ``(..., neuron[-1])``; the input if there is no hidden layer."""
@@ -306,63 +330,25 @@ class GLUNet(nn.Module):
 
 
 class EnergyFitting(FittingBase):
-    """DPA4 ``dpa4_ener`` head: ``(nf, nloc, dim_descrpt) -> E_i (nf, nloc, 1)`` float64.
+    """DPA4 ``dpa4_ener`` head: ``(nf, nloc, dim_descrpt) -> E_i (nf, nloc, 1)`` float64."""
 
-    Options are those of the normalised ``fitting_net`` section; ``neuron`` entries ``0`` take
-    the auto width (:func:`auto_neuron`), ``resnet_dt`` is accepted and unused, ``rcond`` is for
-    the bias statistics only, ``atom_ener`` with any non-null entry switches on vacuum removal
-    (its values are not used by the network).
-    """
-
-    def __init__(
-        self,
-        *,
-        ntypes: int,
-        dim_descrpt: int,
-        neuron: Sequence[int] | None = (0,),
-        numb_fparam: int = 0,
-        numb_aparam: int = 0,
-        default_fparam: Sequence[float] | None = None,
-        dim_case_embd: int = 0,
-        case_film_embd: bool = False,
-        activation_function: str = "silu",
-        precision: str = "float32",
-        resnet_dt: bool = False,
-        trainable: bool | Sequence[bool] = True,
-        rcond: float | None = None,
-        seed: int | list[int] | None = None,
-        atom_ener: Sequence[float | None] | None = None,
-        use_aparam_as_mask: bool = False,
-        bias_out: bool = False,
-    ) -> None:
-        film = case_film_embd and dim_case_embd > 0
-        dtype = dtype_of(precision)
+    def __init__(self, ntypes: int, dim_descrpt: int, opts: EnergyFittingOptions) -> None:
+        film = opts.case_film_embd and opts.dim_case_embd > 0
+        aparam_in_input = not opts.use_aparam_as_mask
         super().__init__(
-            ntypes=ntypes,
-            dim_descrpt=dim_descrpt,
-            dim_out=1,
-            numb_fparam=numb_fparam,
-            numb_aparam=numb_aparam,
-            default_fparam=default_fparam,
-            dim_case_embd=dim_case_embd,
-            use_aparam_as_mask=use_aparam_as_mask,
-            case_in_input=not film,
-            dtype=dtype,
+            ntypes, dim_descrpt, 1, opts, case_in_input=not film, aparam_in_input=aparam_in_input
         )
-        self.neuron = auto_neuron(neuron, self.dim_in)
-        self.rcond = rcond
-        self.remove_vacuum = any(e is not None for e in (atom_ener or ()))
+        self.remove_vacuum = any(e is not None for e in opts.atom_ener)
         net = GLUNet(
             self.dim_in,
             1,
             self.neuron,
-            act=activation_function,
-            dtype=dtype,
-            bias_out=bias_out,
-            film=(dim_case_embd, dim_descrpt) if film else None,
-            seed=child_seed(seed, 0),  # the first (and, types mixed, only) network
+            act=opts.activation_function,
+            dtype=opts.dtype,
+            film=(opts.dim_case_embd, dim_descrpt) if film else None,
+            seed=child_seed(opts.seed, 0),  # the first (and, types mixed, only) network
         )
-        self.set_networks(net, trainable, alias=False)
+        self.set_networks(net, opts.trainable, alias=False)
 
     def net_context(self) -> tuple[torch.Tensor, ...]:
         return (self.case_embd,)

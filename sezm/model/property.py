@@ -17,16 +17,28 @@ strict loading exact in both directions while the parameters exist once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
 from torch import nn
 
-from ..nn.common import Dense, child_seed, dtype_of, make_generator, normal_
-from .fitting import FittingBase, auto_neuron
+from ..nn.common import Dense, child_seed, make_generator, normal_
+from .fitting import FittingBase, FittingOptions
 
-__all__ = ["PropertyFitting", "ResidualDense", "property_output"]
+__all__ = ["PropertyFitting", "PropertyFittingOptions", "ResidualDense", "property_output"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PropertyFittingOptions(FittingOptions):
+    """The ``property`` head; ``intensive`` and ``distinguish_types`` are read by
+    :func:`property_output`."""
+
+    property_name: str
+    task_dim: int
+    intensive: bool
+    distinguish_types: bool
+    resnet_dt: bool
 
 
 class ResidualDense(Dense):
@@ -83,48 +95,18 @@ class PropertyFitting(FittingBase):
     property heads). ``intensive`` and ``distinguish_types`` are read by :func:`property_output`.
     """
 
-    def __init__(
-        self,
-        *,
-        ntypes: int,
-        dim_descrpt: int,
-        property_name: str,
-        task_dim: int = 1,
-        neuron: Sequence[int] | None = (120, 120, 120),
-        intensive: bool = False,
-        distinguish_types: bool = True,
-        resnet_dt: bool = True,
-        numb_fparam: int = 0,
-        numb_aparam: int = 0,
-        default_fparam: Sequence[float] | None = None,
-        dim_case_embd: int = 0,
-        activation_function: str = "tanh",
-        precision: str = "default",
-        trainable: bool | Sequence[bool] = True,
-        seed: int | list[int] | None = None,
-    ) -> None:
-        dtype = dtype_of(precision)
+    def __init__(self, ntypes: int, dim_descrpt: int, opts: PropertyFittingOptions) -> None:
         super().__init__(
-            ntypes=ntypes,
-            dim_descrpt=dim_descrpt,
-            dim_out=task_dim,
-            numb_fparam=numb_fparam,
-            numb_aparam=numb_aparam,
-            default_fparam=default_fparam,
-            dim_case_embd=dim_case_embd,
-            use_aparam_as_mask=False,
-            case_in_input=True,
-            dtype=dtype,
+            ntypes, dim_descrpt, opts.task_dim, opts, case_in_input=True, aparam_in_input=True
         )
-        self.property_name, self.task_dim = property_name, task_dim
-        self.intensive, self.distinguish_types = intensive, distinguish_types
-        self.neuron = auto_neuron(neuron, self.dim_in)
+        self.property_name, self.task_dim = opts.property_name, opts.task_dim
+        self.intensive, self.distinguish_types = opts.intensive, opts.distinguish_types
         self.remove_vacuum = False
         net = _MLP(
-            self.dim_in, task_dim, self.neuron, activation_function, dtype, resnet_dt,
-            child_seed(seed, 0),  # the first (and, types mixed, only) network
+            self.dim_in, opts.task_dim, self.neuron, opts.activation_function, opts.dtype,
+            opts.resnet_dt, child_seed(opts.seed, 0),  # the first (and, types mixed, only) network
         )  # fmt: skip
-        self.set_networks(net, trainable, alias=True)
+        self.set_networks(net, opts.trainable, alias=True)
 
 
 def property_output(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -211,34 +210,3 @@ class NodeCartesianTensorProduct(_CartesianStack):
             return torch.einsum("ncij,dij->ndc", prod, basis).view(y.shape)
 
         return self._stack(self._split(message), product).reshape(message.shape)
-
-
-class NodeCartesianSpec(NamedTuple):
-    """A parsed ``node_cartesian`` option: on or off, ``Y N + N Y`` (parity) or ``Y N``, layers."""
-
-    enabled: bool
-    symmetric: bool
-    n_layers: int
-
-
-def parse_node_cartesian(spec: str | int) -> NodeCartesianSpec:
-    """``"none"``/``""`` | ``"default[:N]"`` | ``"parity[:N]"`` | ``N`` (default mode).
-
-    A bare mode means one layer, an empty mode before ``:`` means "default"; zero layers disables.
-    """
-    text = str(spec).strip().lower()
-    if text in ("", "none"):
-        return NodeCartesianSpec(False, False, 0)
-    if ":" in text:
-        mode, _, count = text.partition(":")
-        mode, layers = mode.strip() or "default", int(count.strip())
-    elif text.isdigit():
-        mode, layers = "default", int(text)
-    else:
-        mode, layers = text, 1
-    if mode not in ("default", "parity") or layers < 0:
-        raise ValueError(
-            f"node_cartesian must be 'none', '<default|parity>[:<layers >= 0>]' or a layer "
-            f"count, got {spec!r}"
-        )
-    return NodeCartesianSpec(layers > 0, mode == "parity", layers)

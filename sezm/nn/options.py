@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .cartesian import NodeCartesianSpec
 from .common import compute_dtype_of, dtype_of
 
 _CARTESIAN_DEGREES = (1, 2)  # message degrees whose blocks may use the Cartesian products
@@ -147,6 +147,14 @@ class AttentionOptions:
     f_mix: bool  # attend over all focus streams merged into one
     v_proj: bool
     o_proj: bool
+
+
+class NodeCartesianSpec(NamedTuple):
+    """The ``node_cartesian`` option: on or off, ``Y N + N Y`` (parity) or ``Y N``, layers."""
+
+    enabled: bool
+    symmetric: bool
+    n_layers: int
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from equivariance import parity_signs, rotation_matrix
 from torch import nn
 
 from sezm.config import normalize_model
+from sezm.config.descriptor_options import parse_node_cartesian
 from sezm.geometry.wigner import WignerD
 from sezm.model.build import build_model
 from sezm.model.descriptor import Descriptor
@@ -23,7 +24,6 @@ from sezm.nn.cartesian import (
     EdgeCartesianTensorProduct,
     NodeCartesianTensorProduct,
     cartesian_basis,
-    parse_node_cartesian,
 )
 from sezm.nn.edge_cache import EdgeCache
 
