@@ -68,7 +68,7 @@ def descriptor_options(model: dict[str, Any]) -> DescriptorOptions:
         message=_message(cfg, grid_ops),
         ffn=_ffn(cfg, grid_ops),
         residual=_residual(cfg),
-        readout=ReadoutOptions(cfg["so3_readout"], cfg["readout_layers"], cfg["ffn_neurons"]),
+        readout=_readout(cfg),
         use_env_seed=cfg["use_env_seed"],
         use_amp=cfg["use_amp"],
         add_chg_spin_ebd=cfg["add_chg_spin_ebd"],
@@ -164,6 +164,22 @@ def _ffn(cfg: dict, grid_ops: tuple[GridOp, ...]) -> FFNOptions:
         activation_function=_S2_GRID_ACTIVATION if s2_activation else cfg["activation_function"],
         glu=s2_activation or so3_grid or cfg["glu_activation"],
     )
+
+
+def _readout(cfg: dict) -> ReadoutOptions:
+    """The read-out FFNs: the base activation and GLU form, an SO(3) grid unless ``none``."""
+    mode = cfg["so3_readout"]
+    ffn = FFNOptions(
+        blocks=cfg["readout_layers"],
+        neurons=cfg["ffn_neurons"],
+        s2_activation=False,
+        so3_grid=mode != "none",
+        lebedev=False,
+        grid=GridOp(mlp=mode == "mlp", branches=0),
+        activation_function=cfg["activation_function"],
+        glu=cfg["glu_activation"],
+    )
+    return ReadoutOptions(mode, cfg["readout_layers"], ffn)
 
 
 def _residual(cfg: dict) -> ResidualOptions:

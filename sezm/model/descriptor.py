@@ -9,6 +9,7 @@ descriptor_i = (x_ro + ReadoutFFN(x_ro))[l=0]
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -195,25 +196,14 @@ class Descriptor(nn.Module):
         self.film_shift_strength_log = nn.Parameter(torch.full((1,), strength, dtype=cd))
 
     def _build_readout(self, opts: DescriptorOptions) -> None:
-        basics, readout, latent_lmax = opts.basics, opts.readout, opts.degrees.node_readout_lmax
-        kwargs = dict(
-            lmax=0 if readout.so3_readout == "none" else latent_lmax,
-            channels=basics.channels,
-            hidden_channels=readout.width(basics),
-            kmax=min(opts.degrees.kmax, latent_lmax),
-            grid_mlp=readout.so3_readout == "mlp",
-            dtype=basics.compute_dtype,
-            ffn_so3_grid=readout.so3_readout != "none",
-            activation_function=basics.activation_function,
-            glu_activation=basics.glu_activation,
-            mlp_bias=basics.mlp_bias,
-        )
-        seed_out = child_seed(opts.seed, 2)
+        readout, latent_lmax = opts.readout, opts.degrees.node_readout_lmax
+        lmax = 0 if readout.so3_readout == "none" else latent_lmax
+        kmax, seed_out = min(opts.degrees.kmax, latent_lmax), child_seed(opts.seed, 2)
+        ffn = functools.partial(EquivariantFFN, opts.basics, readout.ffn, lmax, kmax)
         self.readout_pre_layers = nn.ModuleList(
-            EquivariantFFN(**kwargs, seed=child_seed(seed_out, i))
-            for i in range(readout.layers - 1)
+            ffn(child_seed(seed_out, i)) for i in range(readout.layers - 1)
         )
-        self.output_ffn = EquivariantFFN(**kwargs, seed=seed_out)
+        self.output_ffn = ffn(seed_out)
 
     # --- forward --------------------------------------------------------------------------
     @property

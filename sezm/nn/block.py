@@ -19,7 +19,7 @@ from .common import child_seed
 from .edge_cache import EdgeCache
 from .ffn import EquivariantFFN
 from .norm import EquivariantRMSNorm
-from .options import BlockDegrees, DescriptorOptions, FFNOptions, LayerBasics, ResidualOptions
+from .options import DescriptorOptions, LayerBasics, ResidualOptions
 from .so2_conv import SO2Convolution
 from .so2_mixing import LAYER_SCALE_INIT
 
@@ -57,7 +57,7 @@ class InteractionBlock(nn.Module):
             _norm_or_identity(residual.ffn_post_norm, node_lmax, basics) for _ in range(ffn.blocks)
         )
         self.ffns = nn.ModuleList(
-            _block_ffn(basics, ffn, degrees, child_seed(child_seed(seed, 1), k))
+            EquivariantFFN(basics, ffn, node_lmax, degrees.kmax, child_seed(child_seed(seed, 1), k))
             for k in range(ffn.blocks)
         )
         self.depth_mode = residual.depth_mode
@@ -134,23 +134,3 @@ class InteractionBlock(nn.Module):
             return full_attn_res_units(x, history, units, attns)
         out, summary = block_attn_res_units(x, history, units, attns)
         return out, [summary]
-
-
-def _block_ffn(basics: LayerBasics, ffn: FFNOptions, degrees: BlockDegrees, seed) -> nn.Module:
-    """One FFN of a block, on node features of degree ``degrees.node_lmax``."""
-    return EquivariantFFN(
-        lmax=degrees.node_lmax,
-        channels=basics.channels,
-        hidden_channels=ffn.width(basics.channels),
-        kmax=degrees.kmax,
-        grid_mlp=ffn.grid.mlp,
-        grid_branch=ffn.grid.branches,
-        dtype=basics.dtype,
-        s2_activation=ffn.s2_activation,
-        ffn_so3_grid=ffn.so3_grid,
-        lebedev_quadrature=ffn.lebedev,
-        activation_function=ffn.activation_function,
-        glu_activation=ffn.glu,
-        mlp_bias=basics.mlp_bias,
-        seed=seed,
-    )

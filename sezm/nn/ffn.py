@@ -6,78 +6,64 @@ import torch
 from torch import nn
 
 from .activation import GatedActivation
-from .common import child_seed, compute_dtype_of
+from .common import child_seed
 from .grid import resolve_s2_full_grid_resolution
 from .grid_net import S2GridNet, SO3GridNet
 from .linear import SO3Linear
-from .options import GridOp
+from .options import FFNOptions, LayerBasics
 
 
 class EquivariantFFN(nn.Module):
-    """``y = W_2 act(W_1 x)`` on packed features ``(N, D, F=1, C)``, per-degree ``W_1``, ``W_2``.
+    """``y = W_2 act(W_1 x)`` on packed features ``(N, D, F=1, C)``, per-degree ``W_1``, ``W_2``,
+    hidden width ``H = ffn.width(C)``.
 
     The non-linearity, by precedence:
 
-    * ``ffn_so3_grid``: :class:`SO3GridNet` (self mode, ``K = 2 kmax + 1`` frames), ``W_1``
+    * ``so3_grid``: :class:`SO3GridNet` (self mode, ``K = 2 kmax + 1`` frames), ``W_1``
       emits ``2 K H`` channels, ``W_2`` takes ``K H``;
-    * ``s2_activation``: :class:`S2GridNet` (self mode; Lebedev if ``lebedev_quadrature``, else
-      the square e3nn grid), ``W_1`` emits ``2H``;
+    * ``s2_activation``: :class:`S2GridNet` (self mode; Lebedev with ``lebedev``, else the
+      square e3nn grid), ``W_1`` emits ``2H``;
     * otherwise :class:`GatedActivation`, GLU (``W_1`` emits ``[val | gate]``, ``2H``) or plain.
 
-    Grid op: ``branch`` if ``grid_branch > 0``, else ``mlp`` if ``grid_mlp``, else ``glu``.
     ``so3_linear_2`` starts at zero, so a fresh FFN residual is the identity.
     """
 
-    def __init__(
-        self,
-        *,
-        dtype: torch.dtype,
-        channels: int,
-        hidden_channels: int,
-        lmax: int,
-        mlp_bias: bool = False,
-        activation_function: str = "silu",
-        glu_activation: bool = True,
-        ffn_so3_grid: bool = False,
-        kmax: int = 1,
-        s2_activation: bool = False,
-        lebedev_quadrature: bool = False,
-        grid_mlp: bool = False,
-        grid_branch: int = 0,
-        seed=None,
-    ) -> None:
+    def __init__(self, basics: LayerBasics, ffn: FFNOptions, lmax: int, kmax: int, seed) -> None:
         super().__init__()
-        if kmax < 0 or grid_branch < 0:
-            raise ValueError("kmax and grid_branch must be non-negative")
-        compute_dtype = compute_dtype_of(dtype)
-        use_grid = s2_activation or ffn_so3_grid
-        n_frames = 2 * kmax + 1 if ffn_so3_grid else 1
-        self.use_grid, self.glu_activation = use_grid, glu_activation
-        width = 2 * n_frames * hidden_channels if use_grid or glu_activation else hidden_channels
+        c, hidden, dtype, bias = (
+            basics.channels,
+            ffn.width(basics.channels),
+            basics.dtype,
+            basics.mlp_bias,
+        )
+        use_grid = ffn.s2_activation or ffn.so3_grid
+        n_frames = 2 * kmax + 1 if ffn.so3_grid else 1
+        self.use_grid, self.glu_activation = use_grid, ffn.glu
+        width = 2 * n_frames * hidden if use_grid or ffn.glu else hidden
         self.so3_linear_1 = SO3Linear(
-            lmax, channels, width, dtype=dtype, mlp_bias=mlp_bias, seed=child_seed(seed, 0)
+            lmax, c, width, dtype=dtype, mlp_bias=bias, seed=child_seed(seed, 0)
         )
         common = dict(
             lmax=lmax,
-            channels=hidden_channels,
-            dtype=compute_dtype,
-            mlp_bias=mlp_bias,
+            channels=hidden,
+            dtype=basics.compute_dtype,
+            mlp_bias=bias,
             seed=child_seed(seed, 1),
         )
         if use_grid:
-            op_type = GridOp(grid_mlp, grid_branch).op_type
-            grid = dict(common, mode="self", op_type=op_type, grid_branches=max(1, grid_branch))
+            branches = max(1, ffn.grid.branches)
+            grid = dict(common, mode="self", op_type=ffn.grid.op_type, grid_branches=branches)
             self.act: nn.Module = (
-                SO3GridNet(kmax=kmax, **grid) if ffn_so3_grid else _s2_net(lebedev_quadrature, grid)
+                SO3GridNet(kmax=kmax, **grid) if ffn.so3_grid else _s2_net(ffn.lebedev, grid)
             )
         else:
-            self.act = GatedActivation(activation_function=activation_function, **common)
+            self.act = GatedActivation(activation_function=ffn.activation_function, **common)
         self.so3_linear_2 = SO3Linear(
             lmax,
-            n_frames * hidden_channels,
-            channels,
+            n_frames * hidden,
+            c,
             dtype=dtype,
-            mlp_bias=mlp_bias,
+            mlp_bias=bias,
             seed=child_seed(seed, 2),
             init_std=0.0,
         )

@@ -239,15 +239,11 @@ class ResidualOptions:
 
 @dataclass(frozen=True)
 class ReadoutOptions:
-    """Read-out of the scalar descriptor."""
+    """Read-out of the scalar descriptor: ``layers`` residual FFNs of degree ``so3_readout``."""
 
-    so3_readout: str  # none | glu | mlp
+    so3_readout: str  # none (l = 0 only) | glu | mlp (SO(3)-grid FFNs)
     layers: int
-    neurons: int
-
-    def width(self, basics: LayerBasics) -> int:
-        """Hidden width of the read-out FFNs (GLU as the base setting says)."""
-        return ffn_width(self.neurons, basics.channels, basics.glu_activation)
+    ffn: FFNOptions
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from sezm.nn.grid import (
     resolve_so3_grid,
 )
 from sezm.nn.grid_net import S2GridNet, SO3GridNet
+from sezm.nn.options import FFNOptions, GridOp, LayerBasics
 
 DATA = Path(__file__).parents[1] / "data" / "modules"
 F64 = torch.float64
@@ -88,6 +89,44 @@ def run_in_layout(module: torch.nn.Module, config: dict, inputs: dict) -> torch.
     return FROM_NODES[layout](module(**nodes))
 
 
+def equivariant_ffn(
+    lmax: int,
+    channels: int,
+    hidden_channels: int,
+    kmax: int = 1,
+    mlp_bias: bool = False,
+    activation_function: str = "silu",
+    glu_activation: bool = True,
+    ffn_so3_grid: bool = False,
+    s2_activation: bool = False,
+    lebedev_quadrature: bool = False,
+    grid_mlp: bool = False,
+    grid_branch: int = 0,
+) -> EquivariantFFN:
+    """A float64 FFN from DeePMD-kit's constructor keywords (the fixtures'), through the records."""
+    basics = LayerBasics(
+        channels=channels,
+        precision="float64",
+        eps=1e-7,
+        mlp_bias=mlp_bias,
+        activation_function=activation_function,
+        glu_activation=glu_activation,
+        edge_norm=False,
+        layer_scale=False,
+    )
+    ffn = FFNOptions(
+        blocks=1,
+        neurons=hidden_channels,
+        s2_activation=s2_activation,
+        so3_grid=ffn_so3_grid,
+        lebedev=lebedev_quadrature,
+        grid=GridOp(mlp=grid_mlp, branches=grid_branch),
+        activation_function=activation_function,
+        glu=glu_activation,
+    )
+    return EquivariantFFN(basics, ffn, lmax, kmax, seed=None)
+
+
 def build(name: str, config: dict) -> torch.nn.Module:
     config = dict(config)
     config.pop("layout", None)
@@ -98,7 +137,7 @@ def build(name: str, config: dict) -> torch.nn.Module:
     if name == "act_gated":
         config.pop("glu")
         return GatedActivation(**config, dtype=F64)
-    return EquivariantFFN(**config, dtype=F64)
+    return equivariant_ffn(**config)
 
 
 @pytest.mark.parametrize(
@@ -242,7 +281,7 @@ def perturbed(module: torch.nn.Module) -> torch.nn.Module:
 def test_ffn_equivariance(kwargs) -> None:
     torch.manual_seed(0)
     lmax = 3
-    ffn = perturbed(EquivariantFFN(lmax=lmax, channels=4, hidden_channels=5, dtype=F64, **kwargs))
+    ffn = perturbed(equivariant_ffn(lmax=lmax, channels=4, hidden_channels=5, **kwargs))
     x = torch.randn(3, (lmax + 1) ** 2, 1, 4, dtype=F64)
     wigner = WignerD(lmax, dtype=F64)(random_rotation()[0])
     rows = torch.arange((lmax + 1) ** 2)
