@@ -175,16 +175,7 @@ class Descriptor(nn.Module):
         basics = opts.basics
         cd, c, eps = basics.compute_dtype, basics.channels, basics.eps
         self.env_seed_embedding = EnvironmentSeed(
-            ntypes=opts.geometry.ntypes,
-            n_radial=opts.geometry.n_radial,
-            channels=c,
-            mlp_bias=basics.mlp_bias,
-            activation_function=basics.activation_function,
-            eps=eps,
-            dtype=cd,
-            seed=child_seed(opts.seed, 4),
-            use_spin=self.use_spin,
-            **opts.env_seed_dims,
+            basics, opts.geometry, child_seed(opts.seed, 4), self.use_spin
         )
         if basics.edge_norm:
             self.film_scale_norm = ScalarRMSNorm(c, eps=eps, dtype=cd)

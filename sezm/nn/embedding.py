@@ -16,6 +16,7 @@ from ..engine.stream import stream_edges
 from ..geometry.layout import SphericalLayout, index_tensor, so3_dim
 from .common import Dense, child_seed, normal_
 from .edge_cache import EdgeCache
+from .options import GeometryOptions, LayerBasics
 
 
 class TypeEmbedding(nn.Module):
@@ -52,6 +53,16 @@ class ChargeSpinEmbedding(nn.Module):
         return self.mix_layer(torch.cat([charge, spin], dim=-1))
 
 
+def seed_widths(channels: int) -> tuple[int, int, int, int]:
+    """Internal widths of the environment seed, all derived from ``channels``:
+    ``(embed, axis, type, hidden)``."""
+    embed = min(channels, 128)
+    type_dim = min(32, max(8, channels // 4))
+    axis = min(4 if embed < 64 else 8, max(1, embed - 1))
+    g_in = max(32, embed - 2 * type_dim) + 2 * type_dim
+    return embed, axis, type_dim, min(256, max(2 * embed, g_in))
+
+
 class EnvironmentSeed(nn.Module):
     """FiLM logits ``(N, 2C)`` from a DeePMD-style environment matrix.
 
@@ -66,31 +77,21 @@ class EnvironmentSeed(nn.Module):
     """
 
     def __init__(
-        self,
-        *,
-        ntypes: int,
-        n_radial: int,
-        channels: int,
-        embed_dim: int,
-        axis_dim: int,
-        type_dim: int,
-        hidden_dim: int,
-        mlp_bias: bool,
-        activation_function: str,
-        eps: float,
-        dtype: torch.dtype,
-        seed=None,
-        use_spin: Sequence[bool] | None = None,
+        self, basics: LayerBasics, geometry: GeometryOptions, seed, use_spin: Sequence[bool] | None
     ) -> None:
         super().__init__()
-        self.axis_dim, self.embed_dim, self.eps = axis_dim, embed_dim, eps
+        channels, dtype, act = basics.channels, basics.compute_dtype, basics.activation_function
+        embed_dim, axis_dim, type_dim, hidden_dim = seed_widths(channels)
+        self.axis_dim, self.embed_dim, self.eps = axis_dim, embed_dim, basics.eps
         rbf_out = max(32, embed_dim - 2 * type_dim)
         s_rbf, s_g = child_seed(seed, 0), child_seed(seed, 2)
-        dense = functools.partial(Dense, bias=mlp_bias, dtype=dtype)
-        hidden = functools.partial(dense, activation_function=activation_function)
-        self.rbf_proj_layer1 = hidden(n_radial, rbf_out, seed=child_seed(s_rbf, 0))
+        dense = functools.partial(Dense, bias=basics.mlp_bias, dtype=dtype)
+        hidden = functools.partial(dense, activation_function=act)
+        self.rbf_proj_layer1 = hidden(geometry.n_radial, rbf_out, seed=child_seed(s_rbf, 0))
         self.rbf_proj_layer2 = dense(rbf_out, rbf_out, seed=child_seed(s_rbf, 1))
-        self.env_type_embed = TypeEmbedding(ntypes, type_dim, dtype=dtype, seed=child_seed(seed, 1))
+        self.env_type_embed = TypeEmbedding(
+            geometry.ntypes, type_dim, dtype=dtype, seed=child_seed(seed, 1)
+        )
         self.g_layer1 = hidden(rbf_out + 2 * type_dim, hidden_dim, seed=child_seed(s_g, 0))
         self.g_layer2 = dense(hidden_dim, embed_dim, seed=child_seed(s_g, 1))
         self.output_proj = Dense(

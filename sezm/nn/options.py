@@ -265,21 +265,6 @@ class DescriptorOptions:
     seed: int | list[int] | None
 
     @property
-    def env_seed_dims(self) -> dict[str, int]:
-        """Internal widths of the environment seed, all derived from ``channels``."""
-        channels = self.basics.channels
-        embed = min(channels, 128)
-        type_dim = min(32, max(8, channels // 4))
-        axis = min(4 if embed < 64 else 8, max(1, embed - 1))
-        g_in = max(32, embed - 2 * type_dim) + 2 * type_dim
-        return {
-            "embed_dim": embed,
-            "axis_dim": axis,
-            "type_dim": type_dim,
-            "hidden_dim": min(256, max(2 * embed, g_in)),
-        }
-
-    @property
     def needs_wigner(self) -> bool:
         """Whether some block rotates its messages into edge frames."""
         return not all(self.message.block_edge_cartesian(l) for l in self.degrees.l_schedule)
