@@ -34,7 +34,18 @@ from sezm.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SUBPACKAGES = ("compat", "config", "data", "geometry", "infer", "kernels", "model", "nn", "train")
+SUBPACKAGES = (
+    "compat",
+    "config",
+    "data",
+    "engine",
+    "geometry",
+    "infer",
+    "kernels",
+    "model",
+    "nn",
+    "train",
+)
 TOP_DIRS = ("sezm", "tests", "docs", "benchmarks", "examples")
 # CamelCase names the docs cite from DeePMD-kit, ASE and LAMMPS
 FOREIGN_CLASSES = {"SocketClient", "DeepPotPTExpt", "DeepSpinPTExpt"}
