@@ -19,7 +19,9 @@ CORE, CORE_BUDGET = ("geometry", "nn", "model"), 6000
 
 
 def sources() -> list[Path]:
-    return sorted(PACKAGE.rglob("*.py"))
+    found = sorted(PACKAGE.rglob("*.py"))
+    assert len(found) > 50, f"no package sources under {PACKAGE}"
+    return found
 
 
 def test_no_long_functions() -> None:
