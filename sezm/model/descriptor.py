@@ -190,7 +190,8 @@ class Descriptor(nn.Module):
         readout, latent_lmax = opts.readout, opts.degrees.node_readout_lmax
         lmax = 0 if readout.so3_readout == "none" else latent_lmax
         kmax, seed_out = min(opts.degrees.kmax, latent_lmax), child_seed(opts.seed, 2)
-        ffn = functools.partial(EquivariantFFN, opts.basics, readout.ffn, lmax, kmax)
+        basics = opts.basics.in_compute_precision  # the read-out stays in compute_dtype
+        ffn = functools.partial(EquivariantFFN, basics, readout.ffn, lmax, kmax)
         self.readout_pre_layers = nn.ModuleList(
             ffn(child_seed(seed_out, i)) for i in range(readout.layers - 1)
         )

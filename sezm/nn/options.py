@@ -9,7 +9,7 @@ properties of the record that owns the setting.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -48,6 +48,11 @@ class LayerBasics:
     def compute_dtype(self) -> torch.dtype:
         """Geometry, norms and embeddings: never below float32."""
         return compute_dtype_of(self.dtype)
+
+    @property
+    def in_compute_precision(self) -> LayerBasics:
+        """These settings with the parameters in :attr:`compute_dtype` (the read-out's)."""
+        return self if self.dtype == self.compute_dtype else replace(self, precision="float32")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ normalisation and name the key, and the layers receive named, typed records."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sezm.config import ConfigError, normalize_model
 from sezm.config.descriptor_options import bridging_radii, descriptor_options, neighbour_cap
@@ -205,3 +206,18 @@ def test_neighbour_cap_needs_a_resolved_sel() -> None:
     with pytest.raises(ConfigError) as err:
         neighbour_cap(params)
     assert err.value.path == "model/descriptor/sel" and "'auto'" in err.value.message
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_half_precision_keeps_geometry_embeddings_and_readout_in_float32(precision) -> None:
+    """``precision`` sets the interaction blocks; what ``compute_dtype`` owns stays float32."""
+    net = build_model(
+        {**model(precision=precision, lmax=2, channels=16, so3_readout="mlp"), "fitting_net": {}}
+    )
+    half = dict(bfloat16=torch.bfloat16, float16=torch.float16)[precision]
+    dtypes: dict[str, set] = {}
+    for name, p in net.descriptor.named_parameters():
+        dtypes.setdefault(name.split(".")[0], set()).add(p.dtype)
+    assert dtypes["blocks"] == {half, torch.float32}  # the blocks' norms are float32 too
+    for part in ("type_embedding", "radial_embedding", "env_seed_embedding", "output_ffn"):
+        assert dtypes[part] == {torch.float32}, part
