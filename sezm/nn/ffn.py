@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -30,19 +32,13 @@ class EquivariantFFN(nn.Module):
 
     def __init__(self, basics: LayerBasics, ffn: FFNOptions, lmax: int, kmax: int, seed) -> None:
         super().__init__()
-        c, hidden, dtype, bias = (
-            basics.channels,
-            ffn.width(basics.channels),
-            basics.dtype,
-            basics.mlp_bias,
-        )
+        c, hidden, bias = basics.channels, ffn.width(basics.channels), basics.mlp_bias
         use_grid = ffn.s2_activation or ffn.so3_grid
         n_frames = 2 * kmax + 1 if ffn.so3_grid else 1
         self.use_grid, self.glu_activation = use_grid, ffn.glu
         width = 2 * n_frames * hidden if use_grid or ffn.glu else hidden
-        self.so3_linear_1 = SO3Linear(
-            lmax, c, width, dtype=dtype, mlp_bias=bias, seed=child_seed(seed, 0)
-        )
+        linear = functools.partial(SO3Linear, lmax, dtype=basics.dtype, mlp_bias=bias)
+        self.so3_linear_1 = linear(c, width, seed=child_seed(seed, 0))
         common = dict(
             lmax=lmax,
             channels=hidden,
@@ -58,15 +54,7 @@ class EquivariantFFN(nn.Module):
             )
         else:
             self.act = GatedActivation(activation_function=ffn.activation_function, **common)
-        self.so3_linear_2 = SO3Linear(
-            lmax,
-            n_frames * hidden,
-            c,
-            dtype=dtype,
-            mlp_bias=bias,
-            seed=child_seed(seed, 2),
-            init_std=0.0,
-        )
+        self.so3_linear_2 = linear(n_frames * hidden, c, seed=child_seed(seed, 2), init_std=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, D, F, C) -> (N, D, F, C)``."""
