@@ -173,7 +173,7 @@ def _sorted_edge_list(parts: list[tuple[np.ndarray, ...]]) -> EdgeList:
         empty = np.zeros((0,), dtype=np.int64)
         return EdgeList(empty, empty, np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64))
     src, dst, vec, shift, coincident = (np.concatenate(p, axis=0) for p in zip(*parts, strict=True))
-    order = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], src, dst))
+    order = _edge_order(src, dst, shift)
     return EdgeList(
         src=src[order],
         dst=dst[order],
@@ -181,6 +181,19 @@ def _sorted_edge_list(parts: list[tuple[np.ndarray, ...]]) -> EdgeList:
         shift=shift[order],
         coincident=coincident[np.lexsort(coincident.T[::-1])],
     )
+
+
+def _edge_order(src: np.ndarray, dst: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Stable order of edges by ``(dst, src, shift)``: one sort of a packed int64 key (about 2x
+    faster than a five-key ``lexsort``), ``lexsort`` where the key would not fit."""
+    low = shift.min(0, initial=0)
+    span = shift.max(0, initial=0) - low + 1  # (3,) shift values per axis
+    n_nodes, n_shifts = int(max(src.max(initial=0), dst.max(initial=0))) + 1, int(np.prod(span))
+    if n_nodes * n_nodes * n_shifts >= 2**62:
+        return np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], src, dst))
+    s = shift - low
+    code = (s[:, 0] * span[1] + s[:, 1]) * span[2] + s[:, 2]
+    return np.argsort((dst * n_nodes + src) * n_shifts + code, kind="stable")
 
 
 def device_search_available() -> bool:

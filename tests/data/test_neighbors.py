@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sezm.data.frames import InputError, check_overlaps, normalize_frames
-from sezm.data.neighbors import EdgeList, build_edges
+from sezm.data.neighbors import EdgeList, _edge_order, build_edges
 
 RNG_SEED = 20260101
 
@@ -284,3 +284,12 @@ def test_check_overlaps():
     through_image[1, 2] = [9.9999, 0.0, 0.0]  # 1e-4 Å from atom 0 across the boundary
     with pytest.raises(InputError, match=r"frame 1: atoms 0 and 2 .* through periodic image"):
         check_overlaps(build_edges(through_image, cells, 3.0), nat=3)
+
+
+@pytest.mark.parametrize("n_nodes", [7, 2**31])  # a packed key, and the lexsort fallback
+def test_edge_order_is_lexicographic(n_nodes):
+    rng = np.random.default_rng(RNG_SEED + 9)
+    dst, src = rng.integers(0, n_nodes, (2, 500))
+    shift = rng.integers(-2, 3, (500, 3))
+    expected = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], src, dst))
+    np.testing.assert_array_equal(_edge_order(src, dst, shift), expected)
