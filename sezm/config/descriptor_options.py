@@ -179,7 +179,7 @@ def _readout(cfg: dict) -> ReadoutOptions:
         activation_function=cfg["activation_function"],
         glu=cfg["glu_activation"],
     )
-    return ReadoutOptions(mode, cfg["readout_layers"], ffn)
+    return ReadoutOptions(mode, ffn)
 
 
 def _residual(cfg: dict) -> ResidualOptions:

@@ -18,9 +18,8 @@ def fitting_options(model: dict[str, Any]) -> FittingOptions:
     """The ``fitting_net`` of a normalised model section as the record of its head type."""
     section = model["fitting_net"]
     record = PropertyFittingOptions if section["type"] == "property" else EnergyFittingOptions
-    names = (
-        f.name for f in dataclasses.fields(record)
-    )  # a key left out keeps the record's default
+    names = [f.name for f in dataclasses.fields(record)]
+    # a key the section lacks (the property head's optional seed) keeps the record's default
     return record(**{k: _frozen(section[k]) for k in names if k in section})
 
 

@@ -193,7 +193,7 @@ class Descriptor(nn.Module):
         basics = opts.basics.in_compute_precision  # the read-out stays in compute_dtype
         ffn = functools.partial(EquivariantFFN, basics, readout.ffn, lmax, kmax)
         self.readout_pre_layers = nn.ModuleList(
-            ffn(child_seed(seed_out, i)) for i in range(readout.layers - 1)
+            ffn(child_seed(seed_out, i)) for i in range(readout.ffn.blocks - 1)
         )
         self.output_ffn = ffn(seed_out)
 

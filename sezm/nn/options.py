@@ -205,7 +205,7 @@ class MessageOptions:
 class FFNOptions:
     """The equivariant FFNs of every block."""
 
-    blocks: int  # FFN sub-layers per block
+    blocks: int  # FFN sub-layers per block (the read-out: its number of FFNs)
     neurons: int  # hidden width (0: derived from the channels)
     s2_activation: bool  # S2-grid SwiGLU (off when ``so3_grid``)
     so3_grid: bool
@@ -244,10 +244,9 @@ class ResidualOptions:
 
 @dataclass(frozen=True)
 class ReadoutOptions:
-    """Read-out of the scalar descriptor: ``layers`` residual FFNs of degree ``so3_readout``."""
+    """Read-out of the scalar descriptor: ``ffn.blocks`` residual FFNs of degree ``so3_readout``."""
 
     so3_readout: str  # none (l = 0 only) | glu | mlp (SO(3)-grid FFNs)
-    layers: int
     ffn: FFNOptions
 
 
