@@ -5,14 +5,14 @@
 
 Freezes the parity checkpoint ``tests/data/parity/<case>/model.pt`` once with each engine into
 ``--work`` (``sezm freeze --no-with-comm`` with this interpreter, ``dp --pt freeze`` with the
-oracle's ``dp``; an existing package there is reused), then runs the same LAMMPS NVE input with
+oracle's ``dp``, both on one thread; an existing package there is reused), then runs the same LAMMPS NVE input with
 each package under the same ``lmp``: the 192-atom periodic water frame of the case, replicated
 ``n = k^3`` times (``--replicate``), ``units metal``, 0.5 fs, velocities drawn at 330 K,
 ``--warmup`` steps, then ``--steps`` timed steps. The speed is LAMMPS' own ``timesteps/s`` of the
 timed run (the "Performance" line after its "Loop time"), also divided by LAMMPS' "% CPU use"
 of that run (steps per CPU second, which other jobs on a shared machine disturb less); peak memory is the maximum resident set
 size of the ``lmp`` process tree (``wait4``). Engines alternate for ``--rounds`` rounds, one MPI
-rank and one OpenMP/intra-op thread each (same environment for both); the median of the rounds
+rank and ``--threads`` OpenMP/intra-op threads each (default 1; same environment for both); the median of the rounds
 is reported with the ratio sezm / DeePMD-kit and the 1-minute load average before each size.
 """
 
@@ -119,6 +119,9 @@ def freeze(engine: str, case: str, work: Path, dp: str) -> Path:
     else:
         command = [dp, "--pt", "freeze", "-c", checkpoint, "-o", str(out)]
     print("freezing:", " ".join(command), flush=True)
+    # on one thread: DeePMD-kit's package builds its kernels for the freezing thread count, and
+    # the one frozen on one thread is its faster one, on one thread and on two (sezm's kernels
+    # take their threads from the running process)
     done = subprocess.run(command, cwd=work, capture_output=True, text=True, env=thread_env())
     if done.returncode != 0 or not out.is_file():
         sys.exit(
@@ -128,17 +131,19 @@ def freeze(engine: str, case: str, work: Path, dp: str) -> Path:
     return out
 
 
-def thread_env() -> dict[str, str]:
-    """One thread everywhere, for both engines alike."""
+def thread_env(threads: int = 1) -> dict[str, str]:
+    """``threads`` OpenMP and intra-op threads (one inter-op thread), for both engines alike."""
     return dict(
         os.environ,
-        OMP_NUM_THREADS="1",
-        DP_INTRA_OP_PARALLELISM_THREADS="1",
+        OMP_NUM_THREADS=str(threads),
+        DP_INTRA_OP_PARALLELISM_THREADS=str(threads),
         DP_INTER_OP_PARALLELISM_THREADS="1",
     )
 
 
-def run_lammps(lmp: str, model: Path, data: Path, k: int, warmup: int, steps: int) -> Run:
+def run_lammps(
+    lmp: str, model: Path, data: Path, k: int, warmup: int, steps: int, threads: int = 1
+) -> Run:
     """One LAMMPS run; its timed part is the second ``run`` command."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -156,7 +161,7 @@ def run_lammps(lmp: str, model: Path, data: Path, k: int, warmup: int, steps: in
         proc = subprocess.Popen(
             [lmp, "-in", "in.lammps", "-screen", "none", "-log", "log.lammps"],
             cwd=folder,
-            env=thread_env(),
+            env=thread_env(threads),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -209,6 +214,7 @@ def main() -> None:
         default=[100],
         help="timed steps, one per --replicate entry or one for all",
     )
+    ap.add_argument("--threads", type=int, default=1, help="OpenMP/intra-op threads of LAMMPS")
     ap.add_argument("--work", default="bench_lammps_work", help="folder for the .pt2 packages")
     ap.add_argument(
         "--lmp",
@@ -244,7 +250,9 @@ def main() -> None:
             for _ in range(args.rounds):
                 for engine in ENGINES:
                     runs[engine].append(
-                        run_lammps(args.lmp, models[engine], data, k, args.warmup, n_steps)
+                        run_lammps(
+                            args.lmp, models[engine], data, k, args.warmup, n_steps, args.threads
+                        )
                     )
             speed = {e: statistics.median(r.steps_per_s for r in runs[e]) for e in ENGINES}
             # steps per second of CPU time: less sensitive to other jobs on a shared machine
@@ -255,7 +263,8 @@ def main() -> None:
             each = {e: ", ".join(f"{r.steps_per_s:.3f}" for r in runs[e]) for e in ENGINES}
             gap = abs(runs["sezm"][0].energy0 - runs["deepmd"][0].energy0)
             print(
-                f"{case} natoms {runs['sezm'][0].natoms} ({n_steps} steps, load {load:.2f}): "
+                f"{case} natoms {runs['sezm'][0].natoms} ({n_steps} steps, {args.threads} "
+                f"thread(s), load {load:.2f}): "
                 f"sezm {speed['sezm']:.3f} steps/s ({each['sezm']}; peak {peak['sezm']:.0f} MB), "
                 f"deepmd-kit {speed['deepmd']:.3f} steps/s ({each['deepmd']}; peak "
                 f"{peak['deepmd']:.0f} MB), ratio x{speed['sezm'] / speed['deepmd']:.2f}; "

@@ -448,10 +448,19 @@ def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
     kernels of larger models does not compile (``decltype evaluates to float``); there the
     package is built without SIMD vectorisation, which compiles and computes the same numbers,
     more slowly.
+
+    A CPU package's C++ kernels take their OpenMP thread count from the process that runs
+    them (``cpp.dynamic_threads``), not from the one that froze them: Inductor would otherwise
+    build them for ``torch.get_num_threads()`` at freezing, and a package frozen under
+    ``OMP_NUM_THREADS=1`` (a login node, a batch script) would stay serial in a LAMMPS run on
+    several threads (tiny, 192 atoms, 2 threads: 29 instead of 45 steps/s, ``docs/freeze.md``).
     """
     options: dict = {"aot_inductor.compile_wrapper_opt_level": "O0"}
+    on_cpu = not _traced_on_cuda(program)
+    if on_cpu:
+        options["cpp.dynamic_threads"] = True
     old_torch = torch.__version__ < (2, 13)  # TorchVersion compares with tuples
-    if old_torch and not _traced_on_cuda(program):
+    if old_torch and on_cpu:
         options["cpp.simdlen"] = 1  # no ISA has width 1: scalar C++ loops
         log.warning(
             "freeze: torch %s: building the package without SIMD vectorisation (Inductor "

@@ -9,6 +9,7 @@ the ``deepmd`` pair style (or put ``lmp`` on ``PATH``) to run the LAMMPS compari
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -31,8 +32,14 @@ TINY = PARITY / "tiny" / "model.pt"
 
 @pytest.fixture(scope="module")
 def frozen(tmp_path_factory):
+    """The tiny checkpoint frozen on one thread (as under ``OMP_NUM_THREADS=1``)."""
     out = tmp_path_factory.mktemp("freeze") / "frozen_model"
-    main(["freeze", "-c", str(TINY), "-o", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["freeze", "-c", str(TINY), "-o", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     return out.with_name("frozen_model.pt2")
 
 
@@ -41,6 +48,19 @@ def water(name: str = "water_pbc_0"):
         if frame[0] == name:
             return frame[1:4]
     raise KeyError(name)
+
+
+def test_kernels_take_their_threads_from_the_running_process(frozen):
+    """Frozen on one thread, the package's C++ kernels are still OpenMP-parallel: LAMMPS on
+    several threads runs them on all of them (Inductor would otherwise build serial loops for
+    the freezing process's single thread)."""
+    with zipfile.ZipFile(frozen) as outer:
+        comm_entry = next(n for n in outer.namelist() if n.endswith(fz.COMM_ENTRY))
+        nested = io.BytesIO(outer.read(comm_entry))  # the multi-rank package
+        for archive in (outer, zipfile.ZipFile(nested)):
+            kernels = [n for n in archive.namelist() if n.endswith(".kernel.cpp")]
+            assert len(kernels) == 1
+            assert "#pragma omp parallel" in archive.read(kernels[0]).decode()
 
 
 def test_metadata(frozen):
