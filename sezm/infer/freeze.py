@@ -836,6 +836,10 @@ def freeze(
         require_triton(f"DP_TRITON_INFER={settings.triton}")
     for line in settings.describe(device):
         log.info("freeze: %s", line)
+    if device.type == "cpu":
+        log.info(
+            "freeze: the package's C++ loops run on the OpenMP threads of the process that runs it"
+        )
     model, ckpt = load_energy_model(checkpoint, head)
     model = model.to(device).eval().requires_grad_(False)
     path = Path(output)
