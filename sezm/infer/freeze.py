@@ -459,6 +459,9 @@ def compile_package(program: torch.export.ExportedProgram, path: Path) -> None:
     on_cpu = not _traced_on_cuda(program)
     if on_cpu:
         options["cpp.dynamic_threads"] = True
+        log.info(
+            "freeze: the package's C++ loops will run on the threads of the process running it"
+        )
     old_torch = torch.__version__ < (2, 13)  # TorchVersion compares with tuples
     if old_torch and on_cpu:
         options["cpp.simdlen"] = 1  # no ISA has width 1: scalar C++ loops
@@ -836,10 +839,6 @@ def freeze(
         require_triton(f"DP_TRITON_INFER={settings.triton}")
     for line in settings.describe(device):
         log.info("freeze: %s", line)
-    if device.type == "cpu":
-        log.info(
-            "freeze: the package's C++ loops run on the OpenMP threads of the process that runs it"
-        )
     model, ckpt = load_energy_model(checkpoint, head)
     model = model.to(device).eval().requires_grad_(False)
     path = Path(output)

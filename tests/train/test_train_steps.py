@@ -141,7 +141,10 @@ def test_training_steps_match_deepmd(case, tmp_path, monkeypatch) -> None:
         update = (want.double() - init[name].double()).abs().max().item()
         err = (got["param"][name].double() - want.double()).abs().max().item()
         grad = first_grad.get(name)  # none: a parameter outside the loss (dens' fitting_net)
-        share = (0.25 if grad is not None and grad.any() else 1.0) if got["muon"] else 1e-3
+        # Muon's bfloat16 Newton-Schulz step rounds by the CPU's vector kernels: measured 0.27x
+        # the update (AVX2 kernels on an Intel CPU) and, for a weight whose first gradient is
+        # zero, 1.08x (AVX-512)
+        share = (0.35 if grad is not None and grad.any() else 1.5) if got["muon"] else 1e-3
         bound = share * update + 1e-5 * want.abs().max().item() + 1e-9
         assert err <= bound, f"weight {name}: {err:.2e} (update {update:.2e})"
     if got["ema"] is not None:
