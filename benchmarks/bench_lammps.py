@@ -5,15 +5,16 @@
 
 Freezes the parity checkpoint ``tests/data/parity/<case>/model.pt`` once with each engine into
 ``--work`` (``sezm freeze --no-with-comm`` with this interpreter, ``dp --pt freeze`` with the
-oracle's ``dp``, both on one thread; an existing package there is reused), then runs the same LAMMPS NVE input with
-each package under the same ``lmp``: the 192-atom periodic water frame of the case, replicated
+oracle's ``dp``, both on one thread; an existing package there is reused), then runs the same
+LAMMPS NVE input with each package under the same ``lmp``: the 192-atom periodic water frame of
+the case, replicated
 ``n = k^3`` times (``--replicate``), ``units metal``, 0.5 fs, velocities drawn at 330 K,
 ``--warmup`` steps, then ``--steps`` timed steps. The speed is LAMMPS' own ``timesteps/s`` of the
 timed run (the "Performance" line after its "Loop time"), also divided by LAMMPS' "% CPU use"
 of that run (steps per CPU second, which other jobs on a shared machine disturb less); peak memory is the maximum resident set
 size of the ``lmp`` process tree (``wait4``). Engines alternate for ``--rounds`` rounds, one MPI
-rank and ``--threads`` OpenMP/intra-op threads each (default 1; same environment for both); the median of the rounds
-is reported with the ratio sezm / DeePMD-kit and the 1-minute load average before each size.
+rank and ``--threads`` OpenMP/intra-op threads each (default 1; same environment for both); the
+median of the rounds is reported with the ratio sezm / DeePMD-kit and the 1-minute load average before each size.
 """
 
 from __future__ import annotations

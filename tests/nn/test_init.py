@@ -53,10 +53,10 @@ def test_initial_weights_match_deepmd(case: str) -> None:
         head, spread, total, squares = digest(tensor)
         # the same draws; the CPU's vector kernels (AVX2 where the fixtures were made, AVX-512)
         # round erfinv differently: measured up to 2.4e-7 of the tensor's rms
-        ulps = 1e-6 * np.sqrt(row[33] / max(1, tensor.numel()))
+        atol = 1e-6 * np.sqrt(row[33] / max(1, tensor.numel()))
         same = (
-            np.allclose(head, row[: head.size], rtol=0, atol=ulps)
-            and np.allclose(spread, row[16 : 16 + spread.size], rtol=0, atol=ulps)
+            np.allclose(head, row[: head.size], rtol=0, atol=atol)
+            and np.allclose(spread, row[16 : 16 + spread.size], rtol=0, atol=atol)
             and abs(total - row[32]) <= 1e-9 * (1 + abs(row[32])) + 1e-6 * np.sqrt(row[33])
             and abs(squares - row[33]) <= 1e-7 * (1 + row[33])
         )
