@@ -103,14 +103,20 @@ class EdgeRotation:
         xs = x.unbind(1)
         return torch.stack([_dot(ops, xs, terms) for terms in self.to_local_terms], dim=1)
 
-    def gather_to_local(self, ops: tuple, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """:meth:`to_local` of the rows ``x[index]`` (``x (N, D, C)``, ``index (E,)``); the
-        batched-matmul path saves ``x``, not the gathered ``(E, D, C)`` rows
-        (:func:`~sezm.kernels.gather_rotate.gather_rotate`), the others gather with an
-        index-only node (:func:`~sezm.kernels.gather_scatter.gather_rows`)."""
+    def gather_to_local(
+        self, ops: tuple, x: torch.Tensor, index: torch.Tensor, mix: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`to_local` of the rows ``x[index]`` (``x (N, D, C)``, ``index (E,)``), then
+        times per-edge matrices ``mix (E, D_m, D_m)`` if given. The batched-matmul path saves
+        ``x``, not the gathered ``(E, D, C)`` rows
+        (:func:`~sezm.kernels.gather_rotate.gather_rotate`), and multiplies ``mix`` into the
+        small rotation matrices instead of the features; the others gather with an index-only
+        node (:func:`~sezm.kernels.gather_scatter.gather_rows`)."""
         if isinstance(ops, FusedOperands) or self.sparse:
-            return self.to_local(ops, gather_rows(x, index))
-        return gather_rotate(x[:, : so3_dim(self.lmax)], index, ops[0])
+            local = self.to_local(ops, gather_rows(x, index))
+            return local if mix is None else torch.bmm(mix, local)
+        matrices = ops[0] if mix is None else torch.bmm(mix, ops[0])  # (E, D_m, D)
+        return gather_rotate(x[:, : so3_dim(self.lmax)], index, matrices)
 
     def to_global(
         self, ops: tuple, y: torch.Tensor, weight: torch.Tensor | None = None

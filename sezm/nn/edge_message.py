@@ -168,15 +168,20 @@ class EdgeFrameMessage(EdgeMessage):
 
     def __call__(self, x, centre, edges: EdgeCache, radial, weight=None) -> tuple:
         owner, lmax, mmax = self.owner, self.lmax, self.mmax
-        x_local = edges.gather_to_local(x, edges.src, lmax, mmax)  # (E, D_m, Cw)
-        e, dm, _ = x_local.shape
-        rows = SphericalLayout.of(lmax, mmax).m_block_rows
-        if owner.radial_degree_mixer is None:
+        rows, mixer = SphericalLayout.of(lmax, mmax).m_block_rows, owner.radial_degree_mixer
+        if mixer is None:
+            x_local = edges.gather_to_local(x, edges.src, lmax, mmax)  # (E, D_m, Cw)
             rad = self.widen(radial.index_select(1, owner.degree_index_m))  # (E, D_m, Cw)
             blocks = (x_local * rad).split(rows, dim=1)
-        else:  # the mixer reads only the m = 0 rows, which are the degrees l = 0..L in order
+        elif mixer.shared:  # one (D_m, D_m) kernel per edge, applied with the rotation
             rad = self.widen(radial)  # (E, L+1, Cw)
-            blocks = owner.radial_degree_mixer(x_local, rad)  # (E, rows_b, Cw) each
+            mixed = edges.gather_to_local(x, edges.src, lmax, mmax, mix=mixer.matrices(rad))
+            blocks = mixer.scaled_blocks(mixed)  # (E, rows_b, Cw) each
+        else:  # the mixer reads only the m = 0 rows, which are the degrees l = 0..L in order
+            x_local = edges.gather_to_local(x, edges.src, lmax, mmax)  # (E, D_m, Cw)
+            rad = self.widen(radial)  # (E, L+1, Cw)
+            blocks = mixer(x_local, rad)  # (E, rows_b, Cw) each
+        e, dm = blocks[0].shape[0], sum(rows)
         if owner.node_wise_grid_product is not None:
             x_local = torch.cat(blocks, dim=1)
             x_dst_local = edges.gather_to_local(centre, edges.dst, lmax, mmax)

@@ -122,6 +122,11 @@ class RadialDegreeMixer(nn.Module):
     - ``degree``: one kernel for all channels;
     - ``degree_channel``, rank ``r > 0``: ``K`` has ``r`` components mixed per channel by
       ``channel_basis (r, C)``; rank 0: a separate kernel per channel.
+
+    With one kernel for all channels (``degree``, and rank 1, whose basis is a per-channel
+    scale of the output) the kernel is one block-diagonal ``(D_m, D_m)`` matrix per edge
+    (:meth:`matrices`): applied by one batched matmul, or multiplied into the edge-frame rotation
+    before the features are rotated (:mod:`sezm.nn.edge_message`).
     """
 
     def __init__(
@@ -154,6 +159,33 @@ class RadialDegreeMixer(nn.Module):
         compact, dense = _kernel_scatter(layout)
         self.register_buffer("kernel_compact_index", index_tensor(compact))
         self.register_buffer("kernel_dense_index", index_tensor(dense))
+        #: one kernel for all channels (``w = 1``): a per-edge matrix
+        self.shared = width == 1
+        to_matrix = None
+        if self.shared:  # compact kernel entry -> its one or two dense positions, (K, D_m^2)
+            to_matrix = torch.zeros(kernel, layout.reduced_dim**2, dtype=dtype)
+            to_matrix[list(compact), list(dense)] = 1.0
+        self.register_buffer("kernel_to_matrix", to_matrix, persistent=False)
+
+    def matrices(self, radial: torch.Tensor) -> torch.Tensor:
+        """The shared kernels as block-diagonal matrices ``(E, D_m, D_m)`` (``y = K_e x``), from
+        the first ``L + 1`` rows of ``radial (E, >= L+1, C)``; the output's channel scale is
+        :meth:`channel_scale`."""
+        e, n0, dim = radial.shape[0], self.lmax + 1, self.layout.reduced_dim
+        weight = self.weight @ self.kernel_to_matrix  # ((L+1) C, D_m^2)
+        return (radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ weight).view(e, dim, dim)
+
+    def channel_scale(self) -> torch.Tensor | None:
+        """Per-channel scale ``(C,)`` of the shared kernel's output (rank 1), or ``None``."""
+        return None if self.channel_basis is None else self.channel_basis[0]
+
+    def scaled_blocks(self, mixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Shared-kernel output ``mixed (E, D_m, C)`` (``K_e x``) -> its ``|m|`` blocks, channel
+        scale applied."""
+        scale = self.channel_scale()
+        if scale is not None:
+            mixed = mixed * scale
+        return mixed.split(self.layout.m_block_rows, dim=1)
 
     def _mixed_rows(self, kernel: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> list:
         """``kernel (E, n_in, n_out, w)``, rows ``xs`` (``n_in`` of ``(E, C)``) -> ``n_out`` rows.
@@ -178,6 +210,8 @@ class RadialDegreeMixer(nn.Module):
         (:attr:`SphericalLayout.m_block_rows`); the kernel comes from the first ``L + 1`` rows
         of ``radial``: per-degree rows ``(E, L+1, C)``, or the m-major layout (whose m = 0
         rows are the degrees in order)."""
+        if self.shared:
+            return self.scaled_blocks(torch.bmm(self.matrices(radial), x))
         e = x.shape[0]
         n0 = self.lmax + 1
         compact = radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ self.weight  # (E, K * w)
@@ -186,16 +220,13 @@ class RadialDegreeMixer(nn.Module):
         xs, start, out = x.unbind(1), 0, []
         for b, n in enumerate(block_sizes):
             kernel = kernels[b].view(e, n, n, self.kernel_width)
-            if self.channel_basis is not None and self.rank > 1:  # fold the rank into channels
+            if self.channel_basis is not None:  # rank > 1: fold the rank into channels
                 kernel = kernel @ self.channel_basis  # (E, n, n, C)
             rows = []
             for _ in range(1 if b == 0 else 2):  # -m and +m share the kernel
                 rows += self._mixed_rows(kernel, xs[start : start + n])
                 start += n
-            block = torch.stack(rows, dim=1)  # (E, rows_b, C)
-            if self.channel_basis is not None and self.rank == 1:
-                block = block * self.channel_basis[0]
-            out.append(block)
+            out.append(torch.stack(rows, dim=1))  # (E, rows_b, C)
         return tuple(out)
 
 

@@ -73,11 +73,12 @@ def test_training_step_equals_plain_ops(monkeypatch) -> None:
     monkeypatch.setattr(rotate, "gather_rotate", counted)
     fused = training_gradients(model, graph)
     assert calls, "the model never took the gather + rotate path"
-    monkeypatch.setattr(
-        EdgeRotation,
-        "gather_to_local",
-        lambda self, ops, x, index: self.to_local(ops, x.index_select(0, index)),
-    )
+
+    def plain_ops(self, ops, x, index, mix=None):
+        local = self.to_local(ops, x.index_select(0, index))
+        return local if mix is None else torch.bmm(mix, local)
+
+    monkeypatch.setattr(EdgeRotation, "gather_to_local", plain_ops)
     plain = training_gradients(model, graph)
     assert len(fused) == len(plain)
     for a, b in zip(fused, plain):

@@ -17,6 +17,7 @@ from sezm.geometry.layout import SphericalLayout
 from sezm.model.build import build_model
 from sezm.nn.aggregation import EnvelopeGatedAttention, EnvelopeSum
 from sezm.nn.edge_message import CartesianMessage, EdgeFrameMessage, RadialMessage
+from sezm.nn.so2 import RadialDegreeMixer
 from sezm.train.lora import apply_lora, fold_lora
 
 PARITY = Path(__file__).parents[1] / "data" / "parity"
@@ -115,3 +116,39 @@ def test_a_deep_copy_has_its_own_parts() -> None:
         conv.adamw_attn_gate_w.add_(1.0)
     assert np.array_equal(energy_and_forces(twin), before)
     assert not np.allclose(energy_and_forces(model), before)
+
+
+@pytest.mark.parametrize(
+    "mode, rank",
+    [("degree", 1), ("degree_channel", 1), ("degree_channel", 0), ("degree_channel", 2)],
+)
+def test_degree_mixer_applies_its_compact_kernel(mode: str, rank: int) -> None:
+    """``y[l_out] = sum_{l_in} K[l_in, l_out] x[l_in]`` per ``|m|`` block (shared by -m and +m),
+    the kernel read from its compact entries: the same numbers through the dense per-edge
+    matrices (one kernel for all channels) and the row-by-row contraction (per channel)."""
+    torch.manual_seed(0)
+    lmax, mmax, channels, n_edge = 3, 2, 5, 7
+    mixer = RadialDegreeMixer(
+        lmax=lmax, mmax=mmax, channels=channels, mode=mode, rank=rank, dtype=torch.float64, seed=3
+    )
+    assert mixer.shared == (mode == "degree" or rank == 1)
+    layout = SphericalLayout.of(lmax, mmax)
+    x = torch.randn(n_edge, layout.reduced_dim, channels, dtype=torch.float64)
+    radial = torch.randn(n_edge, lmax + 1, channels, dtype=torch.float64)
+    compact = radial.reshape(n_edge, -1) @ mixer.weight  # (E, K * w)
+    w = mixer.kernel_width
+    kernel = compact.view(n_edge, -1, w)
+    if mixer.channel_basis is not None:
+        kernel = kernel @ mixer.channel_basis  # (E, K, C)
+    expected, offset = torch.zeros_like(x), 0
+    starts = [(0,)] + [(b.neg_start, b.pos_start) for b in layout.m_blocks]
+    for n, block_starts in zip(layout.block_sizes, starts):
+        k = kernel[:, offset : offset + n * n].view(n_edge, n, n, -1)  # [l_in, l_out]
+        for s in block_starts:
+            expected[:, s : s + n] = torch.einsum("eioc,eic->eoc", k, x[:, s : s + n])
+        offset += n * n
+    torch.testing.assert_close(torch.cat(mixer(x, radial), dim=1), expected)
+    if mixer.shared:  # the edge-frame rotation multiplies the matrices in before rotating
+        scale = mixer.channel_scale()
+        folded = torch.bmm(mixer.matrices(radial), x) * (1.0 if scale is None else scale)
+        torch.testing.assert_close(folded, expected)
