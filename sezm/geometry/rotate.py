@@ -7,7 +7,8 @@ rounding):
 
 * ``L <= 1``: each output row is the short sum over its own degree block, as ``(E, 1) * (E, C)``
   products of the block entries accumulated with ``addcmul`` -- a handful of cheap vector ops,
-  faster on CPU than a batched matmul of 4x4 matrices;
+  faster on CPU than a batched matmul of 4x4 matrices -- in one autograd node whose backward
+  is the transposed sum and one small matmul (:mod:`sezm.kernels.row_combination`);
 * ``L >= 2``: one batched matmul with projected ``(E, D_m, D)`` matrices, gathered in one
   ``index_select`` from the block values (the off-diagonal zeros come from one zero column).
 
@@ -34,6 +35,7 @@ import torch
 from ..kernels import fused_rotation_for
 from ..kernels.gather_rotate import gather_rotate
 from ..kernels.gather_scatter import gather_rows
+from ..kernels.row_combination import RowCombination
 from .layout import SphericalLayout, so3_dim
 
 
@@ -65,24 +67,37 @@ class EdgeRotation:
         self.global_entries = [entry(q, p) for p in range(dim) for q in self.rows]
         self.global_gains = [gains[p] for p in range(dim) for _ in range(n_local)]
         # sparse: local row r = sum over packed cols k of its degree: D[rows[r], k] * x[k]
-        self.to_local_terms = [
-            [(k, entry(p, k)) for k in range(degree[p] ** 2, (degree[p] + 1) ** 2)]
-            for p in self.rows
-        ]
+        self.local_plan = RowCombination(
+            tuple(
+                (1.0, tuple((k, entry(p, k)) for k in range(degree[p] ** 2, (degree[p] + 1) ** 2)))
+                for p in self.rows
+            ),
+            n_in=dim,
+            n_coeffs=self.n_values,
+        )
         # sparse: packed row p = gain(l) * sum over local rows r of degree l: D[rows[r], p] * y[r]
-        self.to_global_terms = []
-        for p in range(dim):
-            terms = [(r, entry(q, p)) for r, q in enumerate(self.rows) if degree[q] == degree[p]]
-            self.to_global_terms.append((gains[p], terms))
+        self.global_plan = RowCombination(
+            tuple(
+                (
+                    gains[p],
+                    tuple(
+                        (r, entry(q, p)) for r, q in enumerate(self.rows) if degree[q] == degree[p]
+                    ),
+                )
+                for p in range(dim)
+            ),
+            n_in=n_local,
+            n_coeffs=self.n_values,
+        )
 
     def matrices(self, blocks: torch.Tensor) -> tuple:
-        """Per-forward operands: ``(E, 1)`` entry columns (sparse), or the projected
-        ``to_local (E, D_m, D)`` and gain-scaled ``to_global (E, D, D_m)`` matrices; under
-        the fused-rotation switch, the block values alone."""
+        """Per-forward operands: the block values of degrees ``<= lmax`` ``(E, nnz)`` (sparse),
+        or the projected ``to_local (E, D_m, D)`` and gain-scaled ``to_global (E, D, D_m)``
+        matrices; under the fused-rotation switch, the block values alone."""
         if fused_rotation_for(blocks):
             return FusedOperands(blocks)
         if self.sparse:
-            return tuple(c.unsqueeze(1) for c in blocks.unbind(1))
+            return (blocks[:, : self.n_values],)
         n_edge, dim, n_local = blocks.shape[0], so3_dim(self.lmax), len(self.rows)
         padded = torch.nn.functional.pad(blocks[:, : self.n_values], (0, 1))  # (E, nnz + 1)
         device = blocks.device
@@ -100,8 +115,7 @@ class EdgeRotation:
             return to_local(ops.blocks, x, self.lmax, self.mmax)
         if not self.sparse:
             return torch.bmm(ops[0], x)
-        xs = x.unbind(1)
-        return torch.stack([_dot(ops, xs, terms) for terms in self.to_local_terms], dim=1)
+        return self.local_plan(ops[0], x)
 
     def gather_to_local(
         self, ops: tuple, x: torch.Tensor, index: torch.Tensor, mix: torch.Tensor | None = None
@@ -130,21 +144,8 @@ class EdgeRotation:
         if not self.sparse:
             matrix = ops[1] if weight is None else ops[1] * weight.view(-1, 1, 1)
             return torch.bmm(matrix, y)
-        coeffs = ops if weight is None else tuple(c * weight for c in ops)
-        ys = y.unbind(1)
-        rows = []
-        for gain, terms in self.to_global_terms:
-            row = _dot(coeffs, ys, terms)
-            rows.append(row * gain if gain != 1.0 else row)
-        return torch.stack(rows, dim=1)
-
-
-def _dot(coeffs: list[torch.Tensor], xs: tuple[torch.Tensor, ...], terms) -> torch.Tensor:
-    (k, j), *rest = terms
-    out = coeffs[j] * xs[k]  # (E, C)
-    for k, j in rest:
-        out = torch.addcmul(out, coeffs[j], xs[k])
-    return out
+        coeffs = ops[0] if weight is None else ops[0] * weight  # (E, nnz)
+        return self.global_plan(coeffs, y)
 
 
 __all__ = ["EdgeRotation", "FusedOperands"]
