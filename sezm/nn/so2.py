@@ -179,14 +179,6 @@ class RadialDegreeMixer(nn.Module):
         """Per-channel scale ``(C,)`` of the shared kernel's output (rank 1), or ``None``."""
         return None if self.channel_basis is None else self.channel_basis[0]
 
-    def scaled_blocks(self, mixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Shared-kernel output ``mixed (E, D_m, C)`` (``K_e x``) -> its ``|m|`` blocks, channel
-        scale applied."""
-        scale = self.channel_scale()
-        if scale is not None:
-            mixed = mixed * scale
-        return mixed.split(self.layout.m_block_rows, dim=1)
-
     def _mixed_rows(self, kernel: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> list:
         """``kernel (E, n_in, n_out, w)``, rows ``xs`` (``n_in`` of ``(E, C)``) -> ``n_out`` rows.
 
@@ -211,7 +203,9 @@ class RadialDegreeMixer(nn.Module):
         of ``radial``: per-degree rows ``(E, L+1, C)``, or the m-major layout (whose m = 0
         rows are the degrees in order)."""
         if self.shared:
-            return self.scaled_blocks(torch.bmm(self.matrices(radial), x))
+            scale = self.channel_scale()
+            mixed = torch.bmm(self.matrices(radial), x if scale is None else x * scale)
+            return mixed.split(self.layout.m_block_rows, dim=1)
         e = x.shape[0]
         n0 = self.lmax + 1
         compact = radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ self.weight  # (E, K * w)

@@ -89,7 +89,7 @@ class SO2Convolution(nn.Module):
         """
         x = self.pre_focus_mix(x.unsqueeze(2)).squeeze(2)  # (N, D, Cw)
         keys, queries = self.aggregation.keys_and_queries(x)  # (N, Fa, Ca) each, or None
-        sources, centres = (x, keys), (x, queries)
+        sources, centres = (self.message.source_features(x), keys), (x, queries)
         if edges.chunks is None:
             out = self.edge_messages(sources, centres, edges, radial)
         else:  # radial: a ChunkRadial, made inside each chunk from the chunk's edges
