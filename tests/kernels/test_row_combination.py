@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from sezm.geometry.layout import SphericalLayout
 from sezm.geometry.rotate import EdgeRotation
@@ -50,3 +51,21 @@ def test_first_and_second_derivatives(direction: str) -> None:
 
     assert torch.autograd.gradcheck(fn, (blocks, features))
     assert torch.autograd.gradgradcheck(fn, (blocks, features))
+
+
+def test_traced_rotation_is_plain_operations() -> None:
+    """Traced for a package (``make_fx``, as ``sezm freeze`` does), the rotation and its
+    derivatives are element-wise products that Inductor fuses, not the eager node's small
+    matmuls; same values as eager."""
+    blocks, x, _ = rotation_operands(1, 1)
+    plan = EdgeRotation(1, 1)
+
+    def grads(blocks, x):
+        y = plan.to_local(plan.matrices(blocks), x)
+        return torch.autograd.grad(y.square().sum(), (blocks, x))
+
+    traced = make_fx(grads)(blocks, x)
+    targets = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "bmm" in t or "mm." in t], targets
+    for a, b in zip(traced(blocks, x), grads(blocks, x)):
+        torch.testing.assert_close(a, b)
