@@ -1,29 +1,22 @@
 """Rotating packed features into the edge frame (m-major, ``|m| <= M``) and back.
 
-The Wigner-D matrix is block diagonal, and a truncated frame keeps only ``2 min(l, M) + 1`` rows
-per degree. Per edge only the flat block values ``(E, sum (2l+1)^2)`` are stored; each forward
-derives its operands from them. Two strategies, chosen by size (both give the same numbers up to
-rounding):
+The Wigner-D matrix is block diagonal; a truncated frame keeps ``2 min(l, M) + 1`` rows per
+degree. Per edge only the flat block values ``(E, sum (2l+1)^2)`` are stored; each forward
+derives its operands from them, by one of two strategies (equal up to rounding):
 
-* ``L <= 1``: each output row is the short sum over its own degree block, as ``(E, 1) * (E, C)``
-  products of the block entries accumulated with ``addcmul`` -- a handful of cheap vector ops,
-  faster on CPU than a batched matmul of 4x4 matrices -- in one autograd node whose backward
-  is the transposed sum and one small matmul (:mod:`sezm.kernels.row_combination`);
-* ``L >= 2``: one batched matmul with projected ``(E, D_m, D)`` matrices, gathered in one
-  ``index_select`` from the block values (the off-diagonal zeros come from one zero column).
-
-On the CPU one matmul over all degrees is faster than per-degree matmuls or element-wise sums
-at ``L >= 2`` (measurements: ``benchmarks/RESULTS.md``, "Rotation layouts").
+* ``L <= 1``: each output row is the short sum over its degree block of ``(E, 1) * (E, C)``
+  products, in one autograd node (:mod:`sezm.kernels.row_combination`): cheaper on the CPU
+  than a batched matmul of 4x4 matrices;
+* ``L >= 2``: one batched matmul with projected ``(E, D_m, D)`` matrices gathered from the block
+  values (zeros from one pad column): faster than per-degree matmuls or element-wise sums
+  (``benchmarks/RESULTS.md``, "Rotation layouts").
 
 Rotating gathered node features (:meth:`EdgeRotation.gather_to_local`) keeps the node features
-and the edge indices for the backward pass, not the gathered ``(E, D, C)`` rows, and so does
-its backward for a force loss's second derivative (:mod:`sezm.kernels.gather_rotate`). The
-rotate-back has no such saving: its backward needs the edge-frame messages ``(E, D_m, C)``
-themselves; the scatter after it keeps only the index
-(:func:`~sezm.kernels.gather_scatter.scatter_rows`).
-
-Under :func:`sezm.kernels.fused_rotation` (``DP_TRITON_INFER`` on CUDA), both directions run
-Triton kernels on the flat block values instead (:mod:`sezm.kernels.rotation_triton`).
+and edge indices for the backward pass, not the gathered ``(E, D, C)`` rows, at every order
+(:mod:`sezm.kernels.gather_rotate`). The rotate-back's backward needs the edge-frame messages
+themselves; the scatter after it keeps only the index (:mod:`sezm.kernels.gather_scatter`).
+Under :func:`sezm.kernels.fused_rotation` (``DP_TRITON_INFER`` on CUDA) both directions run
+Triton kernels on the flat block values (:mod:`sezm.kernels.rotation_triton`).
 """
 
 from __future__ import annotations
@@ -66,29 +59,16 @@ class EdgeRotation:
         self.local_entries = [entry(p, k) for p in self.rows for k in range(dim)]
         self.global_entries = [entry(q, p) for p in range(dim) for q in self.rows]
         self.global_gains = [gains[p] for p in range(dim) for _ in range(n_local)]
-        # sparse: local row r = sum over packed cols k of its degree: D[rows[r], k] * x[k]
-        self.local_plan = RowCombination(
-            tuple(
-                (1.0, tuple((k, entry(p, k)) for k in range(degree[p] ** 2, (degree[p] + 1) ** 2)))
-                for p in self.rows
-            ),
-            n_in=dim,
-            n_coeffs=self.n_values,
+        # sparse: local row r = sum over packed cols k of its degree: D[rows[r], k] * x[k];
+        # packed row p = gain(l) * sum over local rows r of degree l: D[rows[r], p] * y[r]
+        same = [[k for k in range(dim) if degree[k] == degree[p]] for p in range(dim)]
+        local = tuple((1.0, tuple((k, entry(p, k)) for k in same[p])) for p in self.rows)
+        back = tuple(
+            (gains[p], tuple((r, entry(q, p)) for r, q in enumerate(self.rows) if q in same[p]))
+            for p in range(dim)
         )
-        # sparse: packed row p = gain(l) * sum over local rows r of degree l: D[rows[r], p] * y[r]
-        self.global_plan = RowCombination(
-            tuple(
-                (
-                    gains[p],
-                    tuple(
-                        (r, entry(q, p)) for r, q in enumerate(self.rows) if degree[q] == degree[p]
-                    ),
-                )
-                for p in range(dim)
-            ),
-            n_in=n_local,
-            n_coeffs=self.n_values,
-        )
+        self.local_plan = RowCombination(local, n_in=dim, n_coeffs=self.n_values)
+        self.global_plan = RowCombination(back, n_in=n_local, n_coeffs=self.n_values)
 
     def matrices(self, blocks: torch.Tensor) -> tuple:
         """Per-forward operands: the block values of degrees ``<= lmax`` ``(E, nnz)`` (sparse),
@@ -120,12 +100,10 @@ class EdgeRotation:
     def gather_to_local(
         self, ops: tuple, x: torch.Tensor, index: torch.Tensor, mix: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """:meth:`to_local` of the rows ``x[index]`` (``x (N, D, C)``, ``index (E,)``), then
-        times per-edge matrices ``mix (E, D_m, D_m)`` if given. The batched-matmul path saves
-        ``x``, not the gathered ``(E, D, C)`` rows
-        (:func:`~sezm.kernels.gather_rotate.gather_rotate`), and multiplies ``mix`` into the
-        small rotation matrices instead of the features; the others gather with an index-only
-        node (:func:`~sezm.kernels.gather_scatter.gather_rows`)."""
+        """:meth:`to_local` of rows ``x[index]`` (``x (N, D, C)``, ``index (E,)``), times
+        ``mix (E, D_m, D_m)`` if given. The matmul path saves ``x``, not the gathered rows
+        (:func:`~sezm.kernels.gather_rotate.gather_rotate`), ``mix`` folded into its matrices;
+        the others gather with an index-only node (:mod:`sezm.kernels.gather_scatter`)."""
         if isinstance(ops, FusedOperands) or self.sparse:
             local = self.to_local(ops, gather_rows(x, index))
             return local if mix is None else torch.bmm(mix, local)

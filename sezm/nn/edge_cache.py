@@ -67,18 +67,11 @@ class EdgeCache:
         return _rotation(lmax, mmax).to_local(self._operands(lmax, mmax), x)
 
     def gather_to_local(
-        self,
-        x: torch.Tensor,
-        index: torch.Tensor,
-        lmax: int,
-        mmax: int,
-        mix: torch.Tensor | None = None,
+        self, x: torch.Tensor, index: torch.Tensor, lmax: int, mmax: int, mix=None
     ) -> torch.Tensor:
-        """Rows ``x[index]`` of node features ``x (N, D, C)`` in the edge frames ``(E, D_m, C)``
-        (then times per-edge ``mix (E, D_m, D_m)`` if given), without keeping the gathered
-        ``(E, D, C)`` rows for the backward pass."""
-        rotation = _rotation(lmax, mmax)
-        return rotation.gather_to_local(self._operands(lmax, mmax), x, index, mix)
+        """Rows ``x[index]`` of ``x (N, D, C)`` in the edge frames ``(E, D_m, C)``, times ``mix
+        (E, D_m, D_m)`` if given, without keeping the gathered rows for the backward pass."""
+        return _rotation(lmax, mmax).gather_to_local(self._operands(lmax, mmax), x, index, mix)
 
     def to_global(
         self, y: torch.Tensor, lmax: int, mmax: int, weight: torch.Tensor | None = None

@@ -118,8 +118,7 @@ class EdgeMessage:
         self.competition: FocusCompetition | NoCompetition = NoCompetition()
 
     def source_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The node features ``x (N, D, Cw)`` as the edges gather them (once per block, before
-        any chunking): unchanged here."""
+        """Node features ``x (N, D, Cw)`` as edges gather them (once per block): unchanged."""
         return x
 
     def widen(self, radial: torch.Tensor) -> torch.Tensor:
@@ -172,28 +171,22 @@ class EdgeFrameMessage(EdgeMessage):
         self.mixing = mixing
 
     def source_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (N, D, Cw)``, times the shared degree mixer's channel scale if it has one: the
-        scale commutes with the per-edge matrices, and nodes are fewer than edges."""
+        """``x (N, D, Cw)`` times the shared degree mixer's channel scale, if any (it commutes
+        with the per-edge matrices, and nodes are fewer than edges)."""
         mixer = self.owner.radial_degree_mixer
         scale = None if mixer is None or not mixer.shared else mixer.channel_scale()
         return x if scale is None else x * scale
 
     def __call__(self, x, centre, edges: EdgeCache, radial, weight=None) -> tuple:
-        """As :meth:`EdgeMessage.__call__`, ``x`` from :meth:`source_features`."""
         owner, lmax, mmax = self.owner, self.lmax, self.mmax
         rows, mixer = SphericalLayout.of(lmax, mmax).m_block_rows, owner.radial_degree_mixer
-        if mixer is None:
-            x_local = edges.gather_to_local(x, edges.src, lmax, mmax)  # (E, D_m, Cw)
-            rad = self.widen(radial.index_select(1, owner.degree_index_m))  # (E, D_m, Cw)
-            blocks = (x_local * rad).split(rows, dim=1)
-        elif mixer.shared:  # one (D_m, D_m) kernel per edge, applied with the rotation; its
-            # channel scale is already on the source features (source_features)
-            rad = self.widen(radial)  # (E, L+1, Cw)
-            mixed = edges.gather_to_local(x, edges.src, lmax, mmax, mix=mixer.matrices(rad))
-            blocks = mixed.split(rows, dim=1)  # (E, rows_b, Cw) each
+        rad = self.widen(radial if mixer else radial.index_select(1, owner.degree_index_m))
+        shared = mixer is not None and mixer.shared  # in the rotation; scale: source_features
+        mix = mixer.matrices(rad) if shared else None  # rad: (E, L+1 | D_m without mixer, Cw)
+        x_local = edges.gather_to_local(x, edges.src, lmax, mmax, mix)  # (E, D_m, Cw)
+        if mixer is None or shared:
+            blocks = (x_local if shared else x_local * rad).split(rows, dim=1)
         else:  # the mixer reads only the m = 0 rows, which are the degrees l = 0..L in order
-            x_local = edges.gather_to_local(x, edges.src, lmax, mmax)  # (E, D_m, Cw)
-            rad = self.widen(radial)  # (E, L+1, Cw)
             blocks = mixer(x_local, rad)  # (E, rows_b, Cw) each
         e, dm = blocks[0].shape[0], sum(rows)
         if owner.node_wise_grid_product is not None:

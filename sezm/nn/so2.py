@@ -123,10 +123,8 @@ class RadialDegreeMixer(nn.Module):
     - ``degree_channel``, rank ``r > 0``: ``K`` has ``r`` components mixed per channel by
       ``channel_basis (r, C)``; rank 0: a separate kernel per channel.
 
-    With one kernel for all channels (``degree``, and rank 1, whose basis is a per-channel
-    scale of the output) the kernel is one block-diagonal ``(D_m, D_m)`` matrix per edge
-    (:meth:`matrices`): applied by one batched matmul, or multiplied into the edge-frame rotation
-    before the features are rotated (:mod:`sezm.nn.edge_message`).
+    One kernel for all channels (``degree``; rank 1 is then a channel scale) is a block-diagonal
+    ``(D_m, D_m)`` matrix per edge (:meth:`matrices`), folded into the edge-frame rotation.
     """
 
     def __init__(
@@ -159,18 +157,14 @@ class RadialDegreeMixer(nn.Module):
         compact, dense = _kernel_scatter(layout)
         self.register_buffer("kernel_compact_index", index_tensor(compact))
         self.register_buffer("kernel_dense_index", index_tensor(dense))
-        #: one kernel for all channels (``w = 1``): a per-edge matrix
-        self.shared = width == 1
-        to_matrix = None
-        if self.shared:  # compact kernel entry -> its one or two dense positions, (K, D_m^2)
-            to_matrix = torch.zeros(kernel, layout.reduced_dim**2, dtype=dtype)
-            to_matrix[list(compact), list(dense)] = 1.0
-        self.register_buffer("kernel_to_matrix", to_matrix, persistent=False)
+        self.shared = width == 1  # one kernel for all channels
+        one_hot = torch.zeros(kernel, layout.reduced_dim**2, dtype=dtype)  # compact -> dense
+        one_hot[list(compact), list(dense)] = 1.0
+        self.register_buffer("kernel_to_matrix", one_hot if self.shared else None, persistent=False)
 
     def matrices(self, radial: torch.Tensor) -> torch.Tensor:
-        """The shared kernels as block-diagonal matrices ``(E, D_m, D_m)`` (``y = K_e x``), from
-        the first ``L + 1`` rows of ``radial (E, >= L+1, C)``; the output's channel scale is
-        :meth:`channel_scale`."""
+        """Shared kernels ``(E, D_m, D_m)`` (``y = K_e x``, then :meth:`channel_scale`) from the
+        first ``L + 1`` rows of ``radial (E, >= L+1, C)``."""
         e, n0, dim = radial.shape[0], self.lmax + 1, self.layout.reduced_dim
         weight = self.weight @ self.kernel_to_matrix  # ((L+1) C, D_m^2)
         return (radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ weight).view(e, dim, dim)
@@ -182,10 +176,8 @@ class RadialDegreeMixer(nn.Module):
     def _mixed_rows(self, kernel: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> list:
         """``kernel (E, n_in, n_out, w)``, rows ``xs`` (``n_in`` of ``(E, C)``) -> ``n_out`` rows.
 
-        Blocks have at most ``L + 1`` rows, so the contraction is written as a few
-        ``(E, w) * (E, C)`` products accumulated with ``addcmul`` (much faster on CPU than
-        batched tiny matmuls, and than one broadcast product per input row, whose backward
-        reduces over the broadcast axes).
+        A few ``(E, w) * (E, C)`` products accumulated with ``addcmul``: faster on CPU than
+        batched tiny matmuls or broadcast products (whose backward reduces over broadcast axes).
         """
         n, w = kernel.shape[1], kernel.shape[-1]
         entries = kernel.reshape(kernel.shape[0], n * n, w).unbind(1)  # K[i, o]
@@ -202,10 +194,6 @@ class RadialDegreeMixer(nn.Module):
         (:attr:`SphericalLayout.m_block_rows`); the kernel comes from the first ``L + 1`` rows
         of ``radial``: per-degree rows ``(E, L+1, C)``, or the m-major layout (whose m = 0
         rows are the degrees in order)."""
-        if self.shared:
-            scale = self.channel_scale()
-            mixed = torch.bmm(self.matrices(radial), x if scale is None else x * scale)
-            return mixed.split(self.layout.m_block_rows, dim=1)
         e = x.shape[0]
         n0 = self.lmax + 1
         compact = radial[:, :n0].reshape(e, n0 * radial.shape[-1]) @ self.weight  # (E, K * w)
@@ -214,7 +202,7 @@ class RadialDegreeMixer(nn.Module):
         xs, start, out = x.unbind(1), 0, []
         for b, n in enumerate(block_sizes):
             kernel = kernels[b].view(e, n, n, self.kernel_width)
-            if self.channel_basis is not None:  # rank > 1: fold the rank into channels
+            if self.channel_basis is not None:  # fold the rank into channels
                 kernel = kernel @ self.channel_basis  # (E, n, n, C)
             rows = []
             for _ in range(1 if b == 0 else 2):  # -m and +m share the kernel
