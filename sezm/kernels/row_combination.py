@@ -27,7 +27,7 @@ class RowCombination:
     """A fixed sparse map ``x (E, K, C) -> y (E, R, C)`` with per-edge coefficients ``c (E, J)``.
 
     ``rows[r] = (f_r, ((k, j), ...))``: output row ``r`` is ``f_r`` times the sum of
-    ``c[:, j] * x[:, k]`` over its terms.
+    ``c[:, j] * x[:, k]`` over its terms (at least one per row, and per input row).
     """
 
     rows: tuple[tuple[float, tuple[tuple[int, int], ...]], ...]
@@ -44,9 +44,9 @@ class RowCombination:
         rows = []
         for k_terms in terms:  # the factors differ only between degrees, never within a row
             factors = {f for f, _, _ in k_terms}
-            if len(factors) > 1:
-                raise ValueError("a transposed row mixes row factors")
-            rows.append((factors.pop() if factors else 1.0, tuple((r, j) for _, r, j in k_terms)))
+            if len(factors) != 1:
+                raise ValueError("every input row needs terms, all of one row factor")
+            rows.append((factors.pop(), tuple((r, j) for _, r, j in k_terms)))
         return RowCombination(tuple(rows), len(self.rows), self.n_coeffs)
 
     @cached_property
@@ -79,9 +79,8 @@ class RowCombination:
         return _Combine.apply(coeffs, x, self)
 
     def plain(self, coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The combination without the node: :meth:`written` where no gradient is recorded
-        (the node's forward, and its backward for a first derivative), else :meth:`composed`
-        (its backward under ``create_graph=True``)."""
+        """The combination without the node, in its backward: :meth:`written` for a first
+        derivative, :meth:`composed` under ``create_graph=True``."""
         if torch.is_grad_enabled():
             return self.composed(coeffs, x)
         return self.written(coeffs, x)
@@ -93,9 +92,6 @@ class RowCombination:
         out = x.new_empty(x.shape[0], len(self.rows), x.shape[2])
         for r, (factor, terms) in enumerate(self.rows):
             row = out[:, r]
-            if not terms:
-                row.zero_()
-                continue
             (k, j), *rest = terms
             torch.mul(cols[j], xs[k], out=row)
             for k, j in rest:
@@ -110,9 +106,6 @@ class RowCombination:
         xs = x.unbind(1)
         rows = []
         for factor, terms in self.rows:
-            if not terms:
-                rows.append(torch.zeros_like(xs[0]))
-                continue
             (k, j), *rest = terms
             row = cols[j] * xs[k]  # (E, C)
             for k, j in rest:
@@ -126,7 +119,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, coeffs: torch.Tensor, x: torch.Tensor, plan: RowCombination):
         ctx.save_for_backward(coeffs, x)
         ctx.plan = plan
-        return plan.plain(coeffs, x)
+        return plan.written(coeffs, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -188,7 +188,7 @@ class EdgeFrameMessage(EdgeMessage):
             blocks = (x_local if shared else x_local * rad).split(rows, dim=1)
         else:  # the mixer reads only the m = 0 rows, which are the degrees l = 0..L in order
             blocks = mixer(x_local, rad)  # (E, rows_b, Cw) each
-        e, dm = blocks[0].shape[0], sum(rows)
+        e, dm, _ = x_local.shape
         if owner.node_wise_grid_product is not None:
             x_local = torch.cat(blocks, dim=1)
             x_dst_local = edges.gather_to_local(centre, edges.dst, lmax, mmax)
