@@ -9,12 +9,12 @@ derives its operands from them, by one of two strategies (equal up to rounding):
   than a batched matmul of 4x4 matrices;
 * ``L >= 2``: one batched matmul with projected ``(E, D_m, D)`` matrices gathered from the block
   values (zeros from one pad column): faster than per-degree matmuls or element-wise sums
-  (``benchmarks/RESULTS.md``, "Rotation layouts").
+  (``benchmarks/RESULTS.md``, "Rotation layouts"); traced (a package, ``torch.compile``),
+  unrolled products that Inductor fuses (:mod:`sezm.kernels.edge_matmul`).
 
 Rotating gathered node features (:meth:`EdgeRotation.gather_to_local`) keeps the node features
-and edge indices for the backward pass, not the gathered ``(E, D, C)`` rows, at every order
-(:mod:`sezm.kernels.gather_rotate`). The rotate-back's backward needs the edge-frame messages
-themselves; the scatter after it keeps only the index (:mod:`sezm.kernels.gather_scatter`).
+and edge indices for the backward pass, not the gathered rows (:mod:`sezm.kernels.gather_rotate`);
+the scatter after the rotate-back keeps only the index (:mod:`sezm.kernels.gather_scatter`).
 Under :func:`sezm.kernels.fused_rotation` (``DP_TRITON_INFER`` on CUDA) both directions run
 Triton kernels on the flat block values (:mod:`sezm.kernels.rotation_triton`).
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import fused_rotation_for
+from ..kernels import edge_matmul, fused_rotation_for, select_columns
 from ..kernels.gather_rotate import gather_rotate
 from ..kernels.gather_scatter import gather_rows
 from ..kernels.row_combination import RowCombination
@@ -50,11 +50,11 @@ class EdgeRotation:
         self.rows = list(layout.reduced_rows)  # packed row of each local row
         dim, n_local, degree, gains = layout.dim, len(self.rows), layout.degrees, layout.gains
 
-        def entry(p_row: int, p_col: int) -> int:  # flat index of D[p_row, p_col], or the zero pad
+        def entry(p_row: int, p_col: int) -> int:  # flat index of D[p_row, p_col]; n_values: a zero
             position = layout.wigner_entry(p_row, p_col)
             return self.n_values if position is None else position
 
-        # dense operands: flat positions (into the values + one zero column) of the projected
+        # dense operands: columns of the values (n_values: a zero) of the projected
         # to_local (D_m, D) and to_global (D, D_m) = gain * to_local^T, row-major
         self.local_entries = [entry(p, k) for p in self.rows for k in range(dim)]
         self.global_entries = [entry(q, p) for p in range(dim) for q in self.rows]
@@ -76,14 +76,12 @@ class EdgeRotation:
         matrices; under the fused-rotation switch, the block values alone."""
         if fused_rotation_for(blocks):
             return FusedOperands(blocks)
+        values = blocks[:, : self.n_values]  # (E, nnz)
         if self.sparse:
-            return (blocks[:, : self.n_values],)
+            return (values,)
         n_edge, dim, n_local = blocks.shape[0], so3_dim(self.lmax), len(self.rows)
-        padded = torch.nn.functional.pad(blocks[:, : self.n_values], (0, 1))  # (E, nnz + 1)
-        device = blocks.device
-        local = padded.index_select(1, torch.tensor(self.local_entries, device=device))
-        gains = torch.tensor(self.global_gains, dtype=blocks.dtype, device=device)
-        back = padded.index_select(1, torch.tensor(self.global_entries, device=device)) * gains
+        local = select_columns(values, self.local_entries)
+        back = select_columns(values, self.global_entries, self.global_gains)
         return local.view(n_edge, n_local, dim), back.view(n_edge, dim, n_local)
 
     def to_local(self, ops: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +92,7 @@ class EdgeRotation:
 
             return to_local(ops.blocks, x, self.lmax, self.mmax)
         if not self.sparse:
-            return torch.bmm(ops[0], x)
+            return edge_matmul(ops[0], x)
         return self.local_plan(ops[0], x)
 
     def gather_to_local(
@@ -106,7 +104,7 @@ class EdgeRotation:
         the others gather with an index-only node (:mod:`sezm.kernels.gather_scatter`)."""
         if isinstance(ops, FusedOperands) or self.sparse:
             local = self.to_local(ops, gather_rows(x, index))
-            return local if mix is None else torch.bmm(mix, local)
+            return local if mix is None else edge_matmul(mix, local)
         matrices = ops[0] if mix is None else torch.bmm(mix, ops[0])  # (E, D_m, D)
         return gather_rotate(x[:, : so3_dim(self.lmax)], index, matrices)
 
@@ -121,7 +119,7 @@ class EdgeRotation:
             return to_global(ops.blocks, y, self.lmax, self.mmax, weight)
         if not self.sparse:
             matrix = ops[1] if weight is None else ops[1] * weight.view(-1, 1, 1)
-            return torch.bmm(matrix, y)
+            return edge_matmul(matrix, y)
         coeffs = ops[0] if weight is None else ops[0] * weight  # (E, nnz)
         return self.global_plan(coeffs, y)
 

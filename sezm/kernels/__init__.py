@@ -1,8 +1,9 @@
 """Hand-written operations below the model: autograd nodes and optional fused (Triton) kernels.
 
 Always used, plain PyTorch: row gathers and scatter-sums whose autograd nodes keep only the index
-(:mod:`sezm.kernels.gather_scatter`) and the gather + rotate node of the edge-frame rotation
-(:mod:`sezm.kernels.gather_rotate`). Optional, switched on per evaluation by the inference
+(:mod:`sezm.kernels.gather_scatter`), the gather + rotate node of the edge-frame rotation
+(:mod:`sezm.kernels.gather_rotate`), and per-edge matrix products that a compiler can fuse
+when the model is traced (:mod:`sezm.kernels.edge_matmul`). Optional, switched on per evaluation by the inference
 settings: the fused rotation kernels.
 
 Nothing here imports Triton: :mod:`sezm.kernels.rotation_triton` is loaded on first use. The
@@ -27,6 +28,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+
+from .edge_matmul import edge_matmul, select_columns
 
 _FUSED_ROTATION: ContextVar[bool] = ContextVar("sezm_fused_rotation", default=False)
 
@@ -70,9 +73,11 @@ def fused_rotation_for(tensor: torch.Tensor) -> bool:
 
 
 __all__ = [
+    "edge_matmul",
     "fused_rotation",
     "fused_rotation_for",
     "require_triton",
+    "select_columns",
     "triton_available",
     "triton_interpreter_on",
 ]

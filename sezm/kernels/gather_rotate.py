@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .edge_matmul import edge_matmul, tracing
 from .gather_scatter import gather_rows, scatter_rows, take_rows
 
 
@@ -67,11 +68,14 @@ class _GatherRotateGrad(torch.autograd.Function):
 
 def gather_rotate(x: torch.Tensor, src: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     """``matrices (E, D_m, D) @ x[src]`` for ``x (N, D, C)``, ``src (E,)`` -> ``(E, D_m, C)``,
-    saving ``x`` rather than the gathered ``(E, D, C)`` features for the backward pass."""
+    saving ``x`` rather than the gathered ``(E, D, C)`` features for the backward pass; traced,
+    the plain gather and product, which Inductor fuses (:mod:`~sezm.kernels.edge_matmul`)."""
     if x.shape[1] != matrices.shape[2]:
         raise ValueError(
             f"gather_rotate: features have {x.shape[1]} rows, the matrices {matrices.shape[2]} columns"
         )
+    if tracing():
+        return edge_matmul(matrices, gather_rows(x, src))
     return _GatherRotate.apply(x, src, matrices)
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+from .edge_matmul import tracing
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class RowCombination:
                 f"row combination of {self.n_in} rows and {self.n_coeffs} coefficients got "
                 f"rows {tuple(x.shape)} and coefficients {tuple(coeffs.shape)}"
             )
-        if torch.compiler.is_compiling() or get_proxy_mode() is not None:
+        if tracing():
             return self.composed(coeffs, x)
         return _Combine.apply(coeffs, x, self)
 

@@ -1,0 +1,56 @@
+"""Per-edge matrix products: ``torch.bmm`` eagerly, unrolled broadcast products when traced for a
+package; the dense (``L >= 2``) rotations traced that way hold no batched matmul and give the
+eager values and derivatives (float64)."""
+
+from __future__ import annotations
+
+import torch
+from test_row_combination import rotation_operands
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from sezm.geometry.rotate import EdgeRotation
+from sezm.kernels.edge_matmul import edge_matmul, tracing
+
+F64 = torch.float64
+
+
+def test_unrolled_product_equals_bmm() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 7, 9, generator=gen, dtype=F64)
+    b = torch.randn(5, 9, 4, generator=gen, dtype=F64)
+    traced = make_fx(edge_matmul)(a, b)
+    targets = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "bmm" in t], targets
+    assert not tracing()
+    torch.testing.assert_close(traced(a, b), torch.bmm(a, b))
+    torch.testing.assert_close(edge_matmul(a, b), torch.bmm(a, b), rtol=0, atol=0)
+
+
+def test_traced_dense_rotations_are_plain_products() -> None:
+    """Gather + rotate with a folded mixer, and the rotate-back, as ``sezm freeze`` traces them
+    (forward and the gradient a force needs): the products with the features element-wise, the
+    eager values."""
+    blocks, x, y = rotation_operands(2, 1, n_edges=7)
+    plan = EdgeRotation(2, 1)
+    assert not plan.sparse
+    gen = torch.Generator().manual_seed(4)
+    n_nodes, n_local = 4, y.shape[1]
+    nodes = torch.randn(n_nodes, x.shape[1], x.shape[2], generator=gen, dtype=F64)
+    nodes.requires_grad_()
+    src = torch.randint(0, n_nodes, (x.shape[0],), generator=gen)
+    mix = torch.randn(x.shape[0], n_local, n_local, generator=gen, dtype=F64)
+    weight = torch.rand(x.shape[0], 1, generator=gen, dtype=F64)
+
+    def grads(blocks, nodes, y):
+        ops = plan.matrices(blocks)
+        local = plan.gather_to_local(ops, nodes, src, mix)
+        back = plan.to_global(ops, y, weight)
+        loss = local.square().sum() + (back * back.flip(0)).sum()
+        return torch.autograd.grad(loss, (blocks, nodes, y))
+
+    traced = make_fx(grads)(blocks, nodes, y)
+    products = [n.meta["val"].shape for n in traced.graph.nodes if "bmm" in str(n.target)]
+    # only the mixer's fold into the matrices (and its gradient) stays a batched matmul
+    assert products and all(shape[1:] in ((n_local, 9), (n_local, n_local)) for shape in products)
+    for got, want in zip(traced(blocks, nodes, y), grads(blocks, nodes, y)):
+        torch.testing.assert_close(got, want)
