@@ -104,7 +104,7 @@ class EdgeRotation:
         the others gather with an index-only node (:mod:`sezm.kernels.gather_scatter`)."""
         if isinstance(ops, FusedOperands) or self.sparse:
             local = self.to_local(ops, gather_rows(x, index))
-            return local if mix is None else edge_matmul(mix, local)
+            return local if mix is None else torch.bmm(mix, local)
         matrices = ops[0] if mix is None else torch.bmm(mix, ops[0])  # (E, D_m, D)
         return gather_rotate(x[:, : so3_dim(self.lmax)], index, matrices)
 

@@ -2,9 +2,9 @@
 
 Always used, plain PyTorch: row gathers and scatter-sums whose autograd nodes keep only the index
 (:mod:`sezm.kernels.gather_scatter`), the gather + rotate node of the edge-frame rotation
-(:mod:`sezm.kernels.gather_rotate`), and per-edge matrix products that a compiler can fuse
-when the model is traced (:mod:`sezm.kernels.edge_matmul`). Optional, switched on per evaluation by the inference
-settings: the fused rotation kernels.
+(:mod:`sezm.kernels.gather_rotate`), and per-edge matrix products that a compiler can fuse when
+the model is traced (:mod:`sezm.kernels.edge_matmul`). Optional, switched on per evaluation by
+the inference settings: the fused rotation kernels.
 
 Nothing here imports Triton: :mod:`sezm.kernels.rotation_triton` is loaded on first use. The
 switch is a context, not an environment variable read deep in the maths:
