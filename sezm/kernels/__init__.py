@@ -29,7 +29,7 @@ from contextvars import ContextVar
 
 import torch
 
-from .edge_matmul import edge_matmul, select_columns
+from .edge_matmul import edge_matmul, select_columns, tracing
 
 _FUSED_ROTATION: ContextVar[bool] = ContextVar("sezm_fused_rotation", default=False)
 
@@ -78,6 +78,7 @@ __all__ = [
     "fused_rotation_for",
     "require_triton",
     "select_columns",
+    "tracing",
     "triton_available",
     "triton_interpreter_on",
 ]

@@ -31,6 +31,7 @@ from ..engine.stream import (
 )
 from ..geometry.layout import so3_dim
 from ..geometry.wigner import WignerD
+from ..kernels import tracing
 from ..nn.attn_res import attn_res_blocks, depth_attn_res
 from ..nn.block import InteractionBlock
 from ..nn.common import child_seed
@@ -302,7 +303,7 @@ class Descriptor(nn.Module):
             self.streaming is None
             or self.training
             or self.ghost_exchange is not None
-            or torch.compiler.is_compiling()
+            or tracing()
             or not len(self.blocks)
             or self.opts.basics.dtype != self.opts.basics.compute_dtype
         ):

@@ -184,10 +184,10 @@ class EdgeFrameMessage(EdgeMessage):
         shared = mixer is not None and mixer.shared  # in the rotation; scale: source_features
         mix = mixer.matrices(rad) if shared else None  # rad: (E, L+1 | D_m without mixer, Cw)
         x_local = edges.gather_to_local(x, edges.src, lmax, mmax, mix)  # (E, D_m, Cw)
-        if mixer is None or shared:
-            blocks = (x_local if shared else x_local * rad).split(rows, dim=1)
-        else:  # the mixer reads only the m = 0 rows, which are the degrees l = 0..L in order
-            blocks = mixer(x_local, rad)  # (E, rows_b, Cw) each
+        if mixer is None:
+            blocks = (x_local * rad).split(rows, dim=1)  # (E, rows_b, Cw) each
+        else:  # shared: mixed in the rotation; else it reads the m = 0 rows (degrees 0..L)
+            blocks = x_local.split(rows, dim=1) if shared else mixer(x_local, rad)
         e, dm, _ = x_local.shape
         if owner.node_wise_grid_product is not None:
             x_local = torch.cat(blocks, dim=1)
