@@ -61,6 +61,7 @@ run             {steps}
 LOOP = re.compile(r"Loop time of ([\d.eE+-]+) on (\d+) procs for (\d+) steps with (\d+) atoms")
 PERFORMANCE = re.compile(r"([\d.eE+-]+) timesteps/s")
 CPU_USE = re.compile(r"([\d.]+)% CPU use with")
+ALLOCATOR_ENV = re.compile(r"MALLOC_\w+_|THP_MEM_ALLOC_ENABLE")  # settings that change the speed
 
 
 @dataclass
@@ -130,6 +131,12 @@ def freeze(engine: str, case: str, work: Path, dp: str) -> Path:
             f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         )
     return out
+
+
+def allocator_settings() -> str:
+    """The allocator variables of this environment, as ``NAME=value`` (or ``default``)."""
+    names = sorted(n for n in os.environ if ALLOCATOR_ENV.fullmatch(n))
+    return " ".join(f"{n}={os.environ[n]}" for n in names) or "default"
 
 
 def thread_env(threads: int = 1) -> dict[str, str]:
@@ -265,7 +272,7 @@ def main() -> None:
             gap = abs(runs["sezm"][0].energy0 - runs["deepmd"][0].energy0)
             print(
                 f"{case} natoms {runs['sezm'][0].natoms} ({n_steps} steps, {args.threads} "
-                f"thread(s), load {load:.2f}): "
+                f"thread(s), load {load:.2f}, allocator {allocator_settings()}): "
                 f"sezm {speed['sezm']:.3f} steps/s ({each['sezm']}; peak {peak['sezm']:.0f} MB), "
                 f"deepmd-kit {speed['deepmd']:.3f} steps/s ({each['deepmd']}; peak "
                 f"{peak['deepmd']:.0f} MB), ratio x{speed['sezm'] / speed['deepmd']:.2f}; "
