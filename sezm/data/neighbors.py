@@ -124,6 +124,8 @@ def _frame_edges(
     vec = pos[src] + shift_cart - pos[dst]  # [E, 3]
     dist2 = np.einsum("ed,ed->e", vec, vec)
     keep = (dist2 > ZERO_DIST2) & (dist2 <= rcut * rcut)
+    if keep.all():  # the usual case: no copies
+        return src + offset, dst + offset, vec, shift, _empty_pairs()
     zero = dist2 <= ZERO_DIST2
     coincident = np.stack([dst[zero], src[zero]], axis=1) + offset
     return src[keep] + offset, dst[keep] + offset, vec[keep], shift[keep], coincident
@@ -184,8 +186,10 @@ def _sorted_edge_list(parts: list[tuple[np.ndarray, ...]]) -> EdgeList:
 
 
 def _edge_order(src: np.ndarray, dst: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """Stable order of edges by ``(dst, src, shift)``: one sort of a packed int64 key (about 2x
-    faster than a five-key ``lexsort``), ``lexsort`` where the key would not fit."""
+    """Order of edges by ``(dst, src, shift)``: one sort of a packed int64 key (about 2x
+    faster than a five-key ``lexsort``), ``lexsort`` where the key would not fit. The keys are
+    distinct (one edge per neighbour image), so the unstable sort (5x faster than a stable one
+    on 17,000 edges) gives the one order there is."""
     low = shift.min(0, initial=0)
     span = shift.max(0, initial=0) - low + 1  # (3,) shift values per axis
     n_nodes, n_shifts = int(max(src.max(initial=0), dst.max(initial=0))) + 1, int(np.prod(span))
@@ -193,7 +197,7 @@ def _edge_order(src: np.ndarray, dst: np.ndarray, shift: np.ndarray) -> np.ndarr
         return np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], src, dst))
     s = shift - low
     code = (s[:, 0] * span[1] + s[:, 1]) * span[2] + s[:, 2]
-    return np.argsort((dst * n_nodes + src) * n_shifts + code, kind="stable")
+    return np.argsort((dst * n_nodes + src) * n_shifts + code)
 
 
 def device_search_available() -> bool:
