@@ -38,6 +38,7 @@ import pytest
 import torch
 
 from sezm.compat.deepmd import from_deepmd_state
+from sezm.model import forces
 from sezm.config.normalize import normalize_input
 from sezm.train.ema import EMA
 from sezm.train.muon import HybridMuon
@@ -183,3 +184,21 @@ def test_hybrid_muon_matches_deepmd_on_the_same_gradients(mode: str) -> None:
         assert err <= bound, (
             f"{mode}: {n} ({opt.routes[p].kind}) differs by {err:.2e}, update {update:.2e}"
         )
+
+
+@pytest.mark.parametrize("case", ["adam_mse", "spin_native_adam"])
+def test_the_backward_pass_differentiates_only_the_weights(case, tmp_path, monkeypatch) -> None:
+    """The edge vectors (and spins) take a gradient for the forces, not for the optimizer: the
+    step's backward pass leaves them without one, and the weights still get theirs."""
+    leaves = []
+
+    def recording(energy, of, create_graph=False):
+        leaves.extend(of)
+        return real(energy, of, create_graph)
+
+    real = forces.energy_gradients
+    monkeypatch.setattr(forces, "energy_gradients", recording)
+    got = run_case(case, tmp_path, monkeypatch)
+    assert len(leaves) == N_STEPS * (2 if case.startswith("spin") else 1)
+    assert all(leaf.requires_grad and leaf.grad is None for leaf in leaves)
+    assert got["grad"] and all(g.isfinite().all() for g in got["grad"].values())
