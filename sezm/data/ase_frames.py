@@ -38,10 +38,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import ase.io
 import numpy as np
 from ase import Atoms
-from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from ..config.errors import did_you_mean
@@ -92,6 +90,8 @@ class FileOptions:
 
     def resolve_format(self, path: Path) -> str:
         """ASE's format of ``path``: :attr:`format`, or what ASE tells from the file."""
+        from ase.io.formats import UnknownFileTypeError, filetype, ioformats  # see _ase_io
+
         if self.format is not None:
             if self.format not in ioformats:
                 raise DataError(
@@ -111,6 +111,14 @@ class FileOptions:
                 f'({reason}); name the format with file_format (e.g. "extxyz")'
             )
         return name
+
+
+def _ase_io():
+    """``ase.io``, imported when a file is first read: its format registry costs a quarter of a
+    second and ~40 MB at start-up, which runs on npy data never need."""
+    import ase.io
+
+    return ase.io
 
 
 class FrameFile:
@@ -147,7 +155,7 @@ class FrameFile:
         """The frames ``frames`` (numbers in the file) as ASE ``Atoms``, in that order."""
         if self.format not in _OFFSET_FORMATS:
             for frame in map(int, frames):
-                yield self._parse(partial(ase.io.read, self.path, frame, self.format), frame)
+                yield self._parse(partial(_ase_io().read, self.path, frame, self.format), frame)
             return
         with open(self.path, "rb") as handle:
             for frame in map(int, frames):
@@ -162,12 +170,12 @@ class FrameFile:
             raise DataError(f"{self.path}: frame {frame}: ASE cannot read it ({err})") from err
 
     def _parse_text(self, text: str) -> Atoms:
-        return ase.io.read(io.StringIO(text), format=self.format)
+        return _ase_io().read(io.StringIO(text), format=self.format)
 
     def _all_frames(self) -> Iterator[Atoms]:
         """Every frame in file order (recording byte offsets of (ext)xyz files)."""
         if self.format not in _OFFSET_FORMATS:
-            frames = ase.io.iread(self.path, index=":", format=self.format)
+            frames = _ase_io().iread(self.path, index=":", format=self.format)
             for k in itertools.count():
                 atoms = self._parse(lambda: next(frames, None), k)
                 if atoms is None:

@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -235,6 +234,13 @@ def observed_types(
 # -- stat file -------------------------------------------------------------------------------
 
 
+def _h5_file(path, mode: str):
+    """``h5py.File``; h5py is imported at the first statistics file, not at start-up."""
+    import h5py
+
+    return h5py.File(path, mode)
+
+
 class StatFile:
     """The statistics cache of one type map, in DeePMD-kit's layout (see the module doc).
 
@@ -257,13 +263,13 @@ class StatFile:
         if self.hdf5:
             if not self.path.exists():
                 return False
-            with h5py.File(self.path, "r") as f:
+            with _h5_file(self.path, "r") as f:
                 return f"{self.group}/{name}" in f
         return (self.path / self.group / name).is_file()
 
     def _load(self, name: str) -> np.ndarray:
         if self.hdf5:
-            with h5py.File(self.path, "r") as f:
+            with _h5_file(self.path, "r") as f:
                 return f[f"{self.group}/{name}"][()]
         return np.load(self.path / self.group / name)
 
@@ -294,7 +300,7 @@ class StatFile:
             return
         if self.hdf5:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with h5py.File(self.path, "a") as f:
+            with _h5_file(self.path, "a") as f:
                 group = f.require_group(self.group)
                 for name, value in items.items():
                     if name in group:
@@ -316,7 +322,7 @@ class StatFile:
         if self.mode == "read":
             return
         if self.hdf5:
-            with h5py.File(self.path, "a") as f:
+            with _h5_file(self.path, "a") as f:
                 del f[f"{self.group}/{name}"]
         else:
             (self.path / self.group / name).unlink()

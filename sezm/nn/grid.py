@@ -37,7 +37,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.integrate import lebedev_rule
 from torch import nn
 
 from ..geometry.edge_frame import edge_quaternion, multiply
@@ -50,6 +49,8 @@ LEBEDEV_PRECISIONS = (*range(3, 32, 2), *range(35, 132, 6))
 
 @functools.cache
 def _lebedev(precision: int) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.integrate import lebedev_rule  # here: scipy.integrate takes 0.25 s to import
+
     points, weights = lebedev_rule(precision)
     return points.T.copy(), weights / (4 * math.pi)
 
