@@ -26,6 +26,30 @@ def test_unrolled_product_equals_bmm() -> None:
     torch.testing.assert_close(edge_matmul(a, b), torch.bmm(a, b), rtol=0, atol=0)
 
 
+
+def test_second_derivative_reaches_b_contiguous_and_exact() -> None:
+    """A force loss differentiates the product's own gradient: the gradient that then reaches
+    ``b`` is contiguous (without care it is the transpose of an ``(E, C, J)`` product), and
+    both derivatives are those of ``torch.bmm`` (float64)."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(6, 7, 9, generator=gen, dtype=F64, requires_grad=True)
+    x = torch.randn(6, 9, 5, generator=gen, dtype=F64, requires_grad=True)
+    w = torch.randn(6, 7, 5, generator=gen, dtype=F64)
+
+    def second_derivative(product):
+        layouts = []
+        b = x * 2.0
+        b.register_hook(lambda g: layouts.append(g.is_contiguous()))
+        (ga,) = torch.autograd.grad((product(a, b) * w).sum(), a, create_graph=True)
+        return torch.autograd.grad(ga.square().sum(), x), layouts
+
+    got, layouts = second_derivative(edge_matmul)
+    want, plain_layouts = second_derivative(torch.bmm)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    assert layouts == [True]
+    assert plain_layouts == [False]  # what the identity is there for
+
+
 def test_traced_dense_rotations_are_plain_products() -> None:
     """Gather + rotate with a folded mixer, and the rotate-back, as ``sezm freeze`` traces them
     (forward and the gradient a force needs): the products with the features element-wise, the

@@ -38,8 +38,8 @@ import pytest
 import torch
 
 from sezm.compat.deepmd import from_deepmd_state
-from sezm.model import forces
 from sezm.config.normalize import normalize_input
+from sezm.model import forces
 from sezm.train.ema import EMA
 from sezm.train.muon import HybridMuon
 from sezm.train.optim import set_lr
