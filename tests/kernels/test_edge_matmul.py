@@ -26,7 +26,6 @@ def test_unrolled_product_equals_bmm() -> None:
     torch.testing.assert_close(edge_matmul(a, b), torch.bmm(a, b), rtol=0, atol=0)
 
 
-
 def test_second_derivative_reaches_b_contiguous_and_exact() -> None:
     """A force loss differentiates the product's own gradient: the gradient that then reaches
     ``b`` is contiguous (without care it is the transpose of an ``(E, C, J)`` product), and
