@@ -90,8 +90,8 @@ class FileOptions:
 
     def resolve_format(self, path: Path) -> str:
         """ASE's format of ``path``: :attr:`format`, or what ASE tells from the file."""
-        from ase.io.formats import UnknownFileTypeError, filetype, ioformats  # see _ase_io
-
+        formats = _ase_io().formats
+        ioformats = formats.ioformats
         if self.format is not None:
             if self.format not in ioformats:
                 raise DataError(
@@ -100,8 +100,8 @@ class FileOptions:
                 )
             return self.format
         try:
-            name = filetype(str(path), read=True)
-        except (UnknownFileTypeError, OSError) as err:
+            name = formats.filetype(str(path), read=True)
+        except (formats.UnknownFileTypeError, OSError) as err:
             name, reason = None, str(err)
         else:
             reason = f"ASE guesses {name!r}"
