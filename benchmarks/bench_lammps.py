@@ -150,7 +150,14 @@ def thread_env(threads: int = 1) -> dict[str, str]:
 
 
 def run_lammps(
-    lmp: str, model: Path, data: Path, k: int, warmup: int, steps: int, threads: int = 1
+    lmp: str,
+    model: Path,
+    data: Path,
+    k: int,
+    warmup: int,
+    steps: int,
+    threads: int = 1,
+    preload: str | None = None,
 ) -> Run:
     """One LAMMPS run; its timed part is the second ``run`` command."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +176,7 @@ def run_lammps(
         proc = subprocess.Popen(
             [lmp, "-in", "in.lammps", "-screen", "none", "-log", "log.lammps"],
             cwd=folder,
-            env=thread_env(threads),
+            env=dict(thread_env(threads), **({"LD_PRELOAD": preload} if preload else {})),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -225,6 +232,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="OpenMP/intra-op threads of LAMMPS")
     ap.add_argument("--work", default="bench_lammps_work", help="folder for the .pt2 packages")
     ap.add_argument(
+        "--sezm-allocator",
+        metavar="LIBRARY",
+        help="LD_PRELOAD this library in sezm's runs only: sezm's caching CPU allocator, "
+        "compiled against the lmp's libtorch (`python -m sezm.cpu_allocator` with its Python)",
+    )
+    ap.add_argument(
         "--lmp",
         default=os.environ.get("SEZM_LMP") or shutil.which("lmp"),
         help="LAMMPS with pair_style deepmd (default: $SEZM_LMP or lmp on PATH)",
@@ -259,7 +272,14 @@ def main() -> None:
                 for engine in ENGINES:
                     runs[engine].append(
                         run_lammps(
-                            args.lmp, models[engine], data, k, args.warmup, n_steps, args.threads
+                            args.lmp,
+                            models[engine],
+                            data,
+                            k,
+                            args.warmup,
+                            n_steps,
+                            args.threads,
+                            args.sezm_allocator if engine == "sezm" else None,
                         )
                     )
             speed = {e: statistics.median(r.steps_per_s for r in runs[e]) for e in ENGINES}
@@ -272,7 +292,8 @@ def main() -> None:
             gap = abs(runs["sezm"][0].energy0 - runs["deepmd"][0].energy0)
             print(
                 f"{case} natoms {runs['sezm'][0].natoms} ({n_steps} steps, {args.threads} "
-                f"thread(s), load {load:.2f}, allocator {allocator_settings()}): "
+                f"thread(s), load {load:.2f}, allocator {allocator_settings()}"
+                f"{'; sezm preloads ' + args.sezm_allocator if args.sezm_allocator else ''}): "
                 f"sezm {speed['sezm']:.3f} steps/s ({each['sezm']}; peak {peak['sezm']:.0f} MB), "
                 f"deepmd-kit {speed['deepmd']:.3f} steps/s ({each['deepmd']}; peak "
                 f"{peak['deepmd']:.0f} MB), ratio x{speed['sezm'] / speed['deepmd']:.2f}; "

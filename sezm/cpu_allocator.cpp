@@ -137,6 +137,10 @@ void sezm_install_cpu_allocator() {
   c10::SetCPUAllocator(&allocator, /*priority=*/255);
 }
 
+// Loading the library installs it: in a program without Python that links libtorch (LAMMPS
+// with DeePMD-kit's plugin), LD_PRELOAD=<this library> is all it takes.
+__attribute__((constructor)) static void install_on_load() { sezm_install_cpu_allocator(); }
+
 // Bytes reserved from the system, bytes in use, peak bytes in use, segments, free blocks.
 void sezm_cpu_allocator_stats(int64_t out[5]) {
   std::lock_guard<std::mutex> guard(mutex);

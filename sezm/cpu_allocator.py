@@ -38,18 +38,39 @@ ENV = "SEZM_CPU_ALLOCATOR"
 CHOICES = ("caching", "system")
 
 _SOURCE = Path(__file__).with_suffix(".cpp")
-_CFLAGS = ["-O2"]
+_CFLAGS = ("-O2",)
+#: libc10's folder, written into the library: preloaded, it finds its libtorch without help.
+_LDFLAGS = (f"-Wl,-rpath,{Path(torch.__file__).parent / 'lib'}",)
 _library: ctypes.CDLL | None = None
+
+
+@contextlib.contextmanager
+def _torch_build_notices_quiet():
+    """``torch.utils.cpp_extension``'s notices (no CUDA runtime on a CPU machine, the compiler
+    ABI check) left out of the run's log while it is imported or builds."""
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def build_directory() -> Path:
     """Where the library of this source, torch and Python is compiled."""
-    from torch.utils.cpp_extension import get_default_build_root
+    with _torch_build_notices_quiet():
+        from torch.utils.cpp_extension import get_default_build_root
 
-    key = "\0".join((_SOURCE.read_text(), torch.__version__, platform.python_version(), *_CFLAGS))
+    versions = (torch.__version__, platform.python_version())
+    key = "\0".join((_SOURCE.read_text(), *versions, *_CFLAGS, *_LDFLAGS))
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     return Path(root) / f"sezm_cpu_allocator_{digest}"
+
+
+def _library_file(directory: Path) -> Path:
+    return directory / f"{directory.name}.so"
 
 
 def choice() -> str:
@@ -71,7 +92,7 @@ def install() -> str:
     if _library is not None:
         return "CPU allocator: sezm's caching allocator"
     directory = build_directory()
-    library = directory / f"{directory.name}.so"
+    library = _library_file(directory)
     compiled = ""
     if not library.is_file():
         if (directory / "lock").exists():  # never wait on another process (or a stale lock)
@@ -98,6 +119,15 @@ def install() -> str:
     return f"CPU allocator: sezm's caching allocator{compiled}"
 
 
+def library_path() -> Path:
+    """The compiled library, compiling it first if need be. Loading it installs it: a program
+    that links libtorch without Python (LAMMPS) takes it with ``LD_PRELOAD``."""
+    directory = build_directory()
+    if not _library_file(directory).is_file():
+        _compile(directory)
+    return _library_file(directory)
+
+
 def stats() -> dict[str, int] | None:
     """``reserved``, ``in_use``, ``peak_in_use`` bytes, ``segments`` and ``free_blocks`` of the
     caching allocator; ``None`` when it is not in force."""
@@ -119,22 +149,21 @@ def _compile(directory: Path) -> None:
         import ninja
 
         path = f"{ninja.BIN_DIR}{os.pathsep}{path}"
-    torch_log = logging.getLogger("torch.utils.cpp_extension")
-    level, torch_log.level = torch_log.level, logging.ERROR  # its compiler-ABI warnings
     saved_path, os.environ["PATH"] = os.environ.get("PATH"), path
     try:
-        load(
-            name=directory.name,
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
-            build_directory=str(directory),
-            is_python_module=False,
-        )
+        with _torch_build_notices_quiet():
+            load(
+                name=directory.name,
+                sources=[str(_SOURCE)],
+                extra_cflags=list(_CFLAGS),  # copies: torch appends its own flags to these
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=str(directory),
+                is_python_module=False,
+            )
     except Exception as err:
         log_file.write_text(f"{type(err).__name__}: {err}\n")
         raise
     finally:
-        torch_log.setLevel(level)
         if saved_path is None:
             os.environ.pop("PATH", None)
         else:
@@ -152,3 +181,7 @@ def _reason(text: str) -> str:
         and not line.startswith(("ninja:", "FAILED:"))
     ]
     return (telling or lines or ["no output"])[-1][:300]
+
+
+if __name__ == "__main__":  # python -m sezm.cpu_allocator: the library's path, for LD_PRELOAD
+    print(library_path())

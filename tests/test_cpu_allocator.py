@@ -216,3 +216,29 @@ def test_a_misspelt_choice_stops_sezm_train_before_it_starts(monkeypatch, capsys
     assert "sezm: error: SEZM_CPU_ALLOCATOR='jemalloc': expected one of caching, system" in (
         capsys.readouterr().err
     )
+
+
+def test_preloading_the_library_installs_it(extensions_dir):
+    # a program without Python that links libtorch (LAMMPS) takes it with LD_PRELOAD
+    environ = dict(os.environ, TORCH_EXTENSIONS_DIR=extensions_dir)
+    built = subprocess.run(
+        [sys.executable, "-m", "sezm.cpu_allocator"], env=environ, capture_output=True, text=True
+    )
+    if built.returncode != 0:
+        pytest.skip(f"the caching allocator does not compile here: {built.stderr[-300:]}")
+    library = built.stdout.strip().splitlines()[-1]
+    script = (
+        "import ctypes, torch\n"
+        "x = torch.ones(1 << 20)\n"  # 4 MB, allocated by torch with nothing installed by hand
+        "out = (ctypes.c_int64 * 5)()\n"
+        f"ctypes.CDLL({library!r}).sezm_cpu_allocator_stats(out)\n"
+        "print('IN USE', out[1])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(environ, LD_PRELOAD=library),  # it finds libtorch's libraries by itself
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(re.findall(r"IN USE (\d+)", out.stdout)[0]) >= 4 << 20, out.stdout
