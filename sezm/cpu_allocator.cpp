@@ -39,10 +39,20 @@ struct Block {
   bool free;
 };
 
-std::mutex mutex;
-std::map<char*, Block> blocks;                  // every large block, by address
-std::set<std::pair<size_t, char*>> free_blocks; // the free ones, by (size, address)
-size_t reserved = 0, in_use = 0, peak_in_use = 0, segments = 0;
+// The allocator's state lives on the heap and is never destroyed: tensors that libtorch's own
+// statics hold can be freed at exit after this library's statics are gone.
+struct State {
+  std::mutex mutex;
+  std::map<char*, Block> blocks;                   // every large block, by address
+  std::set<std::pair<size_t, char*>> free_blocks;  // the free ones, by (size, address)
+  size_t reserved = 0, in_use = 0, peak_in_use = 0, segments = 0;
+};
+State& state = *new State();
+std::mutex& mutex = state.mutex;
+std::map<char*, Block>& blocks = state.blocks;
+std::set<std::pair<size_t, char*>>& free_blocks = state.free_blocks;
+size_t &reserved = state.reserved, &in_use = state.in_use, &peak_in_use = state.peak_in_use,
+       &segments = state.segments;
 
 // Called with the mutex held: merges the free block at `it` with the next block when that is
 // free and in the same segment.
@@ -137,10 +147,6 @@ void sezm_install_cpu_allocator() {
   c10::SetCPUAllocator(&allocator, /*priority=*/255);
 }
 
-// Loading the library installs it: in a program without Python that links libtorch (LAMMPS
-// with DeePMD-kit's plugin), LD_PRELOAD=<this library> is all it takes.
-__attribute__((constructor)) static void install_on_load() { sezm_install_cpu_allocator(); }
-
 // Bytes reserved from the system, bytes in use, peak bytes in use, segments, free blocks.
 void sezm_cpu_allocator_stats(int64_t out[5]) {
   std::lock_guard<std::mutex> guard(mutex);
@@ -151,3 +157,12 @@ void sezm_cpu_allocator_stats(int64_t out[5]) {
   out[4] = static_cast<int64_t>(free_blocks.size());
 }
 }
+
+// Loading the library installs it: in a program without Python that links libtorch (LAMMPS
+// with DeePMD-kit's plugin), LD_PRELOAD=<this library> is all it takes. (Initialised after the
+// state above: dynamic initialisation follows the order of definition within a file.)
+namespace {
+struct InstallOnLoad {
+  InstallOnLoad() { sezm_install_cpu_allocator(); }
+} install_on_load;
+}  // namespace

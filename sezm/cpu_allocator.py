@@ -111,11 +111,9 @@ def install() -> str:
             )
         compiled = f", compiled in {time.perf_counter() - start:.1f} s into {directory}"
     try:
-        loaded = ctypes.CDLL(str(library))
-        loaded.sezm_install_cpu_allocator()
-    except (OSError, AttributeError) as err:
+        _library = ctypes.CDLL(str(library))  # loading the library installs it
+    except OSError as err:
         return f"CPU allocator: glibc's; {library} did not load ({err})"
-    _library = loaded
     return f"CPU allocator: sezm's caching allocator{compiled}"
 
 

@@ -13,9 +13,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tiny_run import curve_rows, write_input
 
 from sezm import cpu_allocator
-from tests.tiny_run import curve_rows, write_input
 
 
 @pytest.fixture(scope="module")
