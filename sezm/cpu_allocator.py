@@ -5,9 +5,9 @@ dozen sizes, in the same pattern every time. glibc serves them from its heap, wh
 DPA4-Mini's training step on the bundled water data peaks at ~1,980 MB. A caching allocator
 that carves large requests best-fit from 128 MB segments, splits blocks and merges freed
 neighbours holds the same steps in ~1,590 MB and is ~8-18 % faster (fewer first-touch page
-faults); evaluation is 5-16 % faster and smaller too. The numbers are bitwise the same, as only
-where tensors live changes (``benchmarks/RESULTS.md``). The memory it takes stays with the
-process (as glibc's heap does under :func:`sezm.runtime.tune_allocator`).
+faults); evaluation is 5-16 % faster and smaller too. On one thread the numbers are bitwise
+the same, as only where tensors live changes (``benchmarks/RESULTS.md``). The memory it takes
+stays with the process (as glibc's heap does under :func:`sezm.runtime.tune_allocator`).
 
 The allocator is a small C++ library compiled against the installed torch with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; the ``ninja`` wheel is a dependency):
