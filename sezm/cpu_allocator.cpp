@@ -39,20 +39,12 @@ struct Block {
   bool free;
 };
 
-// The allocator's state lives on the heap and is never destroyed: tensors that libtorch's own
-// statics hold can be freed at exit after this library's statics are gone.
-struct State {
-  std::mutex mutex;
-  std::map<char*, Block> blocks;                   // every large block, by address
-  std::set<std::pair<size_t, char*>> free_blocks;  // the free ones, by (size, address)
-  size_t reserved = 0, in_use = 0, peak_in_use = 0, segments = 0;
-};
-State& state = *new State();
-std::mutex& mutex = state.mutex;
-std::map<char*, Block>& blocks = state.blocks;
-std::set<std::pair<size_t, char*>>& free_blocks = state.free_blocks;
-size_t &reserved = state.reserved, &in_use = state.in_use, &peak_in_use = state.peak_in_use,
-       &segments = state.segments;
+// The mutex and the containers live on the heap and are never destroyed: tensors that
+// libtorch's own statics hold can be freed at exit after this library's statics are gone.
+std::mutex& mutex = *new std::mutex;
+auto& blocks = *new std::map<char*, Block>;                   // every large block, by address
+auto& free_blocks = *new std::set<std::pair<size_t, char*>>;  // the free ones, by (size, address)
+size_t reserved = 0, in_use = 0, peak_in_use = 0, segments = 0;
 
 // Called with the mutex held: merges the free block at `it` with the next block when that is
 // free and in the same segment.

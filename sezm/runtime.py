@@ -59,14 +59,13 @@ def describe_runtime(requested_device: str | None = None) -> str:
     return f"{version_text()}; device {describe_device(requested_device)}"
 
 
-def tune_allocator(device: torch.device | str | None = None) -> None:
+def tune_allocator(device: torch.device) -> None:
     """Tune the allocators for a run on ``device`` (once per process): glibc keeps large freed
     blocks on its heap, and on the CPU sezm's caching allocator takes torch's tensors (the log
     says which allocator is in force, or why the caching one is not)."""
     global _done, _cpu_allocator_line
     if not _done and sys.platform.startswith("linux"):
         _done = _keep_large_blocks_on_the_heap()
-    device = torch.device(device) if device is not None else torch.device("cpu")
     if _cpu_allocator_line is None and device.type == "cpu":
         from . import cpu_allocator
 
