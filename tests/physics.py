@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sezm.data.graph import build_graph
 from sezm.geometry import edge_frame
@@ -578,6 +579,46 @@ def check_random_roll(model, system: System, *, tol: float = EXACT):
     for k, out in enumerate(outs):
         compare_outputs(f"random roll {k}", out, ref, tol, errors)
     return errors
+
+
+# --- determinism -------------------------------------------------------------------------------
+class _AccumulatingIndexPut(TorchDispatchMode):
+    """Records the target shape of every floating ``index_put`` that accumulates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in (
+            torch.ops.aten.index_put,
+            torch.ops.aten.index_put_,
+            torch.ops.aten._index_put_impl_,
+        ):
+            accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+            if accumulate and args[0].is_floating_point():
+                self.shapes.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
+
+
+def accumulating_index_puts(model, graph: Graph) -> list[tuple]:
+    """Targets of the accumulating ``index_put`` calls of a training step's passes on ``graph``:
+    forces (and magnetic forces) with ``create_graph``, then a force loss's parameter gradient.
+    On the CPU such a call adds rows that share a target in the order the threads reach them,
+    so a model that makes one is not reproducible on several threads."""
+    model.train()
+    try:
+        with _AccumulatingIndexPut() as mode:
+            out = model(graph, create_graph=True)
+            loss = out["energy"].square().sum() + out["force"].square().sum()
+            if "force_mag" in out:
+                loss = loss + out["force_mag"].square().sum()
+            loss.backward(inputs=[p for p in model.parameters() if p.requires_grad])
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return mode.shapes
 
 
 # --- all of them ---------------------------------------------------------------------------------

@@ -57,6 +57,16 @@ class _ScatterRows(torch.autograd.Function):
         return gather_rows(grad, index, ctx.dim), None, None, None
 
 
+def table_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for an integer ``index`` of any shape (negative entries count from the
+    end) -> ``index.shape + table.shape[1:]``, by :func:`gather_rows`. Its gradient sums in index
+    order; the accumulating ``index_put`` that differentiates ``table[index]`` adds the rows that
+    share a target in whatever order the CPU threads reach them, so training on several threads
+    would not repeat itself."""
+    flat = torch.where(index < 0, index + table.shape[0], index).reshape(-1)
+    return gather_rows(table, flat).unflatten(0, index.shape)
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``x.index_select(dim, index)``; its backward keeps only ``index``."""
     return _GatherRows.apply(x, index, dim)

@@ -290,8 +290,8 @@ class Descriptor(nn.Module):
         """Radial features of the blocks: plus the type embeddings of both ends ``(E, L0+1, C)``
         (``types (N, C)`` by ``edges.src``, ``centre_types`` by ``edges.dst``)."""
         dtype = self.opts.basics.dtype
-        ends = (types[edges.src] + centre_types[edges.dst]) * edges.keep
-        return radial.to(dtype) + ends.to(dtype).unsqueeze(1)
+        ends = types.index_select(0, edges.src) + centre_types.index_select(0, edges.dst)
+        return radial.to(dtype) + (ends * edges.keep).to(dtype).unsqueeze(1)
 
     def _chunk_block_radial(self, edges: EdgeCache, types, centre_types) -> torch.Tensor:
         return self._block_radial(self._edge_radial(edges), edges, types, centre_types)

@@ -124,10 +124,10 @@ class VirtualSpinModel(EnergyModel):
         real = torch.arange(nf * n, device=vec.device)
         real = real + (real // n) * n  # flat atom -> real node of the doubled frame
         is_atom = graph.atype.reshape(-1) >= 0  # (nf n,) phantom atoms have no partner
-        rs, rd = real[src], real[dst]
+        rs, rd, d_src, d_dst = real[src], real[dst], d.index_select(0, src), d.index_select(0, dst)
         src2 = torch.cat([real + n, real, rs, rs + n, rs, rs + n])
         dst2 = torch.cat([real, real + n, rd, rd, rd + n, rd + n])
-        vec2 = torch.cat([d, -d, vec, vec + d[src], vec - d[dst], vec + d[src] - d[dst]])
+        vec2 = torch.cat([d, -d, vec, vec + d_src, vec - d_dst, vec + d_src - d_dst])
         candidate = torch.cat([is_atom, is_atom, capped, capped, capped, capped])
         keep = candidate & (vec2.norm(dim=-1) <= self.rcut) & (vec2.square().sum(-1) > 1e-10)
         atype = graph.atype

@@ -85,11 +85,8 @@ class GatedActivation(nn.Module):
         """``x (N, D, F, C)`` (and the GLU ``gate``, same shape) -> ``(N, D, F, C)``."""
         # (split, not two narrows: its backward is one concatenation, not two zero-filled copies)
         x0, x_rest = x.split([1, x.shape[1] - 1], dim=1)
-        if gate is None:
-            y0, source = self.scalar_act(x0), x0
-        else:
-            source = gate.narrow(1, 0, 1)
-            y0 = x0 * self.scalar_act(source)
+        source = x0 if gate is None else gate.narrow(1, 0, 1)
+        y0 = self.scalar_act(x0) if gate is None else x0 * self.scalar_act(source)
         if self.lmax == 0:
             return y0
         gates = self._gates(source.squeeze(1)).to(x.dtype)

@@ -128,7 +128,7 @@ def source_gate(sums: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Per-edge gate ``eta[src_e]`` ``(E, 1)`` from the per-node sums of :func:`source_gate_sums`."""
     log_eta, n_zero = sums.unbind(-1)
     eta = torch.where(n_zero > 0.5, torch.zeros_like(log_eta), torch.exp(log_eta))
-    return eta[src].unsqueeze(-1)
+    return eta.index_select(0, src).unsqueeze(-1)
 
 
 def build_edge_cache(

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..engine.stream import stream_edges
 from ..geometry.layout import SphericalLayout, index_tensor, so3_dim
+from ..kernels.gather_scatter import table_rows
 from .common import Dense, child_seed, normal_
 from .edge_cache import EdgeCache
 from .options import GeometryOptions, LayerBasics
@@ -32,7 +33,7 @@ class TypeEmbedding(nn.Module):
         )
 
     def forward(self, atype: torch.Tensor) -> torch.Tensor:
-        return self.adam_type_embedding[atype]
+        return table_rows(self.adam_type_embedding, atype)
 
 
 class ChargeSpinEmbedding(nn.Module):
@@ -145,7 +146,7 @@ class EnvironmentSeed(nn.Module):
         if spin is None:
             return like.new_zeros(like.shape[0], 3)
         gate = edges.env * self.spin_mask[atype[edges.src]].unsqueeze(-1)  # (E, 1)
-        return gate * spin.to(like.dtype)[edges.src]
+        return gate * spin.to(like.dtype).index_select(0, edges.src)
 
 
 class GeometricInitialEmbedding(nn.Module):
@@ -229,13 +230,13 @@ class SpinEmbedding(nn.Module):
         spin = spin.to(self.cart_to_l1.dtype)
         mask = self.spin_mask[atype].unsqueeze(-1)  # (N, 1)
         scalar = self.mag_layer2(self.mag_layer1(spin.square().sum(-1, keepdim=True))) * mask
-        weight = self.adam_spin_vec_weight[atype] * mask  # (N, C)
+        weight = table_rows(self.adam_spin_vec_weight, atype) * mask  # (N, C)
         return scalar, (spin @ self.cart_to_l1.T).unsqueeze(-1) * weight.unsqueeze(1)
 
     def edge_l1(self, spin: torch.Tensor, atype: torch.Tensor, edges: EdgeCache) -> torch.Tensor:
         """Neighbour message ``(E, 3, C)`` for the ``l = 1`` rows of the GIE."""
         src_type = atype[edges.src]
-        l1 = spin.to(self.cart_to_l1.dtype)[edges.src] @ self.cart_to_l1.T  # (E, 3)
+        l1 = spin.to(self.cart_to_l1.dtype).index_select(0, edges.src) @ self.cart_to_l1.T  # (E, 3)
         gate = edges.env * self.spin_mask[src_type].unsqueeze(-1)  # (E, 1)
-        weight = self.adam_spin_nbr_weight[src_type]  # (E, C)
+        weight = table_rows(self.adam_spin_nbr_weight, src_type)  # (E, C)
         return (gate * l1).unsqueeze(-1) * weight.unsqueeze(1)

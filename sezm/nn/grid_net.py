@@ -121,7 +121,7 @@ class DegreeLinear(nn.Module):
         uniform_(self.weight, n_in**-0.5, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("njfi,jio->njfo", x, self.weight[self.degree_index])
+        return torch.einsum("njfi,jio->njfo", x, self.weight.index_select(0, self.degree_index))
 
 
 class GridNet(nn.Module):

@@ -1,8 +1,11 @@
 """Index-only gathers and scatter-sums: the values of ``index_select`` / ``index_add``, exact
 first and second derivatives, and nothing but the index kept for either backward pass; the
-gather + rotate node's own backward keeps no gathered edge rows either."""
+gather + rotate node's own backward keeps no gathered edge rows either; ``table_rows`` (table
+lookups by type) differentiates to the same sums on every run on several threads."""
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from saved_tensors import saved_elements
 
 from sezm.geometry.layout import SphericalLayout
 from sezm.kernels.gather_rotate import gather_rotate
-from sezm.kernels.gather_scatter import gather_rows, scatter_rows
+from sezm.kernels.gather_scatter import gather_rows, scatter_rows, table_rows
 from sezm.nn.activation import GatedActivation
 
 F64 = torch.float64
@@ -97,3 +100,33 @@ def test_gated_blocks_match_the_joined_layout(n_focus: int) -> None:
     parts = tuple(b.permute(1, 2, 0, 3) for b in x.split(rows, dim=2))  # (E, rows_b, F, C)
     joined = act(x.permute(1, 2, 0, 3))
     assert torch.equal(torch.cat(act.blocks(parts), dim=1), joined)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_table_rows_is_indexing() -> None:
+    table = torch.randn(5, 3, 2, dtype=torch.float64)
+    index = torch.tensor([[0, -1], [4, 2], [-5, 3]])
+    got = table_rows(table, index)
+    assert got.shape == (3, 2, 3, 2)
+    assert torch.equal(got, table[index])
+
+
+def test_table_rows_gradient_is_the_same_on_every_run(two_threads) -> None:
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(3, 32, generator=gen, requires_grad=True)
+    index = torch.randint(-3, 3, (200_000,), generator=gen)  # every row shared by ~70k entries
+    upstream = torch.randn(200_000, 32, generator=gen)
+    digests = set()
+    for _ in range(10):
+        (grad,) = torch.autograd.grad(table_rows(table, index), table, upstream)
+        digests.add(hashlib.sha1(grad.numpy().tobytes()).hexdigest())
+    assert len(digests) == 1
+    want = torch.zeros(3, 32, dtype=torch.float64).index_add(0, index % 3, upstream.double())
+    assert torch.allclose(grad.double(), want, rtol=1e-4, atol=1e-2)  # float32 sums of 70k

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from physics import accumulating_index_puts
 
 import sezm
 from sezm.cli import main
@@ -165,6 +166,16 @@ def run(model, coord, cell, atype, spin) -> dict[str, np.ndarray]:
 def close(a, b, tol: float) -> None:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_training_passes_are_reproducible_on_threads(scheme: str) -> None:
+    """No accumulating ``index_put`` (it races between CPU threads) in the forces, magnetic
+    forces or a force loss's gradient: see ``tests/model/test_deterministic_gradients.py``."""
+    model = model_of(scheme)
+    coord, cell, atype, spin = crystal()
+    graph = build_graph(coord[None], cell[None], atype[None], model.rcut, spin=spin[None])
+    assert accumulating_index_puts(model, graph) == []
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
