@@ -149,11 +149,17 @@ _LAYOUTS: dict[tuple[int, int], SphericalLayout] = {}
 
 def _cached_layout(lmax: int, mmax: int) -> SphericalLayout:
     """One shared layout per ``(lmax, mmax)`` (a plain dict: torch.compile reads the existing
-    object, whose cached index maps are then filled, instead of tracing a fresh one)."""
+    object instead of tracing a fresh one), its index maps filled at once: on Python 3.11 the
+    first read of a ``cached_property`` takes a lock, and a first read inside a compiled region
+    would break its graph there."""
     if (lmax, mmax) not in _LAYOUTS:
         if not 0 <= mmax <= lmax:
             raise ValueError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
-        _LAYOUTS[(lmax, mmax)] = SphericalLayout(lmax, mmax)
+        layout = SphericalLayout(lmax, mmax)
+        for name, attribute in vars(SphericalLayout).items():
+            if isinstance(attribute, functools.cached_property):
+                getattr(layout, name)
+        _LAYOUTS[(lmax, mmax)] = layout
     return _LAYOUTS[(lmax, mmax)]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sezm.geometry import layout as layout_module
 from sezm.geometry.layout import SphericalLayout, packed_index, so3_dim
 from sezm.model.build import load_model
 from sezm.nn.so2 import RadialDegreeMixer, SO2Linear
@@ -84,3 +85,19 @@ def test_index_buffers_equal_deepmd_checkpoints(case: str) -> None:
                 assert torch.equal(buffer, stored.to(buffer.dtype)), f"{name}.{key}"
                 checked += 1
     assert checked > 0
+
+
+def test_index_maps_read_inside_a_compiled_region_keep_one_graph() -> None:
+    """A model built outside ``torch.compile`` and run inside it reads its layouts' index maps
+    there for the first time: that must not break the graph (Python 3.11's ``cached_property``
+    takes a lock on a first read, which Dynamo cannot enter)."""
+    layout_module._LAYOUTS.pop((6, 5), None)
+    fresh = SphericalLayout.of(6, 5)  # made outside the compiled region, never read
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        maps = (fresh.m_block_rows, fresh.reduced_rows, fresh.gains, fresh.wigner_offsets)
+        return x * sum(len(m) for m in maps)
+
+    explained = torch._dynamo.explain(rows)(torch.ones(3))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
