@@ -16,9 +16,9 @@ to read back); modules turn them into buffers with :func:`index_tensor`.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -60,17 +60,17 @@ class SphericalLayout:
         return _cached_layout(int(lmax), int(lmax) if mmax is None else int(mmax))
 
     # --- packed (l-major) rows ------------------------------------------------------------
-    @functools.cached_property
+    @cached_property
     def dim(self) -> int:
         """``D = (L+1)^2`` packed rows."""
         return so3_dim(self.lmax)
 
-    @functools.cached_property
+    @cached_property
     def degrees(self) -> tuple[int, ...]:
         """Degree of every packed row: ``(0, 1,1,1, 2,2,2,2,2, ...)``, ``(D,)``."""
         return tuple(l for l in range(self.lmax + 1) for _ in range(2 * l + 1))
 
-    @functools.cached_property
+    @cached_property
     def gains(self) -> tuple[float, ...]:
         """Truncation gain of every packed row: ``sqrt((2l+1)/(2M+1))`` for ``l > M``, else 1.
 
@@ -80,7 +80,7 @@ class SphericalLayout:
         m = self.mmax
         return tuple(math.sqrt((2 * l + 1) / (2 * m + 1)) if l > m else 1.0 for l in self.degrees)
 
-    @functools.cached_property
+    @cached_property
     def truncated_rows(self) -> tuple[int, ...]:
         """Packed rows with ``|m| <= min(M, l)``, in packed (l-major) order."""
         return tuple(
@@ -89,7 +89,7 @@ class SphericalLayout:
             for m in range(-min(self.mmax, l), min(self.mmax, l) + 1)
         )
 
-    @functools.cached_property
+    @cached_property
     def wigner_offsets(self) -> tuple[int, ...]:
         """Start of each degree's ``(2l+1)^2`` entries in the flat block-diagonal Wigner values,
         plus their total: ``L + 2`` entries."""
@@ -104,7 +104,7 @@ class SphericalLayout:
         return self.wigner_offsets[l] + (row - l * l) * (2 * l + 1) + (col - l * l)
 
     # --- m-major reduced rows ---------------------------------------------------------------
-    @functools.cached_property
+    @cached_property
     def reduced_rows(self) -> tuple[int, ...]:
         """Packed row of every m-major row; lmax=2, mmax=1 -> ``(0,2,6,1,5,3,7)``, ``(D_m,)``."""
         rows = [packed_index(l, 0) for l in range(self.lmax + 1)]
@@ -113,22 +113,22 @@ class SphericalLayout:
             rows += [packed_index(l, m) for l in range(m, self.lmax + 1)]
         return tuple(rows)
 
-    @functools.cached_property
+    @cached_property
     def reduced_degrees(self) -> tuple[int, ...]:
         """Degree of every m-major row; lmax=2, mmax=1 -> ``(0,1,2,1,2,1,2)``."""
         return tuple(self.degrees[p] for p in self.reduced_rows)
 
-    @functools.cached_property
+    @cached_property
     def reduced_dim(self) -> int:
         """``D_m`` rows in the m-major layout."""
         return len(self.reduced_rows)
 
-    @functools.cached_property
+    @cached_property
     def block_sizes(self) -> tuple[int, ...]:
         """Degrees per ``|m|`` block, ``n_m = L - m + 1`` for ``m = 0..M``."""
         return tuple(self.lmax - m + 1 for m in range(self.mmax + 1))
 
-    @functools.cached_property
+    @cached_property
     def m_blocks(self) -> tuple[MBlock, ...]:
         """The ``|m| >= 1`` blocks of the m-major layout (the ``m = 0`` block is rows ``0..L``)."""
         blocks, start = [], self.lmax + 1
@@ -137,7 +137,7 @@ class SphericalLayout:
             start += 2 * n
         return tuple(blocks)
 
-    @functools.cached_property
+    @cached_property
     def m_block_rows(self) -> tuple[int, ...]:
         """Rows of each ``|m|`` block of the m-major layout: ``L + 1`` for ``m = 0``, then
         ``2 n_m`` (the ``-m`` rows, then the ``+m`` rows) for each ``m >= 1``."""
@@ -148,18 +148,14 @@ _LAYOUTS: dict[tuple[int, int], SphericalLayout] = {}
 
 
 def _cached_layout(lmax: int, mmax: int) -> SphericalLayout:
-    """One shared layout per ``(lmax, mmax)`` (a plain dict: torch.compile reads the existing
-    object instead of tracing a fresh one), its index maps filled at once: on Python 3.11 the
-    first read of a ``cached_property`` takes a lock, and a first read inside a compiled region
-    would break its graph there."""
+    """One shared layout per ``(lmax, mmax)``, every index map filled at once (the first read of
+    a ``cached_property`` takes a lock on Python 3.11, which breaks a torch.compile graph)."""
     if (lmax, mmax) not in _LAYOUTS:
         if not 0 <= mmax <= lmax:
             raise ValueError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
-        layout = SphericalLayout(lmax, mmax)
-        for name, attribute in vars(SphericalLayout).items():
-            if isinstance(attribute, functools.cached_property):
-                getattr(layout, name)
-        _LAYOUTS[(lmax, mmax)] = layout
+        layout = _LAYOUTS[(lmax, mmax)] = SphericalLayout(lmax, mmax)
+        for name in [n for n, v in vars(SphericalLayout).items() if isinstance(v, cached_property)]:
+            getattr(layout, name)
     return _LAYOUTS[(lmax, mmax)]
 
 
