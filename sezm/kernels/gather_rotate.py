@@ -15,6 +15,10 @@ keeps ``g``, ``x``, ``R`` and the indices, not the re-gathered rows nor the per-
 ``b = dL'/d(dL/dR) (E, D_m, D)``::
 
     d/dg = R a[src] + b x[src],    d/dx = scatter_add_src(b^T g),    d/dR = g a[src]^T.
+
+Under autocast the forward product runs in the lower precision and so does every product of
+the backward passes (in the incoming gradient's dtype); each gradient comes back in the dtype
+of what it differentiates.
 """
 
 from __future__ import annotations
@@ -44,25 +48,28 @@ class _GatherRotateGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad, x, src, matrices) -> tuple:
         ctx.save_for_backward(grad, x, src, matrices)
-        per_edge = torch.bmm(matrices.transpose(1, 2), grad)  # (E, D, C)
+        dtype = grad.dtype  # the forward product's: bfloat16 under autocast
+        per_edge = torch.bmm(matrices.transpose(1, 2).to(dtype), grad)  # (E, D, C)
         grad_x = scatter_rows(per_edge, src, x.shape[0])  # (N, D, C)
-        grad_matrices = torch.bmm(grad, take_rows(x, src).transpose(1, 2))  # (E, D_m, D)
-        return grad_x, grad_matrices
+        x_src = take_rows(x.to(dtype), src).transpose(1, 2)  # (E, C, D)
+        grad_matrices = torch.bmm(grad, x_src)  # (E, D_m, D)
+        return grad_x.to(x.dtype), grad_matrices.to(matrices.dtype)
 
     @staticmethod
     def backward(ctx, grad_grad_x, grad_grad_matrices) -> tuple:
         grad, x, src, matrices = ctx.saved_tensors
+        dtype = grad.dtype
         d_grad = d_x = d_matrices = None
         if grad_grad_x is not None:
-            a_src = gather_rows(grad_grad_x, src)  # (E, D, C)
-            d_grad = torch.bmm(matrices, a_src)
-            d_matrices = torch.bmm(grad, a_src.transpose(1, 2))
+            a_src = gather_rows(grad_grad_x.to(dtype), src)  # (E, D, C)
+            d_grad = torch.bmm(matrices.to(dtype), a_src)
+            d_matrices = torch.bmm(grad, a_src.transpose(1, 2)).to(matrices.dtype)
         if grad_grad_matrices is not None:
-            x_src = gather_rows(x, src)
-            from_b = torch.bmm(grad_grad_matrices, x_src)  # (E, D_m, C)
+            b = grad_grad_matrices.to(dtype)  # (E, D_m, D)
+            from_b = torch.bmm(b, gather_rows(x.to(dtype), src))  # (E, D_m, C)
             d_grad = from_b if d_grad is None else d_grad + from_b
-            per_edge = torch.bmm(grad_grad_matrices.transpose(1, 2), grad)  # (E, D, C)
-            d_x = scatter_rows(per_edge, src, x.shape[0])
+            per_edge = torch.bmm(b.transpose(1, 2), grad)  # (E, D, C)
+            d_x = scatter_rows(per_edge, src, x.shape[0]).to(x.dtype)
         return d_grad, d_x, None, d_matrices
 
 

@@ -85,3 +85,27 @@ def test_training_step_equals_plain_ops(monkeypatch) -> None:
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_products_in_lower_precision_gradients_in_input_dtypes() -> None:
+    """Under bfloat16 autocast (``use_amp``) the forward product is bfloat16 and the backward
+    passes, run outside autocast as autograd runs them, must not mix it with the float32
+    inputs: first and second derivatives come back in float32, close to the float32 ones."""
+    x, src, matrices = operands(n_nodes=6, n_edges=30)
+    x32 = x.detach().float().requires_grad_()
+    m32 = matrices.detach().float().requires_grad_()
+    a = torch.randn(6, 9, 3, dtype=torch.float32)
+
+    def derivatives(autocast: bool) -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = gather_rotate(x32, src, m32)
+        gx, gm = torch.autograd.grad(y.float().square().sum(), (x32, m32), create_graph=True)
+        second = torch.autograd.grad((gx * a).sum() + gm.square().sum(), (x32, m32))
+        return [y, gx, gm, *second]
+
+    low, full = derivatives(True), derivatives(False)
+    assert low[0].dtype == torch.bfloat16
+    for got, want in zip(low[1:], full[1:]):
+        assert got.dtype == torch.float32
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 0.05 * scale
