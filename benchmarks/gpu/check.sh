@@ -7,12 +7,26 @@
 #
 #   bash benchmarks/gpu/check.sh                 # on the GPU machine, from any directory
 #   bash benchmarks/gpu/check.sh --cpu-dry-run   # the same sections on the CPU, tiny sizes
+#   bash benchmarks/gpu/check.sh --upstream-site DIR   # also DeePMD-kit 3.2 side by side
+#                                                      # (DIR made by upstream_site.sh)
+#   SEZM_GPU_BUDGET=520 bash benchmarks/gpu/check.sh   # seconds for the sections (default 420)
 #
 # Uses the machine's python3 (PYTHON=... to choose another). Python packages it lacks among
 # sezm's light dependencies (vesin, vesin-torch, dargs + typeguard, ase) are installed from the
 # wheels carried in benchmarks/gpu/wheels into a temporary folder: no network is needed.
 # The summary goes to $OUT/gpu_summary.md when $OUT is set, else benchmarks/gpu/summary.md.
 set -uo pipefail
+args=()
+while (($#)); do
+    if [[ "$1" == --upstream-site ]]; then
+        export SEZM_UPSTREAM_SITE="$(cd "${2:?--upstream-site needs a folder}" && pwd)"
+        shift 2
+    else
+        args+=("$1")
+        shift
+    fi
+done
+budget="${SEZM_GPU_BUDGET:-420}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 py="${PYTHON:-python3}"
@@ -34,4 +48,4 @@ export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 "$py" -c "from scipy.integrate import lebedev_rule" 2>/dev/null \
     || echo "warning: scipy lacks lebedev_rule (scipy >= 1.15 needed by sezm's grid layers)"
-exec timeout 470 "$py" "$here/gpu_check.py" --budget 420 "$@"
+exec timeout $((budget + 50)) "$py" "$here/gpu_check.py" --budget "$budget" ${args[@]+"${args[@]}"}

@@ -307,9 +307,6 @@ def throughput(c: Check) -> None:
             (2, 2, 2),
             TARGET_ATOMS,
             (4, 4, 4),
-            (5, 5, 5),
-            (6, 6, 6),
-            (7, 7, 7),
             (8, 8, 8),
         ]
     )
@@ -355,6 +352,13 @@ def throughput(c: Check) -> None:
             )
             del graph
         del model
+
+
+def side_by_side(c: Check) -> None:
+    """Time and peak memory of both engines on growing water cells (``side_by_side.py``)."""
+    from side_by_side import section
+
+    section(c)
 
 
 def training(c: Check, variants: tuple[tuple[str, dict], ...]) -> None:
@@ -512,6 +516,7 @@ def main() -> None:
     c.section("Triton rotations against dense", triton_rotation, 40)
     c.section("Neighbour search on the device", device_neighbours, 5)
     c.section("Evaluation throughput (energy + forces + virial)", throughput, 60)
+    c.section("Side by side with DeePMD-kit 3.2 (DeepPot.eval, E+F+V)", side_by_side, 90)
     c.section("Training step, DPA4-Mini", training_eager_and_amp, 60)
     c.section(".pt2 on CUDA (tiny), PyTorch and Triton rotations", frozen_on_cuda, 120)
     c.section("Training step, DPA4-Mini, use_compile", training_compiled, 120)
