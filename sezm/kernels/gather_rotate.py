@@ -17,8 +17,8 @@ keeps ``g``, ``x``, ``R`` and the indices, not the re-gathered rows nor the per-
     d/dg = R a[src] + b x[src],    d/dx = scatter_add_src(b^T g),    d/dR = g a[src]^T.
 
 Under autocast the forward product runs in the lower precision and so does every product of
-the backward passes (in the incoming gradient's dtype); each gradient comes back in the dtype
-of what it differentiates.
+the backward passes (in the incoming gradient's dtype); sums over edges and each gradient are
+in the dtype of what it differentiates, as plain autograd of the cast operands would give.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ class _GatherRotateGrad(torch.autograd.Function):
         ctx.save_for_backward(grad, x, src, matrices)
         dtype = grad.dtype  # the forward product's: bfloat16 under autocast
         per_edge = torch.bmm(matrices.transpose(1, 2).to(dtype), grad)  # (E, D, C)
-        grad_x = scatter_rows(per_edge, src, x.shape[0])  # (N, D, C)
+        grad_x = scatter_rows(per_edge.to(x.dtype), src, x.shape[0])  # (N, D, C)
         x_src = take_rows(x.to(dtype), src).transpose(1, 2)  # (E, C, D)
         grad_matrices = torch.bmm(grad, x_src)  # (E, D_m, D)
-        return grad_x.to(x.dtype), grad_matrices.to(matrices.dtype)
+        return grad_x, grad_matrices.to(matrices.dtype)
 
     @staticmethod
     def backward(ctx, grad_grad_x, grad_grad_matrices) -> tuple:
@@ -69,7 +69,7 @@ class _GatherRotateGrad(torch.autograd.Function):
             from_b = torch.bmm(b, gather_rows(x.to(dtype), src))  # (E, D_m, C)
             d_grad = from_b if d_grad is None else d_grad + from_b
             per_edge = torch.bmm(b.transpose(1, 2), grad)  # (E, D, C)
-            d_x = scatter_rows(per_edge, src, x.shape[0]).to(x.dtype)
+            d_x = scatter_rows(per_edge.to(x.dtype), src, x.shape[0])
         return d_grad, d_x, None, d_matrices
 
 
