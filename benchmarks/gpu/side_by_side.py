@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,8 +35,21 @@ ENGINES = {  # label -> (engine, extra environment)
 }
 
 
-def worker(engine: str, cases: list[str], sizes: int, time_cap: float, cpu: bool) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What each engine evaluates, and its limits."""
+
+    cases: list[str]
+    sizes: int  # how many of SIZES to try
+    time_cap: float  # seconds per system size (see the module's text)
+    cpu: bool
+    site: Path | None  # where DeePMD-kit is importable from
+    timeout: float  # seconds per engine's process
+
+
+def worker(engine: str, plan: Plan) -> None:
     """Evaluate each case on growing cells; one JSON line per (case, size)."""
+    cpu, time_cap = plan.cpu, plan.time_cap
     import gc
     import resource
 
@@ -47,7 +61,7 @@ def worker(engine: str, cases: list[str], sizes: int, time_cap: float, cpu: bool
 
     device = "cpu" if cpu else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False  # both engines at full float32
-    for case in cases:
+    for case in plan.cases:
         path = PARITY / case / "model.pt"
         if engine == "sezm":
             import sezm
@@ -57,7 +71,7 @@ def worker(engine: str, cases: list[str], sizes: int, time_cap: float, cpu: bool
             from deepmd.infer import DeepPot
 
             dp = DeepPot(str(path))
-        for reps in SIZES[:sizes]:
+        for reps in SIZES[: plan.sizes]:
             coord, box, atype = water_cell(reps)
             row = {"case": case, "atoms": len(atype)}
             if not cpu:
@@ -92,34 +106,26 @@ def worker(engine: str, cases: list[str], sizes: int, time_cap: float, cpu: bool
         del dp
 
 
-def run_engine(
-    label: str,
-    cases: list[str],
-    sizes: int,
-    time_cap: float,
-    cpu: bool,
-    site: Path | None,
-    timeout: float,
-) -> list[dict]:
+def run_engine(label: str, plan: Plan) -> list[dict]:
     """One engine's rows, from its own process."""
     engine, extra = ENGINES[label]
     env = dict(os.environ, **extra)
-    if engine == "upstream" and site is not None:
-        env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"
+    if engine == "upstream" and plan.site is not None:
+        env["PYTHONPATH"] = f"{plan.site}:{env.get('PYTHONPATH', '')}"
     command = [
         sys.executable,
         str(Path(__file__)),
         "--worker",
         engine,
         "--sizes",
-        str(sizes),
+        str(plan.sizes),
         "--time-cap",
-        str(time_cap),
-    ] + [a for c in cases for a in ("--case", c)]
-    if cpu:
+        str(plan.time_cap),
+    ] + [a for c in plan.cases for a in ("--case", c)]
+    if plan.cpu:
         command.append("--cpu")
     try:
-        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=plan.timeout)
     except subprocess.TimeoutExpired as err:
         out = err
         out.returncode = "timeout"
@@ -161,36 +167,28 @@ def table(results: dict[str, list[dict]], cases: list[str]) -> list[str]:
     return lines
 
 
-def side_by_side(
-    cases: list[str],
-    sizes: int,
-    time_cap: float,
-    cpu: bool,
-    site: Path | None,
-    timeout: float,
-    say=None,
-) -> None:
+def side_by_side(plan: Plan, say=None) -> None:
     say = say or (lambda *lines: print("\n".join(lines), flush=True))
     results = {}
     for label in ENGINES:
         start = time.perf_counter()
-        results[label] = run_engine(label, cases, sizes, time_cap, cpu, site, timeout)
+        results[label] = run_engine(label, plan)
         say(f"- {label}: {time.perf_counter() - start:.0f} s")
-    say("", *table(results, cases))
+    say("", *table(results, plan.cases))
 
 
 def section(c) -> None:
     """The GPU check's section (``c``: its ``Check``)."""
     site = os.environ.get("SEZM_UPSTREAM_SITE")
-    side_by_side(
-        ["tiny"] if c.dry_run else ["mini", "tiny"],
-        1 if c.dry_run else len(SIZES),
-        60 if c.dry_run else 6.0,
-        c.dry_run,
-        Path(site) if site else None,
+    plan = Plan(
+        cases=["tiny"] if c.dry_run else ["mini", "tiny"],
+        sizes=1 if c.dry_run else len(SIZES),
+        time_cap=60 if c.dry_run else 6.0,
+        cpu=c.dry_run,
+        site=Path(site) if site else None,
         timeout=max(30.0, min(80.0, c.left() / 5)),
-        say=c.add,
     )
+    side_by_side(plan, say=c.add)
 
 
 def main() -> None:
@@ -204,11 +202,18 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--upstream-site", type=Path)
     args = ap.parse_args()
-    cases = args.case or ["tiny", "mini"]
+    plan = Plan(
+        args.case or ["tiny", "mini"],
+        args.sizes,
+        args.time_cap,
+        args.cpu,
+        args.upstream_site,
+        600.0,
+    )
     if args.worker:
-        worker(args.worker, cases, args.sizes, args.time_cap, args.cpu)
+        worker(args.worker, plan)
     else:
-        side_by_side(cases, args.sizes, args.time_cap, args.cpu, args.upstream_site, 600.0)
+        side_by_side(plan)
 
 
 if __name__ == "__main__":
