@@ -311,9 +311,9 @@ def throughput(c: Check) -> None:
         ]
     )
     c.add(
-        "| model | atoms | edges | neighbour search ms, host vesin / device vesin-torch | model ms | atoms/ms | peak GPU MB | MB/atom |"
+        "| model | atoms | edges | path (automatic) | neighbour search ms, host vesin / device vesin-torch | model ms | atoms/ms | peak GPU MB | MB/atom |"
     )
-    c.add("|---|---|---|---|---|---|---|---|")
+    c.add("|---|---|---|---|---|---|---|---|---|")
     on_device = device_search_available()
     for case in ("tiny", "mini"):
         model, _ = load_model(PARITY / case / "model.pt")
@@ -321,7 +321,7 @@ def throughput(c: Check) -> None:
         InferenceSettings().attach_streaming(model, c.device)  # as DeepPot: automatic streaming
         for reps in sizes:
             if c.left() < 45:
-                c.add(f"| {case} | ... | | | | | | stopped: time budget |")
+                c.add(f"| {case} | ... | | | | | | | stopped: time budget |")
                 break
             coord, box, atype = water_cell(reps)
             t = time.perf_counter()
@@ -334,13 +334,17 @@ def throughput(c: Check) -> None:
                 )
                 t_dev = c.timed(search, 1 if c.dry_run else 3)
             graph = graph.to(c.device)
+            chunk = model.descriptor.streaming.chunk_for(len(graph.src))
+            path = "plain" if chunk is None else f"streamed, {chunk} edges a chunk"
             if c.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(c.device)
             try:
                 seconds = c.timed(functools.partial(model, graph), 1 if c.dry_run else 3)
             except torch.OutOfMemoryError:
-                c.add(f"| {case} | {len(atype)} | {len(graph.src)} | | out of memory | | | |")
+                c.add(
+                    f"| {case} | {len(atype)} | {len(graph.src)} | {path} | | out of memory | | | |"
+                )
                 break
             peak = (
                 torch.cuda.max_memory_allocated(c.device) / 2**20
@@ -348,7 +352,7 @@ def throughput(c: Check) -> None:
                 else float("nan")
             )
             c.add(
-                f"| {case} | {len(atype)} | {len(graph.src)} | {t_nl * 1e3:.0f} / {t_dev * 1e3:.1f} | {seconds * 1e3:.2f} | {len(atype) / (seconds * 1e3):.1f} | {peak:.0f} | {peak / len(atype):.3f} |"
+                f"| {case} | {len(atype)} | {len(graph.src)} | {path} | {t_nl * 1e3:.0f} / {t_dev * 1e3:.1f} | {seconds * 1e3:.2f} | {len(atype) / (seconds * 1e3):.1f} | {peak:.0f} | {peak / len(atype):.3f} |"
             )
             del graph
         del model
