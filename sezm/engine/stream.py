@@ -66,6 +66,8 @@ class StreamPolicy:
     bytes_per_edge: int
     fixed: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cap: int | None = None  # edges per chunk at most, set by :meth:`shrink`
+    last_pass: tuple[int, int | None] | None = None  # (edges, chunk) of the latest choice
     _reported: set = field(default_factory=set, repr=False)
 
     def chunk_for(self, n_edges: int) -> int | None:
@@ -77,8 +79,31 @@ class StreamPolicy:
             size = limits.budget_bytes // max(1, self.bytes_per_edge)
             size = min(limits.max_edges, max(MIN_CHUNK_EDGES, size))
             chunk = size if n_edges > limits.plain_chunks * size else None
+            if self.cap is not None and (chunk or n_edges) > self.cap:
+                chunk = self.cap
+        self.last_pass = (n_edges, chunk)
         self._report(n_edges, chunk)
         return chunk
+
+    def shrink(self) -> bool:
+        """After the device ran out of memory in the latest pass: halve its chunk (the plain
+        path: all its edges) for it and every later pass. ``False`` when there is nothing to
+        shrink: a fixed size (``SEZM_EDGE_CHUNK``), no pass, or chunks of ``MIN_CHUNK_EDGES``."""
+        if self.fixed is not None or self.last_pass is None:
+            return False
+        n_edges, chunk = self.last_pass
+        if (chunk or n_edges) <= MIN_CHUNK_EDGES:
+            return False
+        self.cap = max(MIN_CHUNK_EDGES, (chunk or n_edges) // 2)
+        path = "plain path" if chunk is None else f"streamed path ({chunk} edges a chunk)"
+        log.warning(
+            "out of device memory on the %s; evaluating again in chunks of at most %d edges, "
+            "and so from now on (SEZM_EDGE_CHUNK fixes a size)",
+            path,
+            self.cap,
+        )
+        self._reported.clear()
+        return True
 
     def _report(self, n_edges: int, chunk: int | None) -> None:
         key = chunk is None
@@ -96,6 +121,32 @@ class StreamPolicy:
                 n,
                 "" if self.fixed is None else " [SEZM_EDGE_CHUNK]",
             )
+
+
+def evaluate(model: torch.nn.Module, graph, **kwargs) -> dict[str, torch.Tensor]:
+    """``model(graph, **kwargs)`` in evaluation, again in smaller chunks each time the device
+    runs out of memory (:meth:`StreamPolicy.shrink`): the automatic policy's sizes are
+    estimates and a GPU may be shared. Without a policy, or with a fixed size, the error
+    stands."""
+    while True:
+        try:
+            return model(graph, **kwargs)
+        except torch.OutOfMemoryError:
+            policy = _policy_of(model)
+            if policy is None or not policy.shrink():
+                raise
+        # outside the handler: the failed pass's tensors are released before the next one
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _policy_of(model) -> StreamPolicy | None:
+    """The streaming policy of an eager model; ``None`` for a frozen package, which has no
+    descriptor to ask (its ``descriptor`` raises ``TypeError``)."""
+    try:
+        return getattr(model.descriptor, "streaming", None)
+    except (AttributeError, TypeError):
+        return None
 
 
 def chunk_limits(device: torch.device) -> ChunkLimits:

@@ -22,6 +22,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
+from ..engine.stream import evaluate
 from .deep_pot import DeepPot
 
 
@@ -100,7 +101,7 @@ class SeZMCalculator(Calculator):
             info.get("charge_spin"),
         )
         with dp.settings.evaluation(dp.device):
-            out = dp.model(graph, virial=periodic)
+            out = evaluate(dp.model, graph, virial=periodic)
 
         def arr(key: str) -> np.ndarray:
             return out[key][0].detach().double().cpu().numpy()

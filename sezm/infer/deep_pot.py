@@ -11,6 +11,7 @@ import torch
 from ..data.frames import InputError, normalize_frames
 from ..data.graph import build_graph
 from ..data.neighbors import device_search_available
+from ..engine.stream import evaluate
 from ..model.build import load_model
 from ..model.dens import DensModel
 from ..model.property_model import PropertyModel
@@ -219,7 +220,7 @@ class DeepPot(_DeepEval):
             kwargs.get("spin"),
         )
         with self.settings.evaluation(self.device):
-            out = self.model(g, atomic_virial=atomic)
+            out = evaluate(self.model, g, atomic_virial=atomic)
         nf, nat = g.atype.shape
 
         def arr(key, shape):
@@ -253,7 +254,7 @@ class DeepProperty(_DeepEval):
             raise TypeError("this checkpoint is an energy model; use sezm.DeepPot")
         g = self._graph(coords, cells, atom_types, fparam, aparam, kwargs.get("charge_spin"))
         with torch.no_grad(), self.settings.evaluation(self.device):
-            out = self.model(g)
+            out = evaluate(self.model, g)
         prop = out["property"].double().cpu().numpy()
         if not atomic:
             return (prop,)

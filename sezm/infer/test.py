@@ -107,6 +107,8 @@ def _energy_predictions(
     """Predictions and labels of the first ``limit`` frames of system ``index``, by key
     (``energy``, ``force``, ``virial``, ``force_mag``; labelled ones only), frames first; the
     labels also carry ``box`` (periodic systems) and ``mask_mag`` (spin models)."""
+    from ..engine.stream import evaluate
+
     spin, pbc = dp.has_spin(), data.systems[index].pbc
     preds, refs = defaultdict(list), defaultdict(list)
     seen = 0
@@ -114,7 +116,7 @@ def _energy_predictions(
         if seen >= limit:
             break
         graph, labels, find = batch
-        out = dp.model(graph)
+        out = evaluate(dp.model, graph)
         take = min(graph.atype.shape[0], limit - seen)
         seen += take
         for key in ("energy", "force", "virial"):
@@ -176,6 +178,8 @@ def _write_details(
 def _property_system(
     dp, data: DataSystem, index: int, limit: int, detail: Path | None, append: bool
 ) -> dict:
+    from ..engine.stream import evaluate
+
     name = dp.get_var_name()
     preds, refs, seen = [], [], 0
     for graph, labels, find in data.iter_batches(index, dp.get_rcut(), dp.device):
@@ -183,7 +187,7 @@ def _property_system(
             break
         take = min(graph.atype.shape[0], limit - seen)
         seen += take
-        preds.append(dp.model(graph)["property"][:take].detach().cpu().numpy())
+        preds.append(evaluate(dp.model, graph)["property"][:take].detach().cpu().numpy())
         refs.append(labels[name][:take].cpu().numpy())
     log.info("# number of test data : %d", seen)
     if not preds:

@@ -216,3 +216,61 @@ def test_per_atom_work_in_merged_batches_equals_plain() -> None:
     system = SYSTEMS["crystal"]
     want = outputs(model, system, None)
     assert_same(outputs(model, system, ATOM_CHUNK_RATIO * SOME_ATOMS), want)
+
+
+def out_of_memory_on(dp, when) -> list[int | None]:
+    """Make ``dp``'s passes raise the device's out-of-memory error when ``when(chunk)``, as a
+    GPU would; returns the chunk sizes that were tried."""
+    descriptor = dp.model.descriptor
+    choose = descriptor._edge_chunk
+    tried = []
+
+    def guarded(n_edges: int) -> int | None:
+        chunk = choose(n_edges)
+        tried.append(chunk)
+        if when(chunk):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return chunk
+
+    descriptor._edge_chunk = guarded
+    return tried
+
+
+def water_frame():
+    data = np.load(PARITY / "tiny" / "expected.npz")
+    return (data[f"water_pbc_0/{k}"] for k in ("coord", "box", "atype"))
+
+
+def test_out_of_memory_on_the_plain_path_evaluates_again_in_chunks(caplog) -> None:
+    import sezm
+
+    coord, box, atype = water_frame()
+    plain = sezm.DeepPot(PARITY / "tiny" / "model.pt").eval(coord[None], box[None], atype)
+    dp = sezm.DeepPot(PARITY / "tiny" / "model.pt")
+    tried = out_of_memory_on(dp, lambda chunk: chunk is None)
+    with caplog.at_level(logging.WARNING, logger="sezm.engine.stream"):
+        got = dp.eval(coord[None], box[None], atype)
+        again = dp.eval(coord[None], box[None], atype)  # keeps the smaller size: no new error
+    n_edges = 17084  # water_pbc_0 at tiny's cutoff
+    assert tried == [None, n_edges // 2, n_edges // 2]
+    assert caplog.text.count("out of device memory on the plain path") == 1
+    for a, b, c in zip(plain, got, again):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(c, b)
+
+
+def test_out_of_memory_stands_with_a_fixed_size_or_at_the_smallest_chunk() -> None:
+    import sezm
+
+    coord, box, atype = water_frame()
+    fixed = sezm.DeepPot(PARITY / "tiny" / "model.pt")
+    fixed.model.descriptor.streaming.fixed = 0  # SEZM_EDGE_CHUNK=0: the user's choice
+    out_of_memory_on(fixed, lambda chunk: True)
+    with pytest.raises(torch.OutOfMemoryError):
+        fixed.eval(coord[None], box[None], atype)
+    auto = sezm.DeepPot(PARITY / "tiny" / "model.pt")
+    tried = out_of_memory_on(auto, lambda chunk: True)
+    with pytest.raises(torch.OutOfMemoryError):
+        auto.eval(coord[None], box[None], atype)
+    assert tried[0] is None and tried[-1] == MIN_CHUNK_EDGES  # halved down to the floor
+    assert all(b < (a or 10**9) for a, b in itertools.pairwise(tried))
