@@ -334,14 +334,16 @@ def throughput(c: Check) -> None:
                 )
                 t_dev = c.timed(search, 1 if c.dry_run else 3)
             graph = graph.to(c.device)
-            chunk = model.descriptor.streaming.chunk_for(len(graph.src))
-            path = "plain" if chunk is None else f"streamed, {chunk} edges a chunk"
             if c.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(c.device)
             try:
                 seconds = c.timed(functools.partial(model, graph), 1 if c.dry_run else 3)
             except torch.OutOfMemoryError:
+                seconds = None
+            _, chunk = model.descriptor.streaming.last_pass  # the path the model's policy chose
+            path = "plain" if chunk is None else f"streamed, {chunk} edges a chunk"
+            if seconds is None:
                 c.add(
                     f"| {case} | {len(atype)} | {len(graph.src)} | {path} | | out of memory | | | |"
                 )

@@ -49,7 +49,6 @@ class Plan:
 
 def worker(engine: str, plan: Plan) -> None:
     """Evaluate each case on growing cells; one JSON line per (case, size)."""
-    cpu, time_cap = plan.cpu, plan.time_cap
     import gc
     import resource
 
@@ -59,6 +58,7 @@ def worker(engine: str, plan: Plan) -> None:
     sys.path.insert(0, str(HERE))
     from gpu_check import water_cell
 
+    cpu, time_cap = plan.cpu, plan.time_cap
     device = "cpu" if cpu else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False  # both engines at full float32
     for case in plan.cases:
@@ -126,16 +126,18 @@ def run_engine(label: str, plan: Plan) -> list[dict]:
         command.append("--cpu")
     try:
         out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=plan.timeout)
-    except subprocess.TimeoutExpired as err:
-        out = err
-        out.returncode = "timeout"
-    stdout = out.stdout if isinstance(out.stdout, str) else (out.stdout or b"").decode()
+        status, stdout, stderr = f"exit {out.returncode}", out.stdout, out.stderr
+    except subprocess.TimeoutExpired as err:  # keeps the rows printed so far
+        status, stdout, stderr = "timeout", _text(err.stdout), _text(err.stderr)
     rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0:
-        stderr = out.stderr if isinstance(out.stderr, str) else (out.stderr or b"").decode()
+    if status != "exit 0":
         tail = (stderr.strip().splitlines() or ["no output"])[-1]
-        rows.append({"case": "-", "atoms": 0, "failed": f"exit {out.returncode}: {tail[:200]}"})
+        rows.append({"case": "-", "atoms": 0, "failed": f"{status}: {tail[:200]}"})
     return rows
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode() if isinstance(output, bytes) else output or ""
 
 
 def table(results: dict[str, list[dict]], cases: list[str]) -> list[str]:

@@ -19,8 +19,8 @@ trap 'rm -rf "$wheels"' EXIT
 target=(--no-deps --only-binary=:all: --python-version "$python" --implementation cp
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-python3 -m pip download -q "${target[@]}" -d "$wheels" "deepmd-kit==3.2.0" "wcmatch==12.0.4" "bracex==3.2.4" "array-api-compat==1.16.0" \
-    "lmdb==3.0.0"
+python3 -m pip download -q "${target[@]}" -d "$wheels" "deepmd-kit==3.2.0" "wcmatch==12.0.4" \
+    "bracex==3.2.4" "array-api-compat==1.16.0" "lmdb==3.0.0"
 rm -rf "$dest"
 python3 -m pip install -q --no-index "${target[@]}" --no-compile --target "$dest" "$wheels"/*.whl
 rm -rf "$dest/deepmd_kit.libs"

@@ -141,12 +141,11 @@ def evaluate(model: torch.nn.Module, graph, **kwargs) -> dict[str, torch.Tensor]
 
 
 def _policy_of(model) -> StreamPolicy | None:
-    """The streaming policy of an eager model; ``None`` for a frozen package, which has no
-    descriptor to ask (its ``descriptor`` raises ``TypeError``)."""
-    try:
-        return getattr(model.descriptor, "streaming", None)
-    except (AttributeError, TypeError):
+    """The streaming policy of an eager model; ``None`` for a frozen ``.pt2`` package (not a
+    module: its edge work is compiled in)."""
+    if not isinstance(model, torch.nn.Module):
         return None
+    return getattr(getattr(model, "descriptor", None), "streaming", None)
 
 
 def chunk_limits(device: torch.device) -> ChunkLimits:

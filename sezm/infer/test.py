@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError, DataSystem, FileOptions
+from ..engine.stream import evaluate
 
 log = logging.getLogger("sezm.test")
 
@@ -107,8 +108,6 @@ def _energy_predictions(
     """Predictions and labels of the first ``limit`` frames of system ``index``, by key
     (``energy``, ``force``, ``virial``, ``force_mag``; labelled ones only), frames first; the
     labels also carry ``box`` (periodic systems) and ``mask_mag`` (spin models)."""
-    from ..engine.stream import evaluate
-
     spin, pbc = dp.has_spin(), data.systems[index].pbc
     preds, refs = defaultdict(list), defaultdict(list)
     seen = 0
@@ -178,8 +177,6 @@ def _write_details(
 def _property_system(
     dp, data: DataSystem, index: int, limit: int, detail: Path | None, append: bool
 ) -> dict:
-    from ..engine.stream import evaluate
-
     name = dp.get_var_name()
     preds, refs, seen = [], [], 0
     for graph, labels, find in data.iter_batches(index, dp.get_rcut(), dp.device):
